@@ -1,0 +1,450 @@
+"""The `cirrus` command: a thin Typer + Rich layer over `cirrus.client.Client`.
+
+Every command builds its Settings from the environment plus its flags, calls the client, and
+prints a table (default) or JSON (`-o json`). Expected failures print one red line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cirrus.settings import Settings
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from cirrus.client import Client
+    from cirrus.types import ApiStatus
+
+app = typer.Typer(
+    name="cirrus",
+    help="Serverless inference for machine learning: write a predictor, get an autoscaling API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option("--home", help="state directory (default: $CIRRUS_HOME or ~/.cirrus)", show_default=False),
+]
+HostOption = Annotated[str | None, typer.Option("--host", help="address to bind (default: $CIRRUS_HOST or 127.0.0.1)")]
+PortOption = Annotated[int | None, typer.Option("--port", help="gateway port (default: $CIRRUS_PORT or 8888)")]
+AdminPortOption = Annotated[
+    int | None, typer.Option("--admin-port", help="admin API port (default: $CIRRUS_ADMIN_PORT or 8889)")
+]
+OutputOption = Annotated[Output, typer.Option("--output", "-o", help="output format")]
+ApiArgument = Annotated[str, typer.Argument(help="API name", show_default=False)]
+
+
+def main() -> None:
+    app()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
+    if version:
+        from cirrus import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.command()
+def up(
+    home: HomeOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    admin_port: AdminPortOption = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the daemon")] = 30,
+    output: OutputOption = Output.table,
+) -> None:
+    """Start the local Cirrus daemon (gateway, controller and admin API) in the background."""
+    with _errors():
+        client = _client(home, host, port, admin_port)
+        was_running = client.ping() is not None
+        with _stderr().status("starting the Cirrus daemon"):
+            info = client.up(timeout=timeout)
+        if output is Output.json:
+            _print_json(info.model_dump(mode="json"))
+            return
+        state = "is already running" if was_running else "started"
+        typer.echo(
+            f"Cirrus daemon {state} (pid {info.pid})\n  gateway: {info.gateway_url}\n  admin:   {info.admin_url}"
+        )
+
+
+@app.command()
+def down(
+    home: HomeOption = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the daemon to stop")] = 30,
+) -> None:
+    """Stop the local Cirrus daemon and every replica it runs."""
+    with _errors():
+        stopped = _client(home).down(timeout=timeout)
+        typer.echo("Cirrus daemon stopped" if stopped else "the Cirrus daemon is not running")
+
+
+@app.command()
+def deploy(
+    path: Annotated[Path, typer.Argument(help="a spec file, or a directory holding cirrus.yaml")] = Path("."),
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every API is live")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the APIs to become live")] = 300,
+    home: HomeOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    admin_port: AdminPortOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Deploy (or update) the APIs of a spec, starting the daemon if needed."""
+    with _errors():
+        client = _client(home, host, port, admin_port)
+        err = _stderr()
+        with err.status("deploying"):
+            results = client.deploy(path, wait=False)
+        gateway_url = client.daemon_info().gateway_url
+        if output is Output.table:
+            for result in results:
+                typer.echo(
+                    f"{result.action:<9} {result.name}  revision {result.revision}  "
+                    f"{_endpoint(gateway_url, result.name)}"
+                )
+        if wait:
+            with err.status("waiting for the APIs to become live") as spinner:
+                client.wait_until_live(
+                    results,
+                    timeout=timeout,
+                    on_poll=lambda statuses: spinner.update(f"waiting: {_progress(statuses)}"),
+                )
+            if output is Output.table:
+                typer.echo("all APIs are live" if len(results) > 1 else f"{results[0].name} is live")
+        if output is Output.json:
+            _print_json([result.model_dump(mode="json") for result in results])
+
+
+@app.command()
+def get(
+    api: Annotated[str | None, typer.Argument(help="show one API and its replicas")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes with --watch")] = 2.0,
+    home: HomeOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """List the deployed APIs, or show one API with its replicas."""
+    with _errors():
+        client = _client(home)
+        if output is Output.json:
+            if watch:
+                raise ValueError("--watch works with table output only")
+            if api:
+                _print_json(client.get(api).model_dump(mode="json"))
+            else:
+                _print_json([status.model_dump(mode="json") for status in client.get()])
+            return
+
+        def render() -> RenderableType:
+            gateway_url = client.daemon_info().gateway_url
+            if api:
+                return _api_view(client.get(api), gateway_url)
+            return _apis_table(client.get(), gateway_url)
+
+        if not watch:
+            _stdout().print(render())
+            return
+        from rich.live import Live
+
+        with Live(render(), console=_stdout(), auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(interval)
+                    live.update(render(), refresh=True)
+            except KeyboardInterrupt:
+                return
+
+
+@app.command()
+def logs(
+    api: ApiArgument,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="how many recent lines to show")] = 100,
+    home: HomeOption = None,
+) -> None:
+    """Print the logs of an API's replicas, each line prefixed with its replica id."""
+    with _errors():
+        client = _client(home)
+        if not follow:
+            text = client.logs(api, lines=lines)
+            if text:
+                typer.echo(text, nl=not text.endswith("\n"))
+            return
+        try:
+            for line in client.follow_logs(api, lines=lines):
+                typer.echo(line)
+        except KeyboardInterrupt:
+            return
+
+
+@app.command()
+def predict(
+    api: ApiArgument,
+    payload: Annotated[str, typer.Argument(help="JSON text, @FILE to send a file as is, or @- for stdin")],
+    header: Annotated[
+        list[str] | None, typer.Option("--header", "-H", help="extra header 'Name: value' (repeatable)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 60,
+    home: HomeOption = None,
+) -> None:
+    """Send one request to an API and print the answer (non-2xx exits 1)."""
+    with _errors():
+        body, headers = _read_payload(payload)
+        headers.update(_parse_headers(header or []))
+        response = _client(home).predict(api, body, headers=headers, timeout=timeout)
+        content_type = response.headers.get("content-type", "")
+        if response.is_success:
+            _print_body(response.content, content_type)
+            return
+        _stderr().print(
+            f"HTTP {response.status_code} {response.reason_phrase}", style="red", markup=False, highlight=False
+        )
+        _print_body(response.content, content_type, to_stderr=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def delete(api: ApiArgument, home: HomeOption = None, output: OutputOption = Output.table) -> None:
+    """Delete an API and stop its replicas."""
+    with _errors():
+        _client(home).delete(api)
+        if output is Output.json:
+            _print_json({"deleted": api})
+        else:
+            typer.echo(f"deleted {api}")
+
+
+@app.command()
+def serve(
+    path: Annotated[Path, typer.Argument(help="a spec file, or a directory holding cirrus.yaml")] = Path("."),
+    home: HomeOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    admin_port: AdminPortOption = None,
+) -> None:
+    """Serve a spec in the foreground (development mode) until Ctrl-C."""
+    with _errors():
+        settings = _settings(home, host, port, admin_port)
+        from cirrus.daemon import serve_foreground
+
+        serve_foreground(settings, str(path))
+
+
+# Helpers.
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Expected failures become one red line on stderr and exit 1; Ctrl-C exits 130 quietly."""
+    from cirrus.client import CirrusError
+
+    try:
+        yield
+    except (CirrusError, ValueError) as exc:  # SpecError and bad settings are ValueErrors
+        _stderr().print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _settings(
+    home: Path | None, host: str | None = None, port: int | None = None, admin_port: int | None = None
+) -> Settings:
+    home = home.expanduser().resolve() if home else None
+    return Settings.from_env().with_overrides(home=home, host=host, gateway_port=port, admin_port=admin_port)
+
+
+def _client(
+    home: Path | None, host: str | None = None, port: int | None = None, admin_port: int | None = None
+) -> Client:
+    from cirrus.client import Client
+
+    return Client(_settings(home, host, port, admin_port))
+
+
+def _stdout() -> Console:
+    from rich.console import Console
+
+    return Console(markup=False, highlight=False)  # names and errors are data, never markup
+
+
+def _stderr() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _endpoint(gateway_url: str, name: str) -> str:
+    return f"{gateway_url.rstrip('/')}/{name}"
+
+
+def _progress(statuses: list[ApiStatus]) -> str:
+    return ", ".join(f"{s.name} {s.status} {s.replicas_ready}/{s.replicas_desired}" for s in statuses)
+
+
+_STATUS_STYLE = {
+    "live": "green",
+    "ready": "green",
+    "error": "red",
+    "backoff": "red",
+    "degraded": "yellow",
+    "draining": "yellow",
+    "starting": "cyan",
+    "updating": "cyan",
+}
+
+
+def _styled(status: str) -> Any:
+    from rich.text import Text
+
+    return Text(status, style=_STATUS_STYLE.get(status, ""))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _apis_table(statuses: list[ApiStatus], gateway_url: str) -> RenderableType:
+    from rich.table import Table
+
+    if not statuses:
+        return "no APIs deployed; deploy one with `cirrus deploy`"
+    table = Table(box=None, header_style="bold")
+    for column in ("API", "KIND", "STATUS", "REPLICAS", "REQ/MIN", "P50 MS", "P99 MS", "ENDPOINT"):
+        numeric = column in {"REQ/MIN", "P50 MS", "P99 MS"}
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for s in statuses:
+        replicas = f"{s.replicas_ready}/{s.replicas_desired}"
+        table.add_row(
+            s.name,
+            s.kind,
+            _styled(s.status),
+            replicas,
+            str(s.requests_last_minute),
+            _ms(s.p50_ms),
+            _ms(s.p99_ms),
+            _endpoint(gateway_url, s.name),
+        )
+    return table
+
+
+def _api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
+    from rich.console import Group
+    from rich.table import Table
+
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows: list[tuple[str, Any]] = [
+        ("API", s.name),
+        ("kind", s.kind),
+        ("status", _styled(s.status)),
+        ("revision", str(s.revision)),
+        ("replicas", f"{s.replicas_ready}/{s.replicas_desired} ready"),
+        ("requests", f"{s.requests_last_minute} last minute, {s.in_flight} in flight, {s.queued} queued"),
+        ("latency", f"p50 {_ms(s.p50_ms)} ms, p99 {_ms(s.p99_ms)} ms"),
+        ("endpoint", _endpoint(gateway_url, s.name)),
+    ]
+    if s.message:
+        rows.append(("message", s.message))
+    for key, value in rows:
+        summary.add_row(key, value)
+    if not s.replicas:
+        return Group(summary, "", "no replicas")
+    replicas = Table(box=None, header_style="bold")
+    for column in ("REPLICA", "REVISION", "STATE", "PID", "RESTARTS", "IN FLIGHT", "LAST ERROR"):
+        replicas.add_column(column, overflow="fold")
+    for r in s.replicas:
+        replicas.add_row(
+            r.id,
+            str(r.revision),
+            _styled(r.state),
+            str(r.pid or "-"),
+            str(r.restarts),
+            str(r.in_flight),
+            r.last_error or "",
+        )
+    return Group(summary, "", replicas)
+
+
+def _read_payload(argument: str) -> tuple[Any, dict[str, str]]:
+    """`@file`/`@-` -> (bytes, content type guessed); anything else must be JSON text -> (object, {})."""
+    if not argument.startswith("@"):
+        try:
+            return json.loads(argument), {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"the payload is not valid JSON ({exc}); pass JSON text, or @FILE to send a file as is"
+            ) from None
+    source = argument[1:]
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).expanduser().read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the payload file {source!r}: {exc.strerror}") from None
+    try:
+        json.loads(data)
+        content_type = "application/json"
+    except ValueError:
+        content_type = mimetypes.guess_type(source)[0] or "application/octet-stream"
+    return data, {"content-type": content_type}
+
+
+def _parse_headers(values: list[str]) -> dict[str, str]:
+    headers = {}
+    for value in values:
+        name, sep, content = value.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"header {value!r} must look like 'Name: value'")
+        headers[name.strip()] = content.strip()
+    return headers
+
+
+def _print_body(body: bytes, content_type: str, to_stderr: bool = False) -> None:
+    if "json" in content_type:
+        try:
+            typer.echo(json.dumps(json.loads(body), indent=2, ensure_ascii=False), err=to_stderr)
+            return
+        except ValueError:
+            pass
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        stream = sys.stderr if to_stderr else sys.stdout
+        stream.flush()
+        stream.buffer.write(body)
+        stream.buffer.flush()
+        return
+    typer.echo(text, nl=bool(text) and not text.endswith("\n"), err=to_stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The Python client: finds (or starts) the local daemon and talks to its admin API and gateway.
+
+The CLI is a thin layer over this class, so scripts and notebooks get the same behaviour:
+
+    client = Client()
+    client.deploy("examples/iris")
+    client.predict("iris", {"sepal_length": 5.1, ...}).json()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from cirrus.settings import Settings
+from cirrus.spec import load_deployments
+from cirrus.types import ApiStatus, ApiStatusName, DaemonInfo, DeployResult
+
+NOT_RUNNING = "the Cirrus daemon is not running; start it with `cirrus up`"
+ADMIN_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
+PROBE_TIMEOUT = httpx.Timeout(2.0)
+STREAM_TIMEOUT = httpx.Timeout(10.0, connect=2.0, read=None)  # a followed log may stay quiet for long
+POLL_INTERVAL_S = 0.25
+LOG_TAIL_LINES = 20
+
+# Daemons this process spawned: kept referenced so they are reaped (no zombies, no ResourceWarning).
+_children: list[subprocess.Popen[bytes]] = []
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class CirrusError(Exception):
+    """Any failure of the client; `status` is the HTTP status when the daemon answered with an error."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Client:
+    """Talks to the Cirrus daemon of one state directory (`settings.home`)."""
+
+    def __init__(self, settings: Settings | None = None, *, transport: httpx.BaseTransport | None = None):
+        self.settings = settings or Settings.from_env()
+        self._http = httpx.Client(transport=transport, timeout=ADMIN_TIMEOUT)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # The daemon's life.
+
+    def ping(self) -> DaemonInfo | None:
+        """The running daemon's info, or None when none answers (a stale daemon.json is ignored)."""
+        info = self._read_daemon_file()
+        if info is None or not _pid_alive(info.pid):
+            return None
+        try:
+            response = self._http.get(_join(info.admin_url, "/v1/health"), headers=self._auth(), timeout=PROBE_TIMEOUT)
+        except httpx.HTTPError:
+            return None
+        if response.status_code == 401:
+            raise CirrusError(
+                f"the Cirrus daemon (pid {info.pid}) rejects the token in {self.settings.token_file}", status=401
+            )
+        if response.status_code != 200:
+            return None
+        try:
+            return DaemonInfo.model_validate_json(response.content)
+        except ValidationError:
+            return None
+
+    def up(self, timeout: float = 30) -> DaemonInfo:
+        """Return the running daemon's info, starting a detached daemon first if none answers."""
+        info = self.ping()
+        if info is not None:
+            return info
+        proc, log_offset = self._spawn_daemon()
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.ping()
+            if info is not None and info.pid == proc.pid:
+                return info
+            code = proc.poll()
+            if code is not None:
+                other = self.ping()  # another `cirrus up` may have won the race for the ports
+                if other is not None:
+                    return other
+                raise CirrusError(
+                    f"the Cirrus daemon exited with code {code} while starting" + self._log_tail(log_offset)
+                )
+            if time.monotonic() >= deadline:
+                proc.terminate()
+                raise CirrusError(
+                    f"the Cirrus daemon did not become ready within {timeout:g}s" + self._log_tail(log_offset)
+                )
+            time.sleep(POLL_INTERVAL_S)
+
+    def down(self, timeout: float = 30) -> bool:
+        """Stop the daemon; True if one was running. Asks politely first, then sends SIGTERM."""
+        info = self._read_daemon_file()
+        if info is None or not _pid_alive(info.pid):
+            return False
+        try:
+            asked = (
+                self._http.post(
+                    _join(info.admin_url, "/v1/shutdown"), headers=self._auth(), timeout=PROBE_TIMEOUT
+                ).status_code
+                < 400
+            )
+        except httpx.HTTPError:
+            asked = False
+        if not asked and not _is_cirrus_process(info.pid):
+            return False  # a stale daemon.json whose pid now belongs to another program
+        grace = timeout / 2 if asked else 0.0
+        if _wait_for_exit(info.pid, grace):
+            return True
+        try:
+            os.kill(info.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return True
+        if _wait_for_exit(info.pid, timeout - grace):
+            return True
+        raise CirrusError(f"the Cirrus daemon (pid {info.pid}) did not stop within {timeout:g}s")
+
+    def daemon_info(self) -> DaemonInfo:
+        """What `daemon.json` says (without checking that the daemon answers)."""
+        info = self._read_daemon_file()
+        if info is None:
+            raise CirrusError(NOT_RUNNING)
+        return info
+
+    # APIs.
+
+    def deploy(
+        self,
+        path: str | Path,
+        wait: bool = True,
+        timeout: float = 300,
+        on_poll: Callable[[list[ApiStatus]], None] | None = None,
+    ) -> list[DeployResult]:
+        """Validate the spec at `path`, start the daemon if needed, deploy, and if `wait` wait until live."""
+        deployments = load_deployments(path)
+        self.up()
+        body = {"deployments": [d.model_dump(mode="json", by_alias=True) for d in deployments]}
+        data = self._admin("POST", "/v1/apis", json=body).json()
+        results = _parse_list(DeployResult, data, "results")
+        if wait:
+            self.wait_until_live(results, timeout=timeout, on_poll=on_poll)
+        return results
+
+    def wait_until_live(
+        self,
+        results: Sequence[DeployResult],
+        timeout: float = 300,
+        on_poll: Callable[[list[ApiStatus]], None] | None = None,
+    ) -> list[ApiStatus]:
+        """Poll until every deployed revision is live; CirrusError if one fails or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = [self.get(result.name) for result in results]
+            if on_poll is not None:
+                on_poll(statuses)
+            pending = []
+            for result, status in zip(results, statuses, strict=True):
+                if status.revision < result.revision:  # the controller has not picked the deploy up yet
+                    pending.append(status)
+                elif status.status == ApiStatusName.ERROR:
+                    raise CirrusError(f"API {status.name!r} failed to start: {_failure(status)}")
+                elif status.status != ApiStatusName.LIVE:
+                    pending.append(status)
+            if not pending:
+                return statuses
+            if time.monotonic() >= deadline:
+                waiting = "; ".join(_describe(status) for status in pending)
+                raise CirrusError(f"timed out after {timeout:g}s waiting for APIs to become live: {waiting}")
+            time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+
+    @overload
+    def get(self, name: None = None) -> list[ApiStatus]: ...
+    @overload
+    def get(self, name: str) -> ApiStatus: ...
+
+    def get(self, name: str | None = None) -> list[ApiStatus] | ApiStatus:
+        """All APIs, or one API with its replicas."""
+        if name is None:
+            return _parse_list(ApiStatus, self._admin("GET", "/v1/apis").json(), "apis")
+        return _parse(ApiStatus, self._admin("GET", f"/v1/apis/{name}").json())
+
+    def delete(self, name: str) -> None:
+        self._admin("DELETE", f"/v1/apis/{name}")
+
+    def logs(self, name: str, lines: int = 100) -> str:
+        """The last `lines` log lines of the API's replicas, each `[replica-id] text`."""
+        return self._admin("GET", f"/v1/apis/{name}/logs", params={"lines": lines, "follow": "false"}).text
+
+    def follow_logs(self, name: str, lines: int = 10) -> Iterator[str]:
+        """The last `lines` log lines, then new ones as they come, until the daemon ends the stream."""
+        info = self.daemon_info()
+        url = _join(info.admin_url, f"/v1/apis/{name}/logs")
+        params: dict[str, str | int] = {"lines": lines, "follow": "true"}
+        with (
+            _translate_errors(info.admin_url),
+            self._http.stream("GET", url, params=params, headers=self._auth(), timeout=STREAM_TIMEOUT) as response,
+        ):
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_error(response)
+            yield from response.iter_lines()
+
+    def predict(
+        self, name: str, payload: Any, headers: Mapping[str, str] | None = None, timeout: float = 60.0
+    ) -> httpx.Response:
+        """POST `payload` to the API through the gateway; the response is returned whatever its status.
+
+        bytes go as application/octet-stream, str as text/plain, anything else as JSON; a
+        Content-Type in `headers` wins.
+        """
+        info = self.daemon_info()
+        content, content_type = encode_payload(payload)
+        request_headers = httpx.Headers(headers or {})
+        request_headers.setdefault("content-type", content_type)
+        try:
+            return self._http.post(
+                _join(info.gateway_url, f"/{name}"),
+                content=content,
+                headers=request_headers,
+                timeout=httpx.Timeout(timeout, connect=2.0),
+            )
+        except httpx.ConnectError:
+            raise CirrusError(NOT_RUNNING) from None
+        except httpx.TimeoutException:
+            raise CirrusError(f"API {name!r} did not answer within {timeout:g}s") from None
+        except httpx.HTTPError as exc:
+            raise CirrusError(f"request to API {name!r} failed: {exc}") from None
+
+    # Plumbing.
+
+    def _admin(
+        self, method: str, path: str, *, json: Any = None, params: Mapping[str, str | int] | None = None
+    ) -> httpx.Response:
+        info = self.daemon_info()
+        with _translate_errors(info.admin_url, f"{method} {path}"):
+            response = self._http.request(
+                method, _join(info.admin_url, path), json=json, params=params, headers=self._auth()
+            )
+        _raise_for_error(response)
+        return response
+
+    def _auth(self) -> dict[str, str]:
+        try:
+            token = self.settings.token_file.read_text().strip()
+        except OSError:
+            return {}
+        return {"authorization": f"Bearer {token}"}
+
+    def _read_daemon_file(self) -> DaemonInfo | None:
+        try:
+            return DaemonInfo.model_validate_json(self.settings.daemon_file.read_bytes())
+        except (OSError, ValidationError):
+            return None
+
+    def _spawn_daemon(self) -> tuple[subprocess.Popen[bytes], int]:
+        s = self.settings
+        s.home.mkdir(parents=True, exist_ok=True)
+        command = [
+            s.python,
+            "-m",
+            "cirrus.daemon",
+            "--home",
+            str(s.home),
+            "--host",
+            s.host,
+            "--port",
+            str(s.gateway_port),
+            "--admin-port",
+            str(s.admin_port),
+        ]
+        env = {**os.environ, "CIRRUS_HOME": str(s.home), "CIRRUS_MAX_BODY_BYTES": str(s.max_body_bytes)}
+        with s.daemon_log.open("ab") as log:
+            log_offset = log.tell()
+            try:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise CirrusError(f"cannot start the Cirrus daemon with {s.python!r}: {exc}") from None
+        _children.append(proc)
+        return proc, log_offset
+
+    def _log_tail(self, offset: int) -> str:
+        try:
+            with self.settings.daemon_log.open("rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
+        lines = text.strip().splitlines()[-LOG_TAIL_LINES:]
+        if not lines:
+            return f" (nothing in {self.settings.daemon_log})"
+        return f"; the end of {self.settings.daemon_log}:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def encode_payload(payload: Any) -> tuple[bytes, str]:
+    """A predict payload as (body, content type)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload), "application/octet-stream"
+    if isinstance(payload, str):
+        return payload.encode(), "text/plain; charset=utf-8"
+    if isinstance(payload, BaseModel):
+        return payload.model_dump_json().encode(), "application/json"
+    try:
+        return json.dumps(payload).encode(), "application/json"
+    except (TypeError, ValueError) as exc:
+        raise CirrusError(f"the payload cannot be sent as JSON: {exc}") from None
+
+
+@contextmanager
+def _translate_errors(url: str, what: str = "the request") -> Iterator[None]:
+    """Turn httpx transport errors into CirrusError with a message a user can act on."""
+    try:
+        yield
+    except httpx.ConnectError:
+        raise CirrusError(NOT_RUNNING) from None
+    except httpx.TimeoutException:
+        raise CirrusError(f"the Cirrus daemon at {url} did not answer {what} in time") from None
+    except httpx.HTTPError as exc:
+        raise CirrusError(f"cannot talk to the Cirrus daemon at {url}: {exc}") from None
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        message = str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip() or response.reason_phrase
+    raise CirrusError(f"{message} (HTTP {response.status_code})", status=response.status_code)
+
+
+def _parse(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise CirrusError(f"unexpected answer from the Cirrus daemon: {exc}") from None
+
+
+def _parse_list(model: type[M], data: Any, key: str) -> list[M]:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise CirrusError(f"unexpected answer from the Cirrus daemon: no {key!r} list in {data!r:.200}")
+    return [_parse(model, item) for item in data[key]]
+
+
+def _failure(status: ApiStatus) -> str:
+    reasons = [status.message] + [r.last_error for r in status.replicas]
+    seen = list(dict.fromkeys(reason for reason in reasons if reason))
+    return "\n".join(seen) if seen else "no reason given (see `cirrus logs " + status.name + "`)"
+
+
+def _describe(status: ApiStatus) -> str:
+    ready = f"{status.replicas_ready}/{status.replicas_desired} replicas ready"
+    text = f"{status.name} is {status.status} ({ready})"
+    errors = [r.last_error for r in status.replicas if r.last_error]
+    return f"{text}, last error: {errors[-1]}" if errors else text
+
+
+def _join(base: str, path: str) -> str:
+    return base.rstrip("/") + path
+
+
+def _pid_alive(pid: int) -> bool:
+    for proc in list(_children):
+        if proc.pid == pid:  # our own child: poll() reaps it, so a dead one is not a zombie
+            if proc.poll() is None:
+                return True
+            _children.remove(proc)
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_cirrus_process(pid: int) -> bool:
+    try:
+        return b"cirrus" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,232 @@
+"""The local daemon: gateway, controller and admin API in one process.
+
+`python -m cirrus.daemon` runs in the background (started by `cirrus up` / `cirrus deploy`);
+`serve_foreground` is `cirrus serve PATH`: the same pieces in the foreground with a throw-away
+state directory, replica logs printed to the terminal, and Ctrl-C stopping everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cirrus.settings import Settings
+from cirrus.types import DaemonInfo
+
+log = logging.getLogger("cirrus.daemon")
+VERSION = "0.1.0"
+
+
+class DaemonError(Exception):
+    pass
+
+
+def ensure_token(settings: Settings) -> str:
+    """The admin token, created once with mode 0600."""
+    path = settings.token_file
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+@contextlib.contextmanager
+def home_lock(settings: Settings) -> Iterator[None]:
+    """One daemon per state directory."""
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = (settings.home / "daemon.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DaemonError(f"another Cirrus daemon already runs with the state directory {settings.home}") from None
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another port") from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+def _server(app: Any, sock: socket.socket) -> Any:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the daemon handles signals itself
+            yield
+
+    config = uvicorn.Config(
+        app,
+        http="httptools",
+        loop="none",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        server_header=False,
+        date_header=False,
+    )
+    return _Server(config)
+
+
+async def run(
+    settings: Settings,
+    *,
+    deploy_path: str | None = None,
+    on_ready: Callable[[DaemonInfo], None] | None = None,
+    stream_logs: bool = False,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT or an admin shutdown."""
+    from cirrus.admin import build_admin_app
+    from cirrus.control.controller import Controller
+    from cirrus.control.store import Store
+    from cirrus.gateway.app import Gateway
+    from cirrus.gateway.control import GatewayController
+    from cirrus.gateway.prometheus import render
+    from cirrus.runtimes.local import LocalRuntime
+    from cirrus.spec import load_deployments
+
+    deployments = load_deployments(deploy_path) if deploy_path else []
+    token = ensure_token(settings)
+    gateway_sock = _bind(settings.host, settings.gateway_port)
+    admin_sock = _bind("127.0.0.1", settings.admin_port)
+    gateway_url, admin_url = _url(gateway_sock), _url(admin_sock)
+    info = DaemonInfo(
+        pid=os.getpid(), version=VERSION, gateway_url=gateway_url, admin_url=admin_url, started_at=time.time()
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    store = Store(settings.db_file)
+    runtime = LocalRuntime(settings.logs_dir, python=settings.python)
+    gateway = Gateway(settings.max_body_bytes)
+    gateway.metrics_app = lambda: render(gateway)
+    controller = Controller(store, runtime, GatewayController(gateway), endpoint=lambda name: f"{gateway_url}/{name}")
+    admin = build_admin_app(controller, token, lambda: info, settings.logs_dir, stop.set)
+    servers = [_server(gateway, gateway_sock), _server(admin, admin_sock)]
+    tasks = [
+        loop.create_task(s.serve(sockets=[sock])) for s, sock in zip(servers, (gateway_sock, admin_sock), strict=True)
+    ]
+    controller.restore()
+    if deployments:
+        controller.deploy(deployments)
+    reconcile = loop.create_task(controller.run())
+    follower = loop.create_task(_print_logs(settings)) if stream_logs else None
+    settings.daemon_file.write_text(info.model_dump_json())
+    log.info("Cirrus daemon %s: gateway %s, admin %s, state %s", VERSION, gateway_url, admin_url, settings.home)
+    if on_ready is not None:
+        on_ready(info)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        with contextlib.suppress(FileNotFoundError):
+            settings.daemon_file.unlink()
+        for server in servers:
+            server.should_exit = True
+        await controller.shutdown()
+        reconcile.cancel()
+        if follower is not None:
+            follower.cancel()
+        await asyncio.gather(*tasks, reconcile, return_exceptions=True)
+        store.close()
+
+
+async def _print_logs(settings: Settings) -> None:
+    from cirrus.logs import follow_logs
+
+    async for line in follow_logs(settings.logs_dir, None, 0):
+        sys.stdout.write(line.decode("utf-8", "replace"))
+        sys.stdout.flush()
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve_foreground(settings: Settings, path: str) -> None:
+    """`cirrus serve PATH`: no daemon; a throw-away state directory; Ctrl-C stops everything."""
+    from cirrus.loop import run_loop
+    from cirrus.spec import load_deployments
+
+    deployments = load_deployments(path)  # fail fast on a bad spec, before anything starts
+    _configure_logging()
+    with tempfile.TemporaryDirectory(prefix="cirrus-serve-") as home:
+        local = settings.with_overrides(home=Path(home), admin_port=0)
+
+        def ready(info: DaemonInfo) -> None:
+            for deployment in deployments:
+                print(f"{deployment.spec.name}: {info.gateway_url}/{deployment.spec.name}", flush=True)
+            print("serving; Ctrl-C stops", flush=True)
+
+        with home_lock(local):
+            run_loop(run(local, deploy_path=path, on_ready=ready, stream_logs=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cirrus.daemon", description="The Cirrus local daemon")
+    parser.add_argument("--home")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--admin-port", type=int)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env().with_overrides(
+        home=Path(args.home).expanduser() if args.home else None,
+        host=args.host,
+        gateway_port=args.port,
+        admin_port=args.admin_port,
+    )
+    _configure_logging()
+    from cirrus.loop import run_loop
+
+    try:
+        with home_lock(settings):
+            run_loop(run(settings))
+    except DaemonError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

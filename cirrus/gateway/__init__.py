@@ -1,0 +1,1 @@
+"""The gateway: one HTTP port for every API; routes, queues, measures."""

@@ -1,0 +1,327 @@
+"""The gateway's HTTP front: a plain ASGI callable (no framework route on the hot path).
+
+`POST /<api>` predicts; `GET /<api>` describes the API; `GET /<api>/openapi.json` and
+`GET /<api>/docs` publish its schema; `GET /healthz` and `GET /metrics` serve operators.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from cirrus.gateway.docs import docs_page
+from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot
+from cirrus.gateway.transport import ReplicaGone
+from cirrus.predictor import encode_json
+
+log = logging.getLogger("cirrus.gateway")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SKIP_HEADERS = frozenset({b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding"})
+_RETRY_AFTER_S = 1
+REPLY_GRACE_S = 2.0  # the replica enforces timeout_s; the gateway waits this much longer at most
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _json_headers(length: int, request_id: str | None, extra: list[tuple[bytes, bytes]] = []) -> list[Any]:  # noqa: B006
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    headers.extend(extra)
+    return headers
+
+
+async def send_json(
+    send: Send,
+    status: int,
+    value: Any,
+    request_id: str | None = None,
+    extra: list[tuple[bytes, bytes]] = [],  # noqa: B006
+) -> None:
+    body = encode_json(value)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": _json_headers(len(body), request_id, extra),
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gateway:
+    """Routes requests for every API; the controller adds and removes APIs and replicas."""
+
+    def __init__(self, max_body_bytes: int, metrics_app: Callable[[], bytes] | None = None) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.routes: dict[str, ApiRoute] = {}
+        self.metrics_app = metrics_app
+
+    # --- control side -------------------------------------------------------------------
+    def set_api(self, name: str, *, max_concurrency: int, max_queue_length: int, timeout_s: float) -> ApiRoute:
+        route = self.routes.get(name)
+        if route is None:
+            route = ApiRoute(name, max_concurrency, max_queue_length, timeout_s)
+            self.routes[name] = route
+        else:
+            route.max_concurrency = max_concurrency
+            route.max_queue_length = max_queue_length
+            route.timeout_s = timeout_s
+        return route
+
+    def remove_api(self, name: str) -> None:
+        route = self.routes.pop(name, None)
+        if route is not None:
+            route.fail_waiters(ReplicaGone(f"the API {name!r} was deleted"))
+
+    # --- data side ----------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        name, _, rest = path[1:].partition("/")
+        route = self.routes.get(name)
+        if route is not None:
+            if not rest:
+                if method == "POST":
+                    await self._predict(route, scope, receive, send)
+                elif method == "GET":
+                    await send_json(send, 200, self.describe(route))
+                else:
+                    await send_json(send, 405, {"error": f"use POST /{name} to predict"})
+                return
+            if method == "GET" and rest == "openapi.json":
+                await send_json(send, 200, route.openapi or {"openapi": "3.1.0", "paths": {}})
+                return
+            if method == "GET" and rest == "docs":
+                page = docs_page(name).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/html; charset=utf-8"),
+                            (b"content-length", str(len(page)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": page})
+                return
+        elif path == "/healthz":
+            await send_json(send, 200, {"status": "ok", "apis": sorted(self.routes)})
+            return
+        elif path == "/metrics" and self.metrics_app is not None:
+            body = self.metrics_app()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/plain; version=0.0.4"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        elif path == "/" and method == "GET":
+            await send_json(send, 200, {"apis": sorted(self.routes)})
+            return
+        await send_json(send, 404, {"error": f"no API at {path!r}; deployed APIs: {sorted(self.routes)}"})
+
+    def describe(self, route: ApiRoute) -> dict[str, Any]:
+        return {
+            "api": route.name,
+            "replicas_ready": len(route.replicas),
+            "in_flight": route.metrics.in_flight,
+            "queued": route.metrics.queued,
+        }
+
+    async def _read_body(self, scope: Scope, receive: Receive, declared: int | None) -> bytes:
+        limit = self.max_body_bytes
+        if declared is not None and declared > limit:
+            raise BodyTooLarge
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > limit:
+                raise BodyTooLarge
+            return body
+        parts = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _predict(self, route: ApiRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        content_type = ""
+        request_id = ""
+        declared: int | None = None
+        forwarded: list[tuple[str, str]] = []
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value.decode("latin-1")
+            elif key == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _REQUEST_ID_RE.match(candidate):
+                    request_id = candidate
+            elif key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+                continue
+            if key not in _SKIP_HEADERS:
+                forwarded.append((key.decode("latin-1"), value.decode("latin-1")))
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        metrics = route.metrics
+        try:
+            body = await self._read_body(scope, receive, declared)
+        except BodyTooLarge:
+            await self._reply_error(
+                send,
+                route,
+                started,
+                413,
+                f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                request_id,
+            )
+            return
+        metrics.in_flight += 1
+        try:
+            await self._forward(route, scope, send, body, content_type, forwarded, request_id, started)
+        finally:
+            metrics.in_flight -= 1
+
+    async def _forward(
+        self,
+        route: ApiRoute,
+        scope: Scope,
+        send: Send,
+        body: bytes,
+        content_type: str,
+        forwarded: list[tuple[str, str]],
+        request_id: str,
+        started: float,
+    ) -> None:
+        timeout_s = route.timeout_s
+        slot: ReplicaSlot | None = route.try_acquire()
+        if slot is None:
+            try:
+                slot = await route.acquire(timeout_s)
+            except Overloaded:
+                await self._reply_error(
+                    send,
+                    route,
+                    started,
+                    503,
+                    f"API {route.name!r} is at capacity and its queue is full; retry later",
+                    request_id,
+                    [(b"retry-after", str(_RETRY_AFTER_S).encode())],
+                )
+                return
+            except QueueTimeout:
+                await self._reply_error(
+                    send,
+                    route,
+                    started,
+                    503,
+                    f"no replica of {route.name!r} became free within {timeout_s:g}s",
+                    request_id,
+                    [(b"retry-after", str(_RETRY_AFTER_S).encode())],
+                )
+                return
+            except ReplicaGone as exc:
+                await self._reply_error(send, route, started, 404, str(exc), request_id)
+                return
+        remaining = max(0.001, timeout_s - (time.perf_counter() - started))
+        try:
+            future = slot.conn.call(
+                request_id=request_id,
+                body=body,
+                content_type=content_type,
+                query_string=scope.get("query_string", b""),
+                headers=forwarded,
+                timeout_s=remaining,
+            )
+            try:
+                async with _deadline(remaining + REPLY_GRACE_S):
+                    response = await future
+            except BaseException:
+                slot.conn.forget(future)
+                raise
+        except ReplicaGone as exc:
+            slot.errors += 1
+            log.warning("request %s to %s failed: %s", request_id, slot.replica_id, exc)
+            await self._reply_error(send, route, started, 502, f"replica {slot.replica_id} failed: {exc}", request_id)
+            return
+        except TimeoutError:
+            await self._reply_error(send, route, started, 504, f"no answer within {timeout_s:g}s", request_id)
+            return
+        finally:
+            route.release(slot)
+        slot.completed += 1
+        status = response.status
+        headers = [
+            (b"content-type", response.content_type.encode("latin-1")),
+            (b"content-length", str(len(response.body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        for key, value in response.headers:
+            headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+        route.metrics.observe(status, time.perf_counter() - started, time.time())
+        if status >= 500:
+            log.warning("request %s to %s/%s answered %d", request_id, route.name, slot.replica_id, status)
+
+    async def _reply_error(
+        self,
+        send: Send,
+        route: ApiRoute,
+        started: float,
+        status: int,
+        message: str,
+        request_id: str,
+        extra: list[tuple[bytes, bytes]] = [],  # noqa: B006
+    ) -> None:
+        await send_json(send, status, {"error": message, "request_id": request_id}, request_id, extra)
+        route.metrics.observe(status, time.perf_counter() - started, time.time())
+        if status >= 500:
+            log.warning("request %s to %s answered %d: %s", request_id, route.name, status, message)
+
+
+def _deadline(seconds: float) -> Any:
+    import asyncio
+
+    return asyncio.timeout(seconds)

@@ -1,0 +1,73 @@
+"""The gateway's control side: what the controller calls to add APIs and replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+from cirrus.gateway.app import Gateway
+from cirrus.gateway.routing import ReplicaSlot
+from cirrus.gateway.transport import ReplicaConnection
+from cirrus.spec import ConcurrencySpec
+from cirrus.wire import ReplicaReady
+
+
+class GatewayController:
+    """Implements `cirrus.control.controller.GatewayControl` over a running `Gateway`."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._slots: dict[str, ReplicaSlot] = {}
+
+    def set_api(self, name: str, concurrency: ConcurrencySpec) -> None:
+        self.gateway.set_api(
+            name,
+            max_concurrency=concurrency.max_concurrency,
+            max_queue_length=concurrency.max_queue_length,
+            timeout_s=concurrency.timeout_s,
+        )
+
+    def remove_api(self, name: str) -> None:
+        self.gateway.remove_api(name)
+
+    async def add_replica(self, api: str, replica_id: str, report: ReplicaReady) -> None:
+        conn = await ReplicaConnection.open(report.address)
+        route = self.gateway.routes.get(api)
+        if route is None:
+            conn.close()
+            raise LookupError(f"the API {api!r} is gone")
+        if report.openapi:
+            route.openapi = report.openapi
+        slot = ReplicaSlot(replica_id, conn)
+        self._slots[replica_id] = slot
+        route.add_replica(slot)
+
+    def drain_replica(self, api: str, replica_id: str) -> None:
+        route = self.gateway.routes.get(api)
+        if route is not None:
+            route.remove_replica(replica_id)
+        slot = self._slots.get(replica_id)
+        if slot is not None:
+            slot.draining = True
+            if slot.conn.closed:
+                self._slots.pop(replica_id, None)
+
+    async def wait_drained(self, api: str, replica_id: str, timeout_s: float) -> None:
+        slot = self._slots.get(replica_id)
+        if slot is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                while slot.in_flight > 0 and not slot.conn.closed:
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            pass
+        slot.conn.close()
+        self._slots.pop(replica_id, None)
+
+    def api_metrics(self, name: str, now: float) -> tuple[int, float | None, float | None, int, int, dict[str, int]]:
+        route = self.gateway.routes.get(name)
+        if route is None:
+            return 0, None, None, 0, 0, {}
+        requests, p50, p99 = route.metrics.last_minute(now)
+        load = {s.replica_id: s.in_flight for s in self._slots.values()}
+        return requests, p50, p99, route.metrics.in_flight, route.metrics.queued, load

@@ -1,0 +1,142 @@
+"""Routing: least-loaded choice among ready replicas, and the bounded per-API FIFO queue.
+
+`choose_replica` is the pure decision; `ApiRoute` holds one API's replicas and waiters and hands a
+freed replica straight to the oldest waiter, so queued requests are served in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cirrus.gateway.metrics import ApiMetrics
+
+
+class Overloaded(Exception):
+    """Every replica is at max_concurrency and the queue is full."""
+
+
+class QueueTimeout(Exception):
+    """A queued request found no free replica before its deadline."""
+
+
+def choose_replica(in_flight: Sequence[int], capacity: int, start: int = 0) -> int | None:
+    """Index of the least-loaded replica with room (`in_flight < capacity`), or None.
+
+    Ties go to the first one at or after `start`, so callers can rotate `start` to spread
+    equal load instead of always picking the first replica.
+    """
+    count = len(in_flight)
+    best: int | None = None
+    best_load = capacity
+    for step in range(count):
+        index = (start + step) % count
+        load = in_flight[index]
+        if load < best_load:
+            best, best_load = index, load
+            if load == 0:
+                break
+    return best
+
+
+@dataclass(eq=False)
+class ReplicaSlot:
+    """The gateway's view of one ready replica."""
+
+    replica_id: str
+    conn: Any  # ReplicaConnection; Any so routing can be tested with stand-ins
+    in_flight: int = 0
+    completed: int = 0
+    errors: int = 0
+    draining: bool = False
+
+
+@dataclass
+class ApiRoute:
+    name: str
+    max_concurrency: int
+    max_queue_length: int
+    timeout_s: float
+    openapi: dict[str, Any] | None = None
+    replicas: list[ReplicaSlot] = field(default_factory=list)
+    waiters: deque[asyncio.Future[ReplicaSlot]] = field(default_factory=deque)
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    _turn: int = 0
+
+    def try_acquire(self) -> ReplicaSlot | None:
+        if self.waiters:  # keep FIFO order: nobody overtakes a queued request
+            return None
+        replicas = self.replicas
+        if not replicas:
+            return None
+        self._turn += 1
+        index = choose_replica([r.in_flight for r in replicas], self.max_concurrency, self._turn % len(replicas))
+        if index is None:
+            return None
+        slot = replicas[index]
+        slot.in_flight += 1
+        return slot
+
+    async def acquire(self, timeout_s: float) -> ReplicaSlot:
+        slot = self.try_acquire()
+        if slot is not None:
+            return slot
+        if len(self.waiters) >= self.max_queue_length:
+            raise Overloaded(self.name)
+        waiter: asyncio.Future[ReplicaSlot] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        self.metrics.queued += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release(waiter.result())  # handed a replica just as we gave up: give it back
+            else:
+                waiter.cancel()
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            if isinstance(exc, TimeoutError):
+                raise QueueTimeout(self.name) from None
+            raise
+        finally:
+            self.metrics.queued -= 1
+
+    def release(self, slot: ReplicaSlot) -> None:
+        slot.in_flight -= 1
+        if not slot.draining and slot in self.replicas:
+            self._hand_over(slot)
+
+    def _hand_over(self, slot: ReplicaSlot) -> None:
+        """Give a replica with room to queued requests, oldest first."""
+        waiters = self.waiters
+        while waiters and slot.in_flight < self.max_concurrency:
+            waiter = waiters.popleft()
+            if waiter.done():
+                continue
+            slot.in_flight += 1
+            waiter.set_result(slot)
+
+    def add_replica(self, slot: ReplicaSlot) -> None:
+        self.replicas.append(slot)
+        self._hand_over(slot)
+
+    def remove_replica(self, replica_id: str) -> ReplicaSlot | None:
+        """Stop routing to a replica; requests in flight on it go on (it drains)."""
+        for slot in self.replicas:
+            if slot.replica_id == replica_id:
+                self.replicas.remove(slot)
+                slot.draining = True
+                return slot
+        return None
+
+    def fail_waiters(self, error: Exception) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)

@@ -1,0 +1,290 @@
+"""The user's side: `Response`, `HTTPError`, and how a predictor class is loaded and called.
+
+A predictor asks for what it uses: arguments of `predict`, `pre_predict` and `post_predict` are
+injected by name (`payload`, `query_params`, `headers`, `request_id`, and `response` for
+`post_predict`). A `payload` annotated with a pydantic model is validated (422 on failure), and
+a pydantic return annotation shapes the output; both appear in the API's OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+INJECTABLE = ("payload", "query_params", "headers", "request_id")
+HOOK_NAMES = ("pre_predict", "predict", "post_predict")
+
+
+class Response:
+    """A full response: status, headers and body (bytes, str, or a JSON-able object)."""
+
+    __slots__ = ("body", "headers", "media_type", "status")
+
+    def __init__(
+        self,
+        body: Any = b"",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> None:
+        if not 100 <= int(status) <= 599:
+            raise ValueError(f"status {status} is not an HTTP status code")
+        self.body = body
+        self.status = int(status)
+        self.headers = dict(headers or {})
+        self.media_type = media_type
+
+
+class HTTPError(Exception):
+    """Raise from a predictor to answer with this status and message (e.g. 400 for bad input)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class PredictorLoadError(Exception):
+    """The predictor file or class cannot be used; the message says why."""
+
+
+@dataclass
+class Call:
+    """The per-request values a hook may ask for."""
+
+    payload: Any
+    query_params: dict[str, str]
+    headers: dict[str, str]
+    request_id: str
+
+
+@dataclass
+class Method:
+    """One user method and the names it wants injected."""
+
+    fn: Any
+    wants: tuple[str, ...]
+    is_async: bool
+    payload_model: Any = None  # pydantic model class validating `payload`, or None
+    return_model: Any = None  # pydantic model class shaping the return value, or None
+
+    def kwargs(self, call: Call, response: Any = None) -> dict[str, Any]:
+        values = {
+            "payload": call.payload,
+            "query_params": call.query_params,
+            "headers": call.headers,
+            "request_id": call.request_id,
+            "response": response,
+        }
+        return {name: values[name] for name in self.wants}
+
+
+@dataclass
+class LoadedPredictor:
+    instance: Any
+    predict: Method
+    pre_predict: Method | None = None
+    post_predict: Method | None = None
+    schemas: dict[str, Any] = field(default_factory=dict)
+
+
+def _import_file(path: Path, project_dir: Path) -> Any:
+    if str(project_dir) not in sys.path:
+        sys.path.insert(0, str(project_dir))
+    module_name = f"cirrus_user_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PredictorLoadError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pydantic_model(annotation: Any) -> Any:
+    """The annotation if it is a pydantic model class (only looked for when pydantic is loaded)."""
+    if "pydantic" not in sys.modules or not isinstance(annotation, type):
+        return None
+    from pydantic import BaseModel
+
+    return annotation if issubclass(annotation, BaseModel) else None
+
+
+def _method(instance: Any, name: str, allowed: tuple[str, ...]) -> Method | None:
+    fn = getattr(instance, name, None)
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise PredictorLoadError(f"{type(instance).__name__}.{name} is not a method")
+    signature = inspect.signature(fn)
+    wants: list[str] = []
+    for param in signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            wants = [n for n in allowed if n not in wants]
+            break
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        if param.name in allowed:
+            wants.append(param.name)
+        elif param.default is inspect.Parameter.empty:
+            raise PredictorLoadError(
+                f"{type(instance).__name__}.{name}() asks for {param.name!r}, which Cirrus cannot inject; "
+                f"use any of: {', '.join(allowed)}"
+            )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    is_async = inspect.iscoroutinefunction(fn)
+    if name in ("pre_predict", "post_predict") and not is_async:
+        raise PredictorLoadError(
+            f"{type(instance).__name__}.{name} must be `async def`: hooks do I/O without holding a slot"
+        )
+    return Method(
+        fn=fn,
+        wants=tuple(wants),
+        is_async=is_async,
+        payload_model=_pydantic_model(hints.get("payload")),
+        return_model=_pydantic_model(hints.get("return")),
+    )
+
+
+def load_predictor(project_dir: str, path: str, class_name: str, config: dict[str, Any]) -> LoadedPredictor:
+    """Import the user's file, construct the class once, and inspect its methods."""
+    project = Path(project_dir)
+    file = project / path
+    if not file.is_file():
+        raise PredictorLoadError(f"predictor file {file} does not exist")
+    module = _import_file(file, project)
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise PredictorLoadError(f"{file} defines no class named {class_name!r}")
+    init_params = inspect.signature(cls).parameters
+    instance = cls(config=config) if "config" in init_params else cls()
+    predict = _method(instance, "predict", INJECTABLE)
+    if predict is None:
+        raise PredictorLoadError(f"{class_name} has no predict method")
+    loaded = LoadedPredictor(
+        instance=instance,
+        predict=predict,
+        pre_predict=_method(instance, "pre_predict", INJECTABLE),
+        post_predict=_method(instance, "post_predict", (*INJECTABLE, "response")),
+    )
+    return loaded
+
+
+def openapi_document(api: str, predictor: LoadedPredictor) -> dict[str, Any]:
+    """An OpenAPI 3.1 document for `POST /<api>` from the predictor's pydantic annotations."""
+    method = predictor.predict
+    components: dict[str, Any] = {}
+    request_schema: dict[str, Any] = {}
+    response_schema: dict[str, Any] = {}
+    models: list[Any] = [
+        (m, mode) for m, mode in ((method.payload_model, "validation"), (method.return_model, "serialization")) if m
+    ]
+    if models:
+        from pydantic.json_schema import models_json_schema
+
+        refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+        components = defs.get("$defs", {})
+        if method.payload_model is not None:
+            request_schema = refs[(method.payload_model, "validation")]
+        if method.return_model is not None:
+            response_schema = refs[(method.return_model, "serialization")]
+    error = {
+        "type": "object",
+        "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}},
+        "required": ["error"],
+    }
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "the prediction",
+            "content": {"application/json": {"schema": response_schema}},
+        },
+        "400": {"description": "malformed payload", "content": {"application/json": {"schema": error}}},
+        "500": {"description": "the predictor raised", "content": {"application/json": {"schema": error}}},
+        "503": {"description": "overloaded; retry after Retry-After seconds"},
+        "504": {"description": "timed out"},
+    }
+    if method.payload_model is not None:
+        responses["422"] = {"description": "the payload failed validation"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": api, "version": "1", "description": (predictor.instance.__doc__ or "").strip()},
+        "paths": {
+            f"/{api}": {
+                "post": {
+                    "operationId": f"predict_{api.replace('-', '_')}",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": request_schema}},
+                    },
+                    "responses": responses,
+                }
+            }
+        },
+        "components": {"schemas": components},
+    }
+
+
+class PayloadError(Exception):
+    """A request body that cannot be decoded for its Content-Type."""
+
+
+def decode_payload(body: bytes, content_type: str) -> Any:
+    """JSON -> Python object, text/* -> str, anything else -> bytes."""
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        if not body:
+            return None
+        try:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise PayloadError(f"malformed JSON body: {exc}") from None
+    if media.startswith("text/"):
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"text body is not valid UTF-8: {exc}") from None
+    return body
+
+
+def _enc_hook(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if dump is not None:
+        return dump(mode="json")
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    raise TypeError(f"cannot serialise a {type(value).__name__} as JSON; return a JSON-able value, str or bytes")
+
+
+_json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def encode_json(value: Any) -> bytes:
+    return _json_encoder.encode(value)
+
+
+def encode_result(value: Any) -> tuple[int, str, bytes, list[tuple[str, str]]]:
+    """A predictor's return value -> (status, content type, body, extra headers)."""
+    if isinstance(value, Response):
+        status, body_value = value.status, value.body
+        headers = [(k, str(v)) for k, v in value.headers.items() if k.lower() != "content-type"]
+        explicit = value.media_type or next(
+            (str(v) for k, v in value.headers.items() if k.lower() == "content-type"), None
+        )
+        _, default_type, body, _ = encode_result(body_value)
+        return status, explicit or default_type, body, headers
+    if isinstance(value, bytes | bytearray | memoryview):
+        return 200, "application/octet-stream", bytes(value), []
+    if isinstance(value, str):
+        return 200, "text/plain; charset=utf-8", value.encode(), []
+    return 200, "application/json", encode_json(value), []

@@ -1,0 +1,1 @@
+"""The replica process: loads one predictor and serves it to the gateway."""

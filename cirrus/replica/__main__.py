@@ -1,0 +1,106 @@
+"""`python -m cirrus.replica --launch JSON --status-fd N`: one replica process.
+
+Loads the predictor once, listens, then reports `ReplicaReady` (or `ReplicaFailed`) on the status
+pipe. SIGTERM stops accepting, lets requests in flight and `post_predict` hooks finish, and exits.
+The replica also exits when its parent (the daemon) is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+from cirrus.loop import run_loop
+from cirrus.predictor import load_predictor, openapi_document
+from cirrus.replica.server import ReplicaProtocol, RequestHandler
+from cirrus.wire import ReplicaFailed, ReplicaLaunch, ReplicaReady, decode_launch, encode_startup
+
+log = logging.getLogger("cirrus.replica")
+DRAIN_GRACE_S = 30.0
+
+
+def _report(fd: int, message: ReplicaReady | ReplicaFailed) -> None:
+    if fd < 0:
+        return
+    try:
+        os.write(fd, encode_startup(message))
+        os.close(fd)
+    except OSError:
+        pass
+
+
+async def _listen(
+    launch: ReplicaLaunch, handler: RequestHandler, connections: set[ReplicaProtocol]
+) -> tuple[asyncio.AbstractServer, str]:
+    loop = asyncio.get_running_loop()
+
+    def factory() -> ReplicaProtocol:
+        return ReplicaProtocol(handler, launch.replica_id, connections)
+
+    scheme, _, rest = launch.listen.partition(":")
+    if scheme == "unix":
+        server = await loop.create_unix_server(factory, rest)
+        return server, f"unix:{rest}"
+    host, _, port = rest.rpartition(":")
+    server = await loop.create_server(factory, host, int(port))
+    bound = server.sockets[0].getsockname()
+    return server, f"tcp:{bound[0]}:{bound[1]}"
+
+
+async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
+    parent = os.getppid()
+    started = time.perf_counter()
+    try:
+        predictor = load_predictor(launch.project_dir, launch.predictor_path, launch.class_name, launch.config)
+        openapi = openapi_document(launch.api, predictor)
+    except BaseException as exc:
+        log.error("the predictor failed to load:\n%s", traceback.format_exc())
+        _report(status_fd, ReplicaFailed(error=f"{type(exc).__name__}: {exc}"))
+        return 1
+    load_s = time.perf_counter() - started
+    handler = RequestHandler(predictor, launch.inference_slots)
+    connections: set[ReplicaProtocol] = set()
+    server, address = await _listen(launch, handler, connections)
+    log.info("replica %s of %s ready at %s (loaded in %.2fs)", launch.replica_id, launch.api, address, load_s)
+    _report(status_fd, ReplicaReady(address=address, pid=os.getpid(), load_s=load_s, openapi=openapi))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            if os.getppid() != parent:
+                log.warning("the daemon is gone; exiting")
+                break
+    server.close()
+    pending = {t for c in connections for t in c.tasks} | handler.background
+    if pending:
+        log.info("draining %d requests and hooks", len(pending))
+        await asyncio.wait(pending, timeout=DRAIN_GRACE_S)
+    handler.slots.shutdown()
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m cirrus.replica")
+    parser.add_argument("--launch", required=True, help="ReplicaLaunch as JSON")
+    parser.add_argument("--status-fd", type=int, default=-1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    launch = decode_launch(args.launch)
+    code = run_loop(serve(launch, args.status_fd))
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Where replicas run. The runtime is the only code that spawns, signals or reaps processes."""

@@ -1,0 +1,264 @@
+"""The API spec: pydantic models of `cirrus.yaml`, YAML loading and clear errors.
+
+Every model forbids unknown fields, so a typo is an error that names the file, the API and the
+field path instead of a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+API_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+RESERVED_NAMES = frozenset({"healthz", "metrics", "docs", "openapi-json", "admin", "v1", "static"})
+SPEC_FILENAMES = ("cirrus.yaml", "cirrus.yml")
+_MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?\s*$")
+_MEM_UNITS = {
+    None: 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_memory(value: int | float | str | None) -> int | None:
+    """`2Gi`, `512Mi`, `1G` or a plain number of bytes -> bytes."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("memory must not be negative")
+        return int(value)
+    match = _MEM_RE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a memory size; use e.g. 512Mi, 2Gi or a number of bytes")
+    return int(float(match.group(1)) * _MEM_UNITS[match.group(2)])
+
+
+class PredictorSpec(_Strict):
+    path: str = Field(description="Python file (relative to the spec file) that defines the predictor class")
+    class_name: str = Field("Predictor", alias="class", description="name of the predictor class")
+    config: dict[str, Any] = Field(default_factory=dict, description="passed to the predictor's __init__")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables of each replica")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("path")
+    @classmethod
+    def _python_file(cls, value: str) -> str:
+        if not value.endswith(".py"):
+            raise ValueError("must be a .py file")
+        return value
+
+    @field_validator("class_name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not value.isidentifier():
+            raise ValueError(f"{value!r} is not a Python class name")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
+
+
+class ComputeSpec(_Strict):
+    cpu: float = Field(1.0, ge=0, description="CPU cores reserved per replica")
+    mem: int | None = Field(None, description="memory per replica, e.g. 2Gi")
+    gpu: float = Field(0, ge=0, description="GPUs per replica (fractions pack replicas on one device)")
+    accelerators: dict[str, float] = Field(default_factory=dict, description="other named accelerators")
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem(cls, value: Any) -> int | None:
+        return parse_memory(value)
+
+
+class ConcurrencySpec(_Strict):
+    max_concurrency: int = Field(16, ge=1, le=100_000, description="requests in flight per replica")
+    inference_slots: int = Field(1, ge=1, le=1024, description="concurrent predict calls per replica")
+    max_queue_length: int = Field(128, ge=0, le=1_000_000, description="requests queued in the gateway per API")
+    timeout_s: float = Field(30.0, gt=0, le=86_400, description="time limit of one request")
+
+    @model_validator(mode="after")
+    def _slots_fit(self) -> ConcurrencySpec:
+        if self.inference_slots > self.max_concurrency:
+            raise ValueError(
+                f"inference_slots ({self.inference_slots}) must not exceed max_concurrency ({self.max_concurrency})"
+            )
+        return self
+
+
+class AutoscalingSpec(_Strict):
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(100, ge=1, le=1000)
+    init_replicas: int | None = Field(None, ge=0, le=1000, description="replicas at deploy (default min)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        init = self.init_replicas
+        if init is not None and not self.min_replicas <= init <= self.max_replicas:
+            raise ValueError(
+                f"init_replicas ({init}) must lie between min_replicas ({self.min_replicas}) "
+                f"and max_replicas ({self.max_replicas})"
+            )
+        return self
+
+    @property
+    def initial(self) -> int:
+        return self.min_replicas if self.init_replicas is None else self.init_replicas
+
+
+class ApiSpec(_Strict):
+    name: str = Field(description="URL-safe API name: lowercase letters, digits and '-'")
+    kind: Literal["realtime"] = "realtime"
+    predictor: PredictorSpec
+    compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
+    concurrency: ConcurrencySpec = Field(default_factory=lambda: ConcurrencySpec())
+    autoscaling: AutoscalingSpec = Field(default_factory=lambda: AutoscalingSpec())
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not API_NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid API name: use 1-63 lowercase letters, digits and '-', starting with a letter"
+            )
+        if value in RESERVED_NAMES:
+            raise ValueError(f"{value!r} is reserved; pick another name")
+        return value
+
+
+SpecList = Annotated[list[ApiSpec], Field(min_length=1)]
+
+
+class Deployment(_Strict):
+    """One API as the daemon keeps it: the spec plus the directory its paths are relative to."""
+
+    spec: ApiSpec
+    project_dir: str
+
+    @property
+    def predictor_file(self) -> Path:
+        return Path(self.project_dir) / self.spec.predictor.path
+
+
+def _format_error(source: str, raw: Any, error: ValidationError) -> str:
+    lines = [f"{source}: invalid spec"]
+    for item in error.errors():
+        loc = list(item["loc"])
+        api = None
+        if loc and isinstance(loc[0], int) and isinstance(raw, list) and loc[0] < len(raw):
+            entry = raw[loc[0]]
+            api = entry.get("name") if isinstance(entry, dict) else None
+            loc = loc[1:]
+        where = ".".join(str(part) for part in loc) or "(top level)"
+        prefix = f"API {api!r}: " if api else ""
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+            allowed = _allowed_fields(loc)
+            if allowed:
+                message += f"; allowed here: {', '.join(allowed)}"
+        lines.append(f"  {prefix}{where}: {message}")
+    return "\n".join(lines)
+
+
+def _allowed_fields(loc: list[Any]) -> list[str]:
+    model: type[BaseModel] = ApiSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [(f.alias or name) for name, f in model.model_fields.items()]
+
+
+def parse_specs(raw: Any, source: str = "<spec>") -> list[ApiSpec]:
+    """Validate already-parsed YAML/JSON (a list of APIs, or one API mapping)."""
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(f"{source}: expected a list of APIs (each a mapping with name, kind, predictor, ...)")
+    from pydantic import TypeAdapter
+
+    try:
+        specs = TypeAdapter(SpecList).validate_python(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_error(source, raw, exc)) from None
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise SpecError(f"{source}: API {spec.name!r} is defined twice")
+        seen.add(spec.name)
+    return specs
+
+
+def find_spec_file(path: str | Path) -> Path:
+    """A spec file itself, or the `cirrus.yaml` inside a directory."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        for name in SPEC_FILENAMES:
+            if (target / name).is_file():
+                return target / name
+        raise SpecError(f"{target}: no {SPEC_FILENAMES[0]} in this directory")
+    if not target.is_file():
+        raise SpecError(f"{target}: no such file or directory")
+    return target
+
+
+def load_deployments(path: str | Path) -> list[Deployment]:
+    """Read and validate a spec file (or a directory holding `cirrus.yaml`), checking predictor paths."""
+    spec_file = find_spec_file(path).resolve()
+    try:
+        raw = yaml.safe_load(spec_file.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{spec_file}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{spec_file}: cannot read: {exc}") from None
+    specs = parse_specs(raw, str(spec_file))
+    project_dir = spec_file.parent
+    deployments = []
+    for spec in specs:
+        deployment = Deployment(spec=spec, project_dir=str(project_dir))
+        check_predictor_path(deployment, str(spec_file))
+        deployments.append(deployment)
+    return deployments
+
+
+def check_predictor_path(deployment: Deployment, source: str) -> None:
+    """The predictor file must exist inside the project directory (no `..` or absolute escapes)."""
+    spec = deployment.spec
+    project = Path(deployment.project_dir).resolve()
+    target = (project / spec.predictor.path).resolve()
+    if not target.is_relative_to(project):
+        raise SpecError(
+            f"{source}: API {spec.name!r}: predictor.path: {spec.predictor.path!r} points outside the "
+            f"project directory {project}"
+        )
+    if not target.is_file():
+        raise SpecError(f"{source}: API {spec.name!r}: predictor.path: {target} does not exist")

@@ -1,0 +1,76 @@
+"""Shared vocabulary: status records that cross module and process boundaries.
+
+These pydantic models are what the admin API returns and what `cirrus get` prints; every layer
+imports them from here, so no layer has to import another one upward.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ReplicaState(StrEnum):
+    STARTING = "starting"  # process spawned, predictor loading
+    READY = "ready"  # serving requests
+    DRAINING = "draining"  # gets no new requests, finishing those in flight
+    BACKOFF = "backoff"  # crashed or failed to load; restarts after a delay
+    STOPPED = "stopped"
+
+
+class ApiStatusName(StrEnum):
+    STARTING = "starting"  # no replica ready yet
+    LIVE = "live"  # every desired replica ready
+    UPDATING = "updating"  # some replicas starting, or an older revision still serving
+    DEGRADED = "degraded"  # some ready, some failing
+    ERROR = "error"  # no replica ready and the last start failed
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ReplicaStatus(_Record):
+    id: str
+    revision: int
+    state: ReplicaState
+    pid: int | None = None
+    restarts: int = 0
+    in_flight: int = 0
+    last_error: str | None = None
+    started_at: float | None = None
+
+
+class ApiStatus(_Record):
+    name: str
+    kind: str = "realtime"
+    status: ApiStatusName
+    revision: int
+    replicas_ready: int
+    replicas_desired: int
+    requests_last_minute: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    in_flight: int = 0
+    queued: int = 0
+    endpoint: str
+    message: str | None = None
+    replicas: list[ReplicaStatus] = Field(default_factory=list)
+
+
+class DeployResult(_Record):
+    name: str
+    action: str  # created | updated | unchanged
+    revision: int
+    endpoint: str
+
+
+class DaemonInfo(_Record):
+    """Written to `$CIRRUS_HOME/daemon.json` by a running daemon; clients find it there."""
+
+    pid: int
+    version: str
+    gateway_url: str
+    admin_url: str
+    started_at: float

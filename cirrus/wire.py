@@ -1,0 +1,131 @@
+"""Typed messages between the gateway and a replica, and their framing.
+
+The gateway keeps one persistent stream connection per replica and multiplexes requests over
+it: each message is a msgpack-encoded, tagged `msgspec.Struct` behind a 4-byte big-endian
+length. `WIRE_VERSION` is checked when a connection opens (the replica's `Hello`).
+
+A replica also reports its start-up result once, as JSON on a pipe the runtime gives it
+(`ReplicaReady` or `ReplicaFailed`).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+WIRE_VERSION = 1
+MAX_FRAME_BYTES = 1 << 30
+_HEADER = struct.Struct(">I")
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """First frame a replica sends on every new connection."""
+
+    version: int
+    replica_id: str
+    pid: int
+
+
+class InferRequest(msgspec.Struct, tag="req", frozen=True):
+    id: int  # unique per connection; the reply carries it back
+    request_id: str  # the client-visible X-Request-ID
+    body: bytes
+    content_type: str
+    query_string: bytes = b""
+    headers: list[tuple[str, str]] = []
+    timeout_s: float = 30.0  # time left for this request when it was sent
+
+
+class InferResponse(msgspec.Struct, tag="res", frozen=True):
+    id: int
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = []
+
+
+Frame = Hello | InferRequest | InferResponse
+
+
+class ReplicaReady(msgspec.Struct, tag="ready", frozen=True):
+    address: str  # "tcp:HOST:PORT" or "unix:PATH"
+    pid: int
+    load_s: float
+    openapi: dict[str, Any] | None = None  # request/response JSON schemas of typed predictors
+
+
+class ReplicaFailed(msgspec.Struct, tag="failed", frozen=True):
+    error: str
+
+
+StartupReport = ReplicaReady | ReplicaFailed
+
+_encoder = msgspec.msgpack.Encoder()
+_frame_decoder = msgspec.msgpack.Decoder(Frame)
+_startup_decoder = msgspec.json.Decoder(StartupReport)
+
+
+def encode_frame(message: Frame) -> bytes:
+    payload = _encoder.encode(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameBuffer:
+    """Accumulates stream bytes and yields whole frames (a frame may span many reads)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        buffer = self._buffer
+        buffer += data
+        frames: list[Frame] = []
+        offset = 0
+        size = len(buffer)
+        while size - offset >= 4:
+            (length,) = _HEADER.unpack_from(buffer, offset)
+            if length > MAX_FRAME_BYTES:
+                raise ValueError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME_BYTES}")
+            end = offset + 4 + length
+            if end > size:
+                break
+            frames.append(_frame_decoder.decode(buffer[offset + 4 : end]))
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+
+def encode_startup(report: StartupReport) -> bytes:
+    return msgspec.json.encode(report) + b"\n"
+
+
+def decode_startup(line: bytes) -> StartupReport:
+    return _startup_decoder.decode(line)
+
+
+class ReplicaLaunch(msgspec.Struct, frozen=True):
+    """Everything a replica process needs to start, passed by the runtime as JSON."""
+
+    api: str
+    replica_id: str
+    revision: int
+    project_dir: str
+    predictor_path: str
+    class_name: str
+    config: dict[str, Any]
+    inference_slots: int
+    listen: str = "tcp:127.0.0.1:0"
+    version: int = WIRE_VERSION
+
+
+def encode_launch(launch: ReplicaLaunch) -> str:
+    return msgspec.json.encode(launch).decode()
+
+
+def decode_launch(text: str) -> ReplicaLaunch:
+    return msgspec.json.decode(text, type=ReplicaLaunch)
