@@ -402,7 +402,17 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A process that exited but was not reaped yet (e.g. a daemon whose `cirrus up` has exited,
+    reparented to an init that reaps late or never) is gone, though `kill(pid, 0)` still succeeds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat.rpartition(b")")[2].split()[:1] == [b"Z"]
 
 
 def _is_cirrus_process(pid: int) -> bool:

@@ -127,10 +127,15 @@ def _method(instance: Any, name: str, allowed: tuple[str, ...]) -> Method | None
     wants: list[str] = []
     for param in signature.parameters.values():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
-            wants = [n for n in allowed if n not in wants]
+            wants += [n for n in allowed if n not in wants]
             break
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
             continue
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise PredictorLoadError(
+                f"{type(instance).__name__}.{name}() takes {param.name!r} positionally only; Cirrus passes "
+                "arguments by name, so remove the '/'"
+            )
         if param.name in allowed:
             wants.append(param.name)
         elif param.default is inspect.Parameter.empty:

@@ -42,6 +42,8 @@ def parse_memory(value: int | float | str | None) -> int | None:
     """`2Gi`, `512Mi`, `1G` or a plain number of bytes -> bytes."""
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a memory size; use e.g. 512Mi, 2Gi or a number of bytes")
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("memory must not be negative")
@@ -78,7 +80,7 @@ class PredictorSpec(_Strict):
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
         return value
 
@@ -143,7 +145,7 @@ class ApiSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not API_NAME_RE.match(value):
+        if not API_NAME_RE.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a valid API name: use 1-63 lowercase letters, digits and '-', starting with a letter"
             )

@@ -65,6 +65,7 @@ class Replica:
     restarts: int = 0
     consecutive_failures: int = 0
     last_error: str | None = None
+    stop_reason: str | None = None  # why the controller stopped it, reported instead of the exit itself
     started_at: float | None = None
     next_start_at: float = 0.0
     task: asyncio.Task[None] | None = None
@@ -185,7 +186,7 @@ class Controller:
             await self.gateway.add_replica(replica.api, replica.id, report)
         except Exception as exc:
             log.warning("cannot reach replica %s at %s: %s", replica.id, report.address, exc)
-            replica.last_error = f"the gateway could not connect: {exc}"
+            replica.stop_reason = f"the gateway could not connect: {exc}"
             await self.runtime.stop(replica.id, 5.0)
             return
         if replica.state is not ReplicaState.STARTING:  # retired while connecting
@@ -208,13 +209,14 @@ class Controller:
             return
         self.gateway.drain_replica(replica.api, replica.id)
         replica.pid = None
+        stop_reason, replica.stop_reason = replica.stop_reason, None
         if replica.state in (ReplicaState.DRAINING, ReplicaState.STOPPED) or self._stopping:
             replica.state = ReplicaState.STOPPED
             self._forget(replica)
         else:
             replica.restarts += 1
             replica.consecutive_failures += 1
-            replica.last_error = exit.describe()
+            replica.last_error = stop_reason or exit.describe()
             replica.state = ReplicaState.BACKOFF
             replica.next_start_at = self.clock() + backoff_s(replica.consecutive_failures)
             log.warning(

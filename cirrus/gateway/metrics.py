@@ -11,8 +11,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-# Upper bounds in seconds: 50 us .. ~100 s, 12 buckets per decade (about 21% apart).
-BUCKET_BOUNDS: tuple[float, ...] = tuple(5e-5 * 10 ** (i / 12) for i in range(12 * 6 + 4))
+# Upper bounds in seconds: 50 us .. ~30 h (the longest timeout_s), 12 buckets per decade (about 21% apart).
+BUCKET_BOUNDS: tuple[float, ...] = tuple(5e-5 * 10 ** (i / 12) for i in range(12 * 9 + 4))
 WINDOW_S = 60
 
 

@@ -23,6 +23,8 @@ from cirrus.wire import ReplicaFailed, ReplicaLaunch, ReplicaReady, decode_launc
 
 log = logging.getLogger("cirrus.replica")
 DRAIN_GRACE_S = 30.0
+STUCK_EXIT_S = 10.0  # every slot stuck in a timed-out predict this long: exit so the replica is restarted
+EXIT_STUCK = 3
 
 
 def _report(fd: int, message: ReplicaReady | ReplicaFailed) -> None:
@@ -81,6 +83,14 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             if os.getppid() != parent:
                 log.warning("the daemon is gone; exiting")
                 break
+            stuck = handler.slots.all_stuck_for(time.monotonic())
+            if stuck > STUCK_EXIT_S:
+                log.error(
+                    "every inference slot has been stuck in predict for %.0fs past its request's timeout; "
+                    "exiting so that the replica is restarted",
+                    stuck,
+                )
+                return EXIT_STUCK
     server.close()
     pending = {t for c in connections for t in c.tasks} | handler.background
     if pending:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,11 +35,14 @@ def _error(req: InferRequest, status: int, message: str, **extra: Any) -> InferR
 
 class Slots:
     """`n` inference slots. A slot taken by a sync call is given back only when its thread returns,
-    even if the request already timed out, so a stuck predict keeps its slot busy."""
+    even if the request already timed out, so a stuck predict keeps its slot busy; `overdue_since`
+    tells the replica's watchdog when every slot is held by a call that outlived its request."""
 
     def __init__(self, n: int) -> None:
+        self.size = n
         self._free = asyncio.Semaphore(n)
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cirrus-slot")
+        self._overdue: dict[asyncio.Future[Any], float] = {}
 
     async def run_sync(self, fn: Any, kwargs: dict[str, Any]) -> Any:
         await self._free.acquire()
@@ -48,12 +52,27 @@ class Slots:
         except BaseException:
             self._free.release()
             raise
-        future.add_done_callback(lambda _: self._free.release())
-        return await asyncio.shield(future)
+        future.add_done_callback(self._done)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not future.done():
+                self._overdue[future] = time.monotonic()
+            raise
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        self._overdue.pop(future, None)
+        self._free.release()
 
     async def run_async(self, fn: Any, kwargs: dict[str, Any]) -> Any:
         async with self._free:
             return await fn(**kwargs)
+
+    def all_stuck_for(self, now: float) -> float:
+        """Seconds during which every slot has been held by an abandoned (timed-out) sync call."""
+        if len(self._overdue) < self.size:
+            return 0.0
+        return now - max(self._overdue.values())
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
