@@ -359,6 +359,27 @@ def test_failing_new_revision_keeps_the_old_serving(world: World) -> None:
     run(main())
 
 
+def test_old_revision_that_crashes_during_an_update_restarts_with_its_own_revision(world: World) -> None:
+    async def main() -> None:
+        world.controller.deploy([world.deployment()])
+        await world.reconcile()
+        [old] = world.runtime.running()
+        world.runtime.make_ready(old)
+        await world.settle()
+        world.controller.deploy([world.deployment(code="v2")])
+        await world.reconcile()
+        [new] = [rid for rid in world.runtime.running() if rid != old]
+        world.runtime.fail_load(new, "SyntaxError")
+        world.runtime.crash(old, signal=9)
+        assert world.replicas()[old] is ReplicaState.BACKOFF
+        world.clock.advance(0.5)
+        await world.reconcile()
+        assert old in world.runtime.running()  # restarted: the new revision cannot serve yet
+        assert world.runtime.replica(old).launch.revision == 1
+
+    run(main())
+
+
 def test_surplus_replicas_retire_not_ready_first(world: World) -> None:
     async def main() -> None:
         world.controller.deploy([world.deployment(**scaled(3))])

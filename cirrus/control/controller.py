@@ -69,6 +69,7 @@ class Replica:
     started_at: float | None = None
     next_start_at: float = 0.0
     task: asyncio.Task[None] | None = None
+    stored: StoredApi | None = None  # the revision it runs (None: the API's current one)
 
 
 @dataclass
@@ -255,7 +256,9 @@ class Controller:
                 self._start(state, replica)
         missing = state.desired - len(current)
         for _ in range(missing):
-            replica = Replica(id=f"{state.name}-{secrets.token_hex(3)}", api=state.name, revision=state.revision)
+            replica = Replica(
+                id=f"{state.name}-{secrets.token_hex(3)}", api=state.name, revision=state.revision, stored=state.stored
+            )
             state.replicas[replica.id] = replica
             self._by_replica[replica.id] = replica
             self._start(state, replica)
@@ -265,20 +268,23 @@ class Controller:
             for replica in surplus:
                 self._retire(replica)
         ready = sum(1 for r in current if r.state is ReplicaState.READY)
-        if ready >= state.desired:
-            for replica in list(state.replicas.values()):
-                if replica.revision != state.revision:
-                    self._retire(replica)
+        older = [r for r in state.replicas.values() if r.revision != state.revision]
+        for replica in older:
+            if ready >= state.desired:
+                self._retire(replica)
+            elif replica.state is ReplicaState.BACKOFF and now >= replica.next_start_at:
+                self._start(state, replica)  # the old revision keeps serving until the new one can
 
     def _start(self, state: ApiState, replica: Replica) -> None:
-        spec = state.stored.deployment.spec
+        stored = replica.stored or state.stored
+        spec = stored.deployment.spec
         replica.state = ReplicaState.STARTING
         replica.started_at = time.time()
         launch = ReplicaLaunch(
             api=state.name,
             replica_id=replica.id,
             revision=replica.revision,
-            project_dir=state.stored.deployment.project_dir,
+            project_dir=stored.deployment.project_dir,
             predictor_path=spec.predictor.path,
             class_name=spec.predictor.class_name,
             config=dict(spec.predictor.config),
