@@ -307,6 +307,12 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return res
 
 
+def cmdline(pid: int, limit: int = 60) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()[:limit]
+    return "?"
+
+
 def run_wrk(wrk: str, url: str, lua: str, conns: int, duration_s: int, tree: Tree) -> dict[str, Any]:
     """One wrk run; adds the server tree's, wrk's and the rest of the machine's CPU over it."""
     cpu0 = tree.cpu()
@@ -337,6 +343,9 @@ def run_wrk(wrk: str, url: str, lua: str, conns: int, duration_s: int, tree: Tre
         wrk_cpu_pct=round(100 * wrk_s / elapsed, 1),
         other_cpu_pct=round(100 * (busy - server_s - wrk_s - harness) / elapsed, 1),
         server_procs=len(cpu1),
+        server_cpu_pct_by_proc={
+            f"{pid} {cmdline(pid)}": round(100 * (c - cpu0.get(pid, 0.0)) / elapsed, 1) for pid, c in cpu1.items()
+        },
     )
     return res
 
@@ -469,6 +478,16 @@ def versions(wrk: str) -> dict[str, str]:
     return out
 
 
+def git_describe() -> str | None:
+    """The commit the Cirrus code was measured at, with `-dirty` when the working tree has changes."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
+        )
+        return done.stdout.strip() or None
+    return None
+
+
 def parse_conns(text: str) -> list[int]:
     try:
         conns = [int(x) for x in text.split(",") if x.strip()]
@@ -563,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             "host": platform.node(),
             "cpus": os.cpu_count(),
             "versions": versions(wrk),
+            "git": git_describe(),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "targets": asdict(Targets()),
         }
