@@ -85,16 +85,43 @@ class PredictorSpec(_Strict):
         return value
 
 
+def _check_units(what: str, value: float) -> float:
+    """Device counts: a fraction below 1 shares one device; 1 or more must be whole devices."""
+    if value > 1 and value != int(value):
+        raise ValueError(f"{what}: {value:g} is neither a fraction of one device nor a whole number of devices")
+    return value
+
+
 class ComputeSpec(_Strict):
-    cpu: float = Field(1.0, ge=0, description="CPU cores reserved per replica")
-    mem: int | None = Field(None, description="memory per replica, e.g. 2Gi")
-    gpu: float = Field(0, ge=0, description="GPUs per replica (fractions pack replicas on one device)")
-    accelerators: dict[str, float] = Field(default_factory=dict, description="other named accelerators")
+    cpu: float = Field(1.0, ge=0, le=4096, description="CPU cores reserved per replica")
+    mem: int | None = Field(None, description="memory reserved per replica, e.g. 2Gi")
+    gpu: float = Field(0, ge=0, le=64, description="GPUs per replica (a fraction below 1 shares one device)")
+    accelerators: dict[str, float] = Field(
+        default_factory=dict, description="other named accelerators per replica, e.g. {neuron: 2}"
+    )
 
     @field_validator("mem", mode="before")
     @classmethod
     def _mem(cls, value: Any) -> int | None:
         return parse_memory(value)
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, value: float) -> float:
+        return _check_units("gpu", value)
+
+    @field_validator("accelerators")
+    @classmethod
+    def _accelerators(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, units in value.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+                raise ValueError(f"{name!r} is not an accelerator name (lowercase letters, digits, '_')")
+            if name == "gpu":
+                raise ValueError("declare GPUs with compute.gpu, not under accelerators")
+            if units < 0 or units > 64:
+                raise ValueError(f"{name}: {units:g} units is out of range (0-64)")
+            _check_units(name, units)
+        return value
 
 
 class ConcurrencySpec(_Strict):
@@ -113,9 +140,36 @@ class ConcurrencySpec(_Strict):
 
 
 class AutoscalingSpec(_Strict):
-    min_replicas: int = Field(1, ge=0, le=1000)
-    max_replicas: int = Field(100, ge=1, le=1000)
+    """Request-based autoscaling. Defaults react faster than Cortex's (window 60 s, upscale
+    stabilization 60 s, downscale 300 s, factors 1.5/0.75): a spike is met by panic mode within
+    seconds, and downscaling stays cautious, because a replica removed too early costs a cold
+    start while one kept too long costs only idle memory (docs/autoscaling.md says more)."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="lower bound; 0 allows scale to zero")
+    max_replicas: int = Field(100, ge=1, le=1000, description="upper bound")
     init_replicas: int | None = Field(None, ge=0, le=1000, description="replicas at deploy (default min)")
+    target_concurrency: float | None = Field(
+        None, gt=0, le=100_000, description="in-flight requests per replica to aim for (default: inference_slots)"
+    )
+    window_s: float = Field(30.0, gt=0, le=3600, description="averaging window of the in-flight metric")
+    upscale_stabilization_s: float = Field(
+        0.0, ge=0, le=3600, description="scale up only to the lowest recommendation over this window"
+    )
+    downscale_stabilization_s: float = Field(
+        60.0, ge=0, le=3600, description="scale down only to the highest recommendation over this window"
+    )
+    max_upscale_factor: float = Field(4.0, gt=1, le=1000, description="at most this many times the replicas per step")
+    max_downscale_factor: float = Field(
+        0.5, ge=0, lt=1, description="at least this fraction of the replicas is kept per step"
+    )
+    tolerance: float = Field(0.05, ge=0, lt=1, description="no change while load is within this fraction of target")
+    scale_to_zero_after_s: float = Field(
+        300.0, ge=0, le=86_400, description="idle time before going to zero (min_replicas: 0 only)"
+    )
+    panic_window_s: float = Field(6.0, gt=0, le=600, description="short window that detects a spike")
+    panic_threshold: float = Field(
+        2.0, gt=1, le=100, description="panic when short-window demand exceeds this multiple of capacity"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -127,6 +181,8 @@ class AutoscalingSpec(_Strict):
                 f"init_replicas ({init}) must lie between min_replicas ({self.min_replicas}) "
                 f"and max_replicas ({self.max_replicas})"
             )
+        if self.panic_window_s > self.window_s:
+            raise ValueError(f"panic_window_s ({self.panic_window_s}) must not exceed window_s ({self.window_s})")
         return self
 
     @property
@@ -141,6 +197,11 @@ class ApiSpec(_Strict):
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
     concurrency: ConcurrencySpec = Field(default_factory=lambda: ConcurrencySpec())
     autoscaling: AutoscalingSpec = Field(default_factory=lambda: AutoscalingSpec())
+
+    @property
+    def target_concurrency(self) -> float:
+        """In-flight requests per replica the autoscaler aims for (default: one per inference slot)."""
+        return self.autoscaling.target_concurrency or float(self.concurrency.inference_slots)
 
     @field_validator("name")
     @classmethod

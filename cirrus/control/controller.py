@@ -137,7 +137,7 @@ class Controller:
 
     def delete(self, name: str) -> bool:
         state = self.apis.get(name)
-        if state is None:
+        if state is None or state.deleted:  # a deleted API lingers here only until its replicas stop
             return False
         self.store.delete(name)
         state.deleted = True

@@ -150,7 +150,13 @@ class Gateway:
         elif path == "/" and method == "GET":
             await send_json(send, 200, {"apis": sorted(self.routes)})
             return
-        await send_json(send, 404, {"error": f"no API at {path!r}; deployed APIs: {sorted(self.routes)}"})
+        request_id = _request_id(scope)
+        await send_json(
+            send,
+            404,
+            {"error": f"no API at {path!r}; deployed APIs: {sorted(self.routes)}", "request_id": request_id},
+            request_id,
+        )
 
     def describe(self, route: ApiRoute) -> dict[str, Any]:
         return {
@@ -319,6 +325,15 @@ class Gateway:
         route.metrics.observe(status, time.perf_counter() - started, time.time())
         if status >= 500:
             log.warning("request %s to %s answered %d: %s", request_id, route.name, status, message)
+
+
+def _request_id(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID_RE.match(candidate):
+                return candidate
+    return uuid.uuid4().hex
 
 
 def _deadline(seconds: float) -> Any:

@@ -107,7 +107,7 @@ class RequestHandler:
             return _error(req, 422, "payload failed validation", detail=exc.errors), None, None
         except TimeoutError:
             log.warning("request %s timed out after %.3gs", req.request_id, req.timeout_s)
-            return _error(req, 504, f"the predictor did not answer within {req.timeout_s:g}s"), None, None
+            return _error(req, 504, f"the predictor did not answer within {req.timeout_s:.3g}s"), None, None
         except Exception as exc:
             log.exception("request %s: the predictor raised", req.request_id)
             return _error(req, 500, f"the predictor raised {type(exc).__name__}: {exc}"), None, None
