@@ -320,6 +320,7 @@ _STATUS_STYLE = {
     "draining": "yellow",
     "starting": "cyan",
     "updating": "cyan",
+    "pending": "magenta",
 }
 
 
@@ -339,8 +340,8 @@ def _apis_table(statuses: list[ApiStatus], gateway_url: str) -> RenderableType:
     if not statuses:
         return "no APIs deployed; deploy one with `cirrus deploy`"
     table = Table(box=None, header_style="bold")
-    for column in ("API", "KIND", "STATUS", "REPLICAS", "REQ/MIN", "P50 MS", "P99 MS", "ENDPOINT"):
-        numeric = column in {"REQ/MIN", "P50 MS", "P99 MS"}
+    for column in ("API", "KIND", "STATUS", "READY/DESIRED", "PENDING", "REQ/MIN", "P50 MS", "P99 MS", "ENDPOINT"):
+        numeric = column in {"PENDING", "REQ/MIN", "P50 MS", "P99 MS"}
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for s in statuses:
         replicas = f"{s.replicas_ready}/{s.replicas_desired}"
@@ -349,6 +350,7 @@ def _apis_table(statuses: list[ApiStatus], gateway_url: str) -> RenderableType:
             s.kind,
             _styled(s.status),
             replicas,
+            str(s.replicas_pending),
             str(s.requests_last_minute),
             _ms(s.p50_ms),
             _ms(s.p99_ms),
@@ -369,11 +371,15 @@ def _api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
         ("kind", s.kind),
         ("status", _styled(s.status)),
         ("revision", str(s.revision)),
-        ("replicas", f"{s.replicas_ready}/{s.replicas_desired} ready"),
+        ("replicas", f"{s.replicas_ready} ready, {s.replicas_desired} desired, {s.replicas_pending} pending"),
         ("requests", f"{s.requests_last_minute} last minute, {s.in_flight} in flight, {s.queued} queued"),
         ("latency", f"p50 {_ms(s.p50_ms)} ms, p99 {_ms(s.p99_ms)} ms"),
         ("endpoint", _endpoint(gateway_url, s.name)),
     ]
+    if s.autoscaler:
+        rows.append(("autoscaler", s.autoscaler))
+    if s.cold_starts:
+        rows.append(("cold starts", f"{s.cold_starts}, the last took {s.last_cold_start_s:.2f} s"))
     if s.message:
         rows.append(("message", s.message))
     for key, value in rows:
@@ -381,7 +387,7 @@ def _api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
     if not s.replicas:
         return Group(summary, "", "no replicas")
     replicas = Table(box=None, header_style="bold")
-    for column in ("REPLICA", "REVISION", "STATE", "PID", "RESTARTS", "IN FLIGHT", "LAST ERROR"):
+    for column in ("REPLICA", "REVISION", "STATE", "PID", "DEVICES", "RESTARTS", "IN FLIGHT", "WHY / LAST ERROR"):
         replicas.add_column(column, overflow="fold")
     for r in s.replicas:
         replicas.add_row(
@@ -389,9 +395,10 @@ def _api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
             str(r.revision),
             _styled(r.state),
             str(r.pid or "-"),
+            " ".join(f"{k}={v}" for k, v in r.devices.items()) or "-",
             str(r.restarts),
             str(r.in_flight),
-            r.last_error or "",
+            r.reason or r.last_error or "",
         )
     return Group(summary, "", replicas)
 

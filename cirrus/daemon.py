@@ -122,6 +122,7 @@ async def run(
     from cirrus.gateway.control import GatewayController
     from cirrus.gateway.prometheus import render
     from cirrus.runtimes.local import LocalRuntime
+    from cirrus.runtimes.resources import describe, discover
     from cirrus.spec import load_deployments
 
     deployments = load_deployments(deploy_path) if deploy_path else []
@@ -138,11 +139,20 @@ async def run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    inventory = discover({**os.environ, "CIRRUS_HOME": str(settings.home)})  # reads $CIRRUS_HOME/node.yaml if any
+    log.info("node capacity: %s", describe(inventory))
     store = Store(settings.db_file)
     runtime = LocalRuntime(settings.logs_dir, python=settings.python)
     gateway = Gateway(settings.max_body_bytes)
     gateway.metrics_app = lambda: render(gateway)
-    controller = Controller(store, runtime, GatewayController(gateway), endpoint=lambda name: f"{gateway_url}/{name}")
+    controller = Controller(
+        store,
+        runtime,
+        GatewayController(gateway),
+        endpoint=lambda name: f"{gateway_url}/{name}",
+        inventory=inventory,
+    )
+    gateway.on_cold = controller.demand
     admin = build_admin_app(controller, token, lambda: info, settings.logs_dir, stop.set)
     servers = [_server(gateway, gateway_sock), _server(admin, admin_sock)]
     tasks = [

@@ -95,16 +95,50 @@ class LoadedPredictor:
     schemas: dict[str, Any] = field(default_factory=dict)
 
 
+# predictor file (resolved) -> (its module, the file's (mtime_ns, size) when it was executed)
+_imported: dict[Path, tuple[Any, tuple[int, int]]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+def import_predictor_file(project_dir: str, path: str) -> Any:
+    """Import the user's predictor file (module-level code runs here, the class is not built).
+
+    A replica template calls this before it forks; `load_predictor` in the forked replica then
+    finds the module already imported and does not run it again."""
+    project = Path(project_dir)
+    file = project / path
+    if not file.is_file():
+        raise PredictorLoadError(f"predictor file {file} does not exist")
+    return _import_file(file, project)
+
+
 def _import_file(path: Path, project_dir: Path) -> Any:
+    """The module of `path`, executed once per process: a later call for the same, unchanged file
+    returns the module already imported (a forked replica reuses its template's)."""
     if str(project_dir) not in sys.path:
         sys.path.insert(0, str(project_dir))
     module_name = f"cirrus_user_{path.stem}"
+    key = path.resolve()
+    stamp = _stamp(key)
+    cached = _imported.get(key)
+    if cached is not None and cached[1] == stamp and sys.modules.get(module_name) is cached[0]:
+        return cached[0]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise PredictorLoadError(f"{path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        _imported.pop(key, None)
+        raise
+    _imported[key] = (module, stamp)
     return module
 
 

@@ -93,7 +93,7 @@ def _check_units(what: str, value: float) -> float:
 
 
 class ComputeSpec(_Strict):
-    cpu: float = Field(1.0, ge=0, le=4096, description="CPU cores reserved per replica")
+    cpu: float = Field(0.0, ge=0, le=4096, description="CPU cores reserved per replica (0: best effort)")
     mem: int | None = Field(None, description="memory reserved per replica, e.g. 2Gi")
     gpu: float = Field(0, ge=0, le=64, description="GPUs per replica (a fraction below 1 shares one device)")
     accelerators: dict[str, float] = Field(

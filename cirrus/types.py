@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ReplicaState(StrEnum):
+    PENDING = "pending"  # wanted, but its compute does not fit yet (see `reason`)
     STARTING = "starting"  # process spawned, predictor loading
     READY = "ready"  # serving requests
     DRAINING = "draining"  # gets no new requests, finishing those in flight
@@ -40,6 +41,8 @@ class ReplicaStatus(_Record):
     in_flight: int = 0
     last_error: str | None = None
     started_at: float | None = None
+    reason: str | None = None  # why a pending replica waits, e.g. "needs gpu: 1, 0 free"
+    devices: dict[str, str] = Field(default_factory=dict)  # assigned devices, e.g. {"gpu": "0"}
 
 
 class ApiStatus(_Record):
@@ -49,6 +52,7 @@ class ApiStatus(_Record):
     revision: int
     replicas_ready: int
     replicas_desired: int
+    replicas_pending: int = 0
     requests_last_minute: int = 0
     p50_ms: float | None = None
     p99_ms: float | None = None
@@ -56,6 +60,9 @@ class ApiStatus(_Record):
     queued: int = 0
     endpoint: str
     message: str | None = None
+    autoscaler: str | None = None  # the autoscaler's last reasoning
+    cold_starts: int = 0
+    last_cold_start_s: float | None = None  # first queued request -> first replica serving, from zero
     replicas: list[ReplicaStatus] = Field(default_factory=list)
 
 

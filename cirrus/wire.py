@@ -5,7 +5,8 @@ it: each message is a msgpack-encoded, tagged `msgspec.Struct` behind a 4-byte b
 length. `WIRE_VERSION` is checked when a connection opens (the replica's `Hello`).
 
 A replica also reports its start-up result once, as JSON on a pipe the runtime gives it
-(`ReplicaReady` or `ReplicaFailed`).
+(`ReplicaReady` or `ReplicaFailed`). A replica template and the local runtime exchange the
+`TemplateMessage`s at the end of this module.
 """
 
 from __future__ import annotations
@@ -129,3 +130,69 @@ def encode_launch(launch: ReplicaLaunch) -> str:
 
 def decode_launch(text: str) -> ReplicaLaunch:
     return msgspec.json.decode(text, type=ReplicaLaunch)
+
+
+# --- a replica template and its runtime ---------------------------------------------------------
+#
+# A template process (`python -m cirrus.replica.template`) has imported one revision's predictor
+# module and forks replicas from it. It talks to the local runtime over a SOCK_SEQPACKET unix
+# socketpair: one msgpack message per packet, file descriptors passed alongside with SCM_RIGHTS.
+
+
+class TemplateReady(msgspec.Struct, tag="template_ready", frozen=True):
+    """The template imported the predictor module and waits for fork requests."""
+
+    pid: int
+    import_s: float
+    threads: int  # OS threads in the template (native pools such as OpenBLAS count)
+
+
+class TemplateFailed(msgspec.Struct, tag="template_failed", frozen=True):
+    """The predictor module failed to import; the template exits."""
+
+    error: str
+
+
+class ForkRequest(msgspec.Struct, tag="fork", frozen=True):
+    """Fork one replica. Sent with two descriptors: the status pipe's write end, then the log file."""
+
+    launch: ReplicaLaunch
+    env: dict[str, str]  # the replica's whole environment (replaces the template's)
+
+
+class Forked(msgspec.Struct, tag="forked", frozen=True):
+    replica_id: str
+    pid: int
+
+
+class ForkFailed(msgspec.Struct, tag="fork_failed", frozen=True):
+    replica_id: str
+    error: str
+
+
+class ChildExited(msgspec.Struct, tag="child_exited", frozen=True):
+    """A forked replica ended: `code` as in `subprocess` (negative: killed by that signal)."""
+
+    pid: int
+    code: int
+
+
+class Retire(msgspec.Struct, tag="retire", frozen=True):
+    """Fork no more; exit once every replica forked so far has exited."""
+
+
+TemplateMessage = TemplateReady | TemplateFailed | ForkRequest | Forked | ForkFailed | ChildExited | Retire
+TEMPLATE_MESSAGE_MAX_BYTES = 1 << 20  # one packet on the template socket, fds aside
+
+_template_decoder = msgspec.msgpack.Decoder(TemplateMessage)
+
+
+def encode_template_message(message: TemplateMessage) -> bytes:
+    data = _encoder.encode(message)
+    if len(data) > TEMPLATE_MESSAGE_MAX_BYTES:
+        raise ValueError(f"a {type(message).__name__} of {len(data)} bytes exceeds {TEMPLATE_MESSAGE_MAX_BYTES}")
+    return data
+
+
+def decode_template_message(data: bytes) -> TemplateMessage:
+    return _template_decoder.decode(data)

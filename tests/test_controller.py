@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from cirrus.control.controller import BACKOFF_MAX_S, Controller, backoff_s
-from cirrus.control.store import Store, StoredApi
+from cirrus.control.store import Store
 from cirrus.spec import Deployment, parse_specs
 from cirrus.testing import FakeGateway, FakeRuntime
 from cirrus.types import ApiStatusName, ReplicaState
@@ -63,8 +63,7 @@ class World:
     async def reconcile(self) -> None:
         """One pass of the controller's loop, with the tasks it spawned before and after run out."""
         await self.settle()
-        for state in list(self.controller.apis.values()):
-            self.controller._reconcile(state)
+        self.controller.reconcile()
         await self.settle()
 
     def replicas(self, api: str = "api") -> dict[str, ReplicaState]:
@@ -389,8 +388,7 @@ def test_surplus_replicas_retire_not_ready_first(world: World) -> None:
         await world.settle()
         # Lower the target within the same revision (as an autoscaler would).
         state = world.controller.apis["api"]
-        fewer = world.deployment(**scaled(1))
-        state.stored = StoredApi(state.name, state.revision, fewer, state.stored.fingerprint)
+        state.scaler.desired = 1
         await world.reconcile()
         assert world.runtime.running() == [first]
         assert sorted(world.runtime.stops) == sorted(rest)
@@ -538,5 +536,50 @@ def test_fake_runtime_refuses_what_a_real_one_could_not_do(world: World) -> None
         world.gateway.in_flight[replica_id] = 3
         status = world.controller.status("api")
         assert status is not None and status.in_flight == 3 and status.replicas[0].in_flight == 3
+
+    run(main())
+
+
+# --- templates: prepared at deploy, released once a revision can start no more replicas ----------
+
+
+def test_runtime_prepares_each_revision_and_releases_retired_ones(world: World) -> None:
+    async def main() -> None:
+        world.controller.deploy([world.deployment()])
+        await world.reconcile()
+        assert world.runtime.prepared == [("api", 1)]
+        [old] = world.runtime.running()
+        world.runtime.make_ready(old)
+        await world.settle()
+
+        world.controller.deploy([world.deployment(code="v2")])
+        await world.reconcile()
+        assert world.runtime.prepared == [("api", 1), ("api", 2)]
+        assert world.runtime.released == []  # revision 1 still serves and may need a restart
+        [new] = [rid for rid in world.runtime.running() if rid != old]
+        world.runtime.make_ready(new)
+        await world.reconcile()  # revision 1 drains and stops
+        await world.reconcile()
+        assert world.runtime.released == [("api", 1)]
+
+        world.controller.delete("api")
+        await world.reconcile()
+        await world.reconcile()
+        assert world.runtime.released == [("api", 1), ("api", 2)]
+        assert world.runtime.templates == set()
+
+    run(main())
+
+
+def test_scale_to_zero_keeps_the_template_for_a_fast_cold_start(world: World) -> None:
+    async def main() -> None:
+        world.controller.deploy([world.deployment(autoscaling={"min_replicas": 0, "max_replicas": 2})])
+        await world.reconcile()
+        assert world.runtime.running() == []
+        assert world.runtime.templates == {("api", 1)}
+        world.gateway.demand["api"] = 1.0
+        world.controller.demand("api")  # a request arrived at zero replicas
+        await world.reconcile()
+        assert len(world.runtime.running()) == 1
 
     run(main())

@@ -153,8 +153,9 @@ def test_serve_in_the_foreground_until_ctrl_c(cirrus: Cirrus, tmp_path: Path) ->
         assert response.json() == {"greeting": "hello", "echo": {"n": 1}}
         _wait_line(lines, "echo-print got {'n': 1}", 10, seen)  # replica logs stream to the terminal
 
+        # The replica, and the template process it was forked from (same command line).
         replicas = {pid for pid, cmd in cirrus.processes().items() if "cirrus.replica" in cmd}
-        assert len(replicas) == 1, cirrus.processes()
+        assert 1 <= len(replicas) <= 2, cirrus.processes()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) in (0, 130), "".join(seen)
         pump.join(timeout=10)

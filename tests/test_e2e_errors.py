@@ -434,6 +434,6 @@ def test_predictor_whose_init_raises_fails_the_deploy(gw: Cirrus, tmp_path: Path
         assert "weights file is corrupt" in gw.cli("logs", "broken")[1]
         held = gw.client().predict("broken", {}, timeout=10)  # held for a replica, then given up
         assert held.status_code == 503
-        assert "no replica of 'broken' became free within 1s" in _error(held)
+        assert "no replica of 'broken' became ready within 1s" in _error(held)
     finally:
         gw.cli("delete", "broken")

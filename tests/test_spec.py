@@ -52,7 +52,7 @@ def test_minimal_spec_gets_defaults() -> None:
     assert spec.predictor.path == "predictor.py"
     assert spec.predictor.class_name == "Predictor"
     assert spec.predictor.config == {} and spec.predictor.env == {}
-    assert (spec.compute.cpu, spec.compute.mem, spec.compute.gpu, spec.compute.accelerators) == (1.0, None, 0, {})
+    assert (spec.compute.cpu, spec.compute.mem, spec.compute.gpu, spec.compute.accelerators) == (0.0, None, 0, {})
     c = spec.concurrency
     assert (c.max_concurrency, c.inference_slots, c.max_queue_length, c.timeout_s) == (16, 1, 128, 30.0)
     a = spec.autoscaling

@@ -1,9 +1,11 @@
 """The controller: reconciles each API's desired replicas with what the runtime runs.
 
 It owns no processes (the runtime does) and serves no requests (the gateway does): it decides
-which replicas should exist, asks the runtime to start or stop them, and tells the gateway which
+which replicas should exist (the autoscaler's answer), places them on the node's capacity
+(the scheduler's answer), asks the runtime to start or stop them, and tells the gateway which
 ones are ready. Crashed replicas restart with exponential backoff; a new revision's replicas
-start beside the old ones, and the old ones drain once the new ones serve.
+start beside the old ones, and the old ones drain once the new ones serve; replicas removed by
+a scale-down drain too.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from cirrus.control.scaling import ApiScaler
+from cirrus.control.scheduler import Assignment, Inventory, Unplaceable, place
+from cirrus.control.status import api_status
 from cirrus.control.store import Store, StoredApi
 from cirrus.runtimes.base import ReplicaExit, Runtime
 from cirrus.spec import ConcurrencySpec, Deployment
-from cirrus.types import ApiStatus, ApiStatusName, DeployResult, ReplicaState, ReplicaStatus
+from cirrus.types import ApiStatus, DeployResult, ReplicaState
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
 log = logging.getLogger("cirrus.controller")
@@ -28,6 +33,7 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 STOP_GRACE_S = 30.0
 TICK_S = 0.5
+AUTOSCALE_INTERVAL_S = 1.0
 
 
 def backoff_s(consecutive_failures: int) -> float:
@@ -54,6 +60,14 @@ class GatewayControl(Protocol):
         self, name: str, now: float
     ) -> tuple[int, float | None, float | None, int, int, dict[str, int]]: ...
 
+    def load(self, name: str) -> float:
+        """In flight for an API: executing in replicas plus queued in the gateway."""
+        ...
+
+    def cold_starts(self, name: str) -> tuple[int, float | None]:
+        """(count, seconds of the last one) of starts from zero replicas."""
+        ...
+
 
 @dataclass
 class Replica:
@@ -70,13 +84,17 @@ class Replica:
     next_start_at: float = 0.0
     task: asyncio.Task[None] | None = None
     stored: StoredApi | None = None  # the revision it runs (None: the API's current one)
+    assignment: Assignment | None = None  # the compute it holds while it runs
+    reason: str | None = None  # why it is pending
 
 
 @dataclass
 class ApiState:
     stored: StoredApi
+    scaler: ApiScaler
     replicas: dict[str, Replica] = field(default_factory=dict)
     deleted: bool = False
+    prepared: set[int] = field(default_factory=set)  # revisions the runtime was asked to prepare
 
     @property
     def name(self) -> str:
@@ -88,7 +106,7 @@ class ApiState:
 
     @property
     def desired(self) -> int:
-        return self.stored.deployment.spec.autoscaling.initial
+        return self.scaler.desired
 
 
 class Controller:
@@ -99,16 +117,19 @@ class Controller:
         gateway: GatewayControl,
         endpoint: Callable[[str], str],
         clock: Callable[[], float] = time.monotonic,
+        inventory: Inventory | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
         self.gateway = gateway
         self.endpoint = endpoint
         self.clock = clock
+        self.inventory = inventory  # None: place without limits
         self.apis: dict[str, ApiState] = {}
         self._by_replica: dict[str, Replica] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._background: set[asyncio.Task[None]] = set()
         runtime.subscribe(self)
 
     # --- public operations --------------------------------------------------------------
@@ -149,27 +170,60 @@ class Controller:
         state = self.apis.get(name)
         if state is None or state.deleted:
             return None
-        return self._status(state)
+        return api_status(state, self.gateway, self.endpoint(state.name))
 
     def statuses(self) -> list[ApiStatus]:
-        return [self._status(s) for s in sorted(self.apis.values(), key=lambda s: s.name) if not s.deleted]
+        live = sorted((s for s in self.apis.values() if not s.deleted), key=lambda s: s.name)
+        return [api_status(s, self.gateway, self.endpoint(s.name)) for s in live]
+
+    def demand(self, name: str) -> None:
+        """A request is waiting for an API with no ready replica: decide now, not at the next tick."""
+        state = self.apis.get(name)
+        if state is None or state.deleted:
+            return
+        if state.desired == 0:
+            now = self.clock()
+            state.scaler.observe(max(1.0, self.gateway.load(name)), now)
+            state.scaler.decide(now)
+            log.info("%s: a request arrived at zero replicas; scaling to %d", name, state.desired)
+        self._wake.set()
+
+    def autoscale(self) -> None:
+        """Sample every API's load and apply the policy once."""
+        now = self.clock()
+        for state in self.apis.values():
+            if state.deleted:
+                continue
+            state.scaler.observe(self.gateway.load(state.name), now)
+            before = state.desired
+            state.scaler.decide(now)
+            if state.desired != before:
+                log.info("%s: %d -> %d replicas (%s)", state.name, before, state.desired, state.scaler.reason)
 
     async def run(self) -> None:
-        """Reconcile on every change and at least every TICK_S."""
+        """Autoscale every AUTOSCALE_INTERVAL_S; reconcile on every change and at least every TICK_S."""
+        next_autoscale = self.clock()
         while not self._stopping:
             self._wake.clear()
-            for state in list(self.apis.values()):
-                self._reconcile(state)
+            if self.clock() >= next_autoscale:
+                self.autoscale()
+                next_autoscale = self.clock() + AUTOSCALE_INTERVAL_S
+            self.reconcile()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
             except TimeoutError:
                 pass
 
+    def reconcile(self) -> None:
+        for state in list(self.apis.values()):
+            self._reconcile(state)
+        self._place_pending()
+
     async def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
         await self.runtime.close()
-        tasks = [r.task for r in self._by_replica.values() if r.task is not None]
+        tasks = [r.task for r in self._by_replica.values() if r.task is not None] + list(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -210,6 +264,7 @@ class Controller:
             return
         self.gateway.drain_replica(replica.api, replica.id)
         replica.pid = None
+        replica.assignment = None
         stop_reason, replica.stop_reason = replica.stop_reason, None
         if replica.state in (ReplicaState.DRAINING, ReplicaState.STOPPED) or self._stopping:
             replica.state = ReplicaState.STOPPED
@@ -234,14 +289,23 @@ class Controller:
         state = self.apis.get(stored.name)
         if state is None or state.deleted:
             old = state.replicas if state is not None else {}
-            state = ApiState(stored=stored, replicas=old)
+            prepared = state.prepared if state is not None else set()
+            state = ApiState(stored=stored, scaler=ApiScaler(stored.deployment.spec), replicas=old, prepared=prepared)
             self.apis[stored.name] = state
         else:
             state.stored = stored
+            state.scaler.update_spec(stored.deployment.spec)
+        if stored.revision not in state.prepared:
+            # A template process imports the predictor's module now, so replicas (even the first,
+            # from zero) start by forking instead of importing everything again.
+            state.prepared.add(stored.revision)
+            launch, env = self._launch_for(stored, f"{stored.name}-template")
+            self._run_in_background(self.runtime.prepare(launch, env))
         self.gateway.set_api(stored.name, stored.deployment.spec.concurrency)
 
     def _reconcile(self, state: ApiState) -> None:
         now = self.clock()
+        self._release_templates(state)
         if state.deleted:
             for replica in list(state.replicas.values()):
                 self._retire(replica)
@@ -253,18 +317,23 @@ class Controller:
         ]
         for replica in current:
             if replica.state is ReplicaState.BACKOFF and now >= replica.next_start_at:
-                self._start(state, replica)
+                replica.state = ReplicaState.PENDING  # placed again, below
         missing = state.desired - len(current)
         for _ in range(missing):
             replica = Replica(
-                id=f"{state.name}-{secrets.token_hex(3)}", api=state.name, revision=state.revision, stored=state.stored
+                id=f"{state.name}-{secrets.token_hex(3)}",
+                api=state.name,
+                revision=state.revision,
+                state=ReplicaState.PENDING,
+                stored=state.stored,
             )
             state.replicas[replica.id] = replica
             self._by_replica[replica.id] = replica
-            self._start(state, replica)
         if missing < 0:
-            # Too many: retire the least useful first (not ready before ready).
-            surplus = sorted(current, key=lambda r: r.state is ReplicaState.READY)[:-missing]
+            # Too many: retire the least useful first: pending, then starting, then the least loaded.
+            load = self.gateway.api_metrics(state.name, time.time())[5]
+            order = {ReplicaState.PENDING: 0, ReplicaState.BACKOFF: 0, ReplicaState.STARTING: 1}
+            surplus = sorted(current, key=lambda r: (order.get(r.state, 2), load.get(r.id, 0)))[:-missing]
             for replica in surplus:
                 self._retire(replica)
         ready = sum(1 for r in current if r.state is ReplicaState.READY)
@@ -273,24 +342,60 @@ class Controller:
             if ready >= state.desired:
                 self._retire(replica)
             elif replica.state is ReplicaState.BACKOFF and now >= replica.next_start_at:
-                self._start(state, replica)  # the old revision keeps serving until the new one can
+                replica.state = ReplicaState.PENDING  # the old revision keeps serving until the new one can
 
-    def _start(self, state: ApiState, replica: Replica) -> None:
-        stored = replica.stored or state.stored
+    def _place_pending(self) -> None:
+        """Start pending replicas, oldest API first, as far as the node's capacity allows."""
+        held = [r.assignment for r in self._by_replica.values() if r.assignment is not None]
+        for state in list(self.apis.values()):
+            for replica in list(state.replicas.values()):
+                if replica.state is not ReplicaState.PENDING:
+                    continue
+                stored = replica.stored or state.stored
+                if self.inventory is None:
+                    assignment = Assignment(cpu=0.0, mem=0, gpus=(), accelerators={})
+                else:
+                    placed = place(stored.deployment.spec.compute, self.inventory, held)
+                    if isinstance(placed, Unplaceable):
+                        replica.reason = placed.reason
+                        continue
+                    assignment = placed
+                replica.assignment = assignment
+                replica.reason = None
+                held.append(assignment)
+                self._start(state, replica)
+
+    def _release_templates(self, state: ApiState) -> None:
+        """Release the runtime's preparation of revisions that will start no more replicas."""
+        for revision in list(state.prepared):
+            if revision == state.revision and not state.deleted:
+                continue
+            if any(r.revision == revision for r in state.replicas.values()):
+                continue  # an old revision may still need a restart while the new one comes up
+            state.prepared.discard(revision)
+            self._run_in_background(self.runtime.release(state.name, revision))
+
+    @staticmethod
+    def _launch_for(stored: StoredApi, replica_id: str) -> tuple[ReplicaLaunch, dict[str, str]]:
         spec = stored.deployment.spec
-        replica.state = ReplicaState.STARTING
-        replica.started_at = time.time()
         launch = ReplicaLaunch(
-            api=state.name,
-            replica_id=replica.id,
-            revision=replica.revision,
+            api=stored.name,
+            replica_id=replica_id,
+            revision=stored.revision,
             project_dir=stored.deployment.project_dir,
             predictor_path=spec.predictor.path,
             class_name=spec.predictor.class_name,
             config=dict(spec.predictor.config),
             inference_slots=spec.concurrency.inference_slots,
         )
-        env = {**spec.predictor.env, "CIRRUS_API": state.name, "CIRRUS_REPLICA_ID": replica.id}
+        return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
+
+    def _start(self, state: ApiState, replica: Replica) -> None:
+        replica.state = ReplicaState.STARTING
+        replica.started_at = time.time()
+        launch, env = self._launch_for(replica.stored or state.stored, replica.id)
+        if replica.assignment is not None and self.inventory is not None:
+            env.update(replica.assignment.env())
         self._spawn(replica, self._launch(replica, launch, env))
 
     async def _launch(self, replica: Replica, launch: ReplicaLaunch, env: dict[str, str]) -> None:
@@ -321,64 +426,17 @@ class Controller:
         await self.runtime.stop(replica.id, STOP_GRACE_S)
 
     def _forget(self, replica: Replica) -> None:
+        replica.assignment = None
         self._by_replica.pop(replica.id, None)
         state = self.apis.get(replica.api)
         if state is not None:
             state.replicas.pop(replica.id, None)
 
+    def _run_in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _spawn(self, replica: Replica, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         replica.task = task
-
-    # --- status -------------------------------------------------------------------------
-    def _status(self, state: ApiState) -> ApiStatus:
-        current = [r for r in state.replicas.values() if r.revision == state.revision]
-        ready = sum(1 for r in current if r.state is ReplicaState.READY)
-        old_serving = any(
-            r.revision != state.revision and r.state is ReplicaState.READY for r in state.replicas.values()
-        )
-        failing = [r for r in current if r.consecutive_failures > 0]
-        message = None
-        if ready >= state.desired and not old_serving:
-            status = ApiStatusName.LIVE
-        elif ready == 0 and failing:
-            status = ApiStatusName.ERROR
-            message = failing[0].last_error
-            if old_serving:
-                message = f"revision {state.revision} does not start (an older revision still serves): {message}"
-        elif failing:
-            status = ApiStatusName.DEGRADED
-            message = failing[0].last_error
-        elif old_serving or ready:
-            status = ApiStatusName.UPDATING
-        else:
-            status = ApiStatusName.STARTING
-        requests, p50, p99, in_flight, queued, replica_load = self.gateway.api_metrics(state.name, time.time())
-        return ApiStatus(
-            name=state.name,
-            kind=state.stored.deployment.spec.kind,
-            status=status,
-            revision=state.revision,
-            replicas_ready=ready,
-            replicas_desired=state.desired,
-            requests_last_minute=requests,
-            p50_ms=None if p50 is None else round(p50 * 1000, 3),
-            p99_ms=None if p99 is None else round(p99 * 1000, 3),
-            in_flight=in_flight,
-            queued=queued,
-            endpoint=self.endpoint(state.name),
-            message=message,
-            replicas=[
-                ReplicaStatus(
-                    id=r.id,
-                    revision=r.revision,
-                    state=r.state,
-                    pid=r.pid,
-                    restarts=r.restarts,
-                    in_flight=replica_load.get(r.id, 0),
-                    last_error=r.last_error,
-                    started_at=r.started_at,
-                )
-                for r in sorted(state.replicas.values(), key=lambda r: (r.revision, r.id))
-            ],
-        )

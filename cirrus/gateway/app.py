@@ -63,10 +63,16 @@ async def send_json(
 class Gateway:
     """Routes requests for every API; the controller adds and removes APIs and replicas."""
 
-    def __init__(self, max_body_bytes: int, metrics_app: Callable[[], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        max_body_bytes: int,
+        metrics_app: Callable[[], bytes] | None = None,
+        on_cold: Callable[[str], None] | None = None,
+    ) -> None:
         self.max_body_bytes = max_body_bytes
         self.routes: dict[str, ApiRoute] = {}
         self.metrics_app = metrics_app
+        self.on_cold = on_cold  # called when a request waits on an API with no ready replica
 
     # --- control side -------------------------------------------------------------------
     def set_api(self, name: str, *, max_concurrency: int, max_queue_length: int, timeout_s: float) -> ApiRoute:
@@ -243,6 +249,10 @@ class Gateway:
         timeout_s = route.timeout_s
         slot: ReplicaSlot | None = route.try_acquire()
         if slot is None:
+            if not route.replicas:
+                route.note_cold(started)
+                if self.on_cold is not None:
+                    self.on_cold(route.name)
             try:
                 slot = await route.acquire(timeout_s)
             except Overloaded:
@@ -257,12 +267,17 @@ class Gateway:
                 )
                 return
             except QueueTimeout:
+                why = (
+                    f"no replica of {route.name!r} became ready within {timeout_s:g}s"
+                    if not route.replicas
+                    else f"no replica of {route.name!r} became free within {timeout_s:g}s"
+                )
                 await self._reply_error(
                     send,
                     route,
                     started,
                     503,
-                    f"no replica of {route.name!r} became free within {timeout_s:g}s",
+                    why,
                     request_id,
                     [(b"retry-after", str(_RETRY_AFTER_S).encode())],
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from cirrus.gateway.app import Gateway
 from cirrus.gateway.routing import ReplicaSlot
@@ -39,7 +40,7 @@ class GatewayController:
             route.openapi = report.openapi
         slot = ReplicaSlot(replica_id, conn)
         self._slots[replica_id] = slot
-        route.add_replica(slot)
+        route.add_replica(slot, time.perf_counter())
 
     def drain_replica(self, api: str, replica_id: str) -> None:
         route = self.gateway.routes.get(api)
@@ -63,6 +64,14 @@ class GatewayController:
             pass
         slot.conn.close()
         self._slots.pop(replica_id, None)
+
+    def load(self, name: str) -> float:
+        route = self.gateway.routes.get(name)
+        return 0.0 if route is None else float(route.metrics.in_flight)
+
+    def cold_starts(self, name: str) -> tuple[int, float | None]:
+        route = self.gateway.routes.get(name)
+        return (0, None) if route is None else (route.cold_starts, route.last_cold_start_s)
 
     def api_metrics(self, name: str, now: float) -> tuple[int, float | None, float | None, int, int, dict[str, int]]:
         route = self.gateway.routes.get(name)

@@ -7,6 +7,7 @@ freed replica straight to the oldest waiter, so queued requests are served in ar
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class ApiRoute:
     replicas: list[ReplicaSlot] = field(default_factory=list)
     waiters: deque[asyncio.Future[ReplicaSlot]] = field(default_factory=deque)
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    cold_since: float | None = None  # when a request first waited on zero replicas (perf_counter)
+    cold_starts: int = 0
+    last_cold_start_s: float | None = None
     _turn: int = 0
 
     def try_acquire(self) -> ReplicaSlot | None:
@@ -122,9 +126,21 @@ class ApiRoute:
             slot.in_flight += 1
             waiter.set_result(slot)
 
-    def add_replica(self, slot: ReplicaSlot) -> None:
+    def add_replica(self, slot: ReplicaSlot, now: float | None = None) -> None:
         self.replicas.append(slot)
+        if self.cold_since is not None:
+            now = time.perf_counter() if now is None else now
+            self.cold_starts += 1
+            self.last_cold_start_s = now - self.cold_since
+            self.cold_since = None
         self._hand_over(slot)
+
+    def note_cold(self, now: float) -> bool:
+        """A request found no ready replica; True the first time since the API last had one."""
+        if self.replicas or self.cold_since is not None:
+            return False
+        self.cold_since = now
+        return True
 
     def remove_replica(self, replica_id: str) -> ReplicaSlot | None:
         """Stop routing to a replica; requests in flight on it go on (it drains)."""

@@ -2,7 +2,8 @@
 
 Loads the predictor once, listens, then reports `ReplicaReady` (or `ReplicaFailed`) on the status
 pipe. SIGTERM stops accepting, lets requests in flight and `post_predict` hooks finish, and exits.
-The replica also exits when its parent (the daemon) is gone.
+The replica also exits when its parent (the daemon, or the template it was forked from) is gone.
+A template (`python -m cirrus.replica.template`) runs the same `run_replica` in each forked child.
 """
 
 from __future__ import annotations
@@ -100,16 +101,29 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
     return 0
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+
+
+def run_replica(launch: ReplicaLaunch, status_fd: int) -> int:
+    """Serve until told to stop; the exit code. The one serve path of a fresh replica process and
+    of one forked from a template (`cirrus.replica.template`)."""
+    configure_logging()
+    code = run_loop(serve(launch, status_fd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m cirrus.replica")
     parser.add_argument("--launch", required=True, help="ReplicaLaunch as JSON")
     parser.add_argument("--status-fd", type=int, default=-1)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    launch = decode_launch(args.launch)
-    code = run_loop(serve(launch, args.status_fd))
-    sys.stderr.flush()
-    os._exit(code)
+    os._exit(run_replica(decode_launch(args.launch), args.status_fd))
 
 
 if __name__ == "__main__":

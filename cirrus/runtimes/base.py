@@ -28,6 +28,8 @@ class ReplicaExit:
             except ValueError:
                 name = str(self.signal)
             head = f"killed by signal {self.signal} ({name})"
+        elif self.code is None:
+            head = "exited (exit status unknown: the template it was forked from was gone)"
         else:
             head = f"exited with code {self.code}"
         if self.log_tail and not self.error:
@@ -44,6 +46,16 @@ class RuntimeEvents(Protocol):
 class Runtime(Protocol):
     def subscribe(self, events: RuntimeEvents) -> None: ...
 
+    async def prepare(self, launch: ReplicaLaunch, env: dict[str, str]) -> None:
+        """Get ready to start replicas of `launch.api` at `launch.revision` fast (the local runtime
+        starts a template process that imports the predictor module once and forks replicas).
+        Idempotent; never raises: when preparing fails, `start` still works, only slower."""
+        ...
+
+    async def release(self, api: str, revision: int) -> None:
+        """Undo `prepare` for a retired revision; replicas already started keep running until stopped."""
+        ...
+
     async def start(self, launch: ReplicaLaunch, env: dict[str, str]) -> int | None:
         """Start a replica; returns its pid if it has one. Readiness and exit come as events."""
         ...
@@ -55,5 +67,5 @@ class Runtime(Protocol):
     def log_path(self, api: str, replica_id: str) -> Path: ...
 
     async def close(self) -> None:
-        """Stop every replica."""
+        """Stop every replica, and whatever `prepare` started."""
         ...

@@ -1,4 +1,11 @@
-"""The local runtime: each replica is a subprocess with its own log file."""
+"""The local runtime: each replica is a process of its own with its own log file.
+
+A replica is forked from its revision's *template* when one is ready (`prepare` starts it; see
+`cirrus/replica/template.py`), which skips the imports that dominate a cold start; otherwise, or
+with `CIRRUS_FORK_REPLICAS=0`, it is a fresh `python -m cirrus.replica` process. Either way the
+replica reports `ReplicaReady`/`ReplicaFailed` on a status pipe, logs to the same file, and its
+end comes back as the same `replica_exited` event.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +14,65 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cirrus.logs import tail_lines
 from cirrus.runtimes.base import ReplicaExit, RuntimeEvents
-from cirrus.wire import ReplicaFailed, ReplicaLaunch, ReplicaReady, decode_startup, encode_launch
+from cirrus.wire import (
+    TEMPLATE_MESSAGE_MAX_BYTES,
+    ChildExited,
+    Forked,
+    ForkFailed,
+    ForkRequest,
+    ReplicaFailed,
+    ReplicaLaunch,
+    ReplicaReady,
+    Retire,
+    TemplateFailed,
+    TemplateMessage,
+    TemplateReady,
+    decode_startup,
+    decode_template_message,
+    encode_launch,
+    encode_template_message,
+)
 
 log = logging.getLogger("cirrus.runtime")
 LOG_TAIL_LINES = 20
+TEMPLATE_READY_TIMEOUT_S = 120.0  # a start waits this long for a template still importing
+FORK_REPLY_TIMEOUT_S = 10.0
+TEMPLATE_EXIT_GRACE_S = 5.0
+FORK_REPLICAS_ENV = "CIRRUS_FORK_REPLICAS"
 
 
 @dataclass
-class _Process:
+class _Replica:
     launch: ReplicaLaunch
-    proc: asyncio.subprocess.Process
+    pid: int
+    send_signal: Callable[[int], None]
     watcher: asyncio.Task[None]
     stopping: bool = False
 
 
+class TemplateUnavailable(Exception):
+    """A replica cannot be forked from its template (the runtime then starts a fresh process)."""
+
+
 class LocalRuntime:
-    def __init__(self, logs_dir: Path, python: str = sys.executable) -> None:
+    def __init__(self, logs_dir: Path, python: str = sys.executable, env: Mapping[str, str] | None = None) -> None:
         self.logs_dir = logs_dir
         self.python = python
+        environ = os.environ if env is None else env
+        self.fork_replicas = environ.get(FORK_REPLICAS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self._events: RuntimeEvents | None = None
-        self._processes: dict[str, _Process] = {}
+        self._processes: dict[str, _Replica] = {}
+        self._templates: dict[tuple[str, int], _Template] = {}
+        self._retired: set[_Template] = set()  # released, reaping the replicas they forked
 
     def subscribe(self, events: RuntimeEvents) -> None:
         self._events = events
@@ -41,19 +80,95 @@ class LocalRuntime:
     def log_path(self, api: str, replica_id: str) -> Path:
         return self.logs_dir / api / f"{replica_id}.log"
 
+    def template_log_path(self, api: str, revision: int) -> Path:
+        return self.logs_dir / api / "templates" / f"revision-{revision}.log"
+
+    def template_pid(self, api: str, revision: int) -> int | None:
+        """The pid of the revision's running template, if one is up (starting or ready)."""
+        template = self._templates.get((api, revision))
+        if template is None or not template.alive or template.failed:
+            return None
+        return template.pid
+
+    # --- templates -------------------------------------------------------------------------
+
+    async def prepare(self, launch: ReplicaLaunch, env: dict[str, str]) -> None:
+        if not self.fork_replicas:
+            return
+        key = (launch.api, launch.revision)
+        current = self._templates.get(key)
+        if current is not None and (current.alive or current.failed):
+            return  # running, or its module does not import: replicas start fresh and say why
+        try:
+            # is_available() through NVML leaves CUDA uninitialised in the template, so replicas can use it
+            template_env = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", **self._full_env(env)}
+            self._templates[key] = _Template(
+                launch, template_env, self.python, self.template_log_path(launch.api, launch.revision)
+            )
+        except Exception as exc:
+            log.warning("could not start a template for %s revision %d: %s", launch.api, launch.revision, exc)
+
+    async def release(self, api: str, revision: int) -> None:
+        template = self._templates.pop((api, revision), None)
+        if template is None:
+            return
+        self._retired.add(template)
+        template.retire(on_exit=lambda: self._retired.discard(template))
+
+    # --- replicas --------------------------------------------------------------------------
+
     async def start(self, launch: ReplicaLaunch, env: dict[str, str]) -> int | None:
         if launch.replica_id in self._processes:
             raise RuntimeError(f"replica {launch.replica_id} is already running")
+        template = self._templates.get((launch.api, launch.revision)) if self.fork_replicas else None
+        if template is not None:
+            try:
+                return await self._fork(template, launch, env)
+            except TemplateUnavailable as exc:
+                log.info("replica %s of %s starts as a fresh process: %s", launch.replica_id, launch.api, exc)
+        return await self._spawn(launch, env)
+
+    def _full_env(self, env: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+
+    def _open_log(self, launch: ReplicaLaunch, how: str) -> Path:
         path = self.log_path(launch.api, launch.replica_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        read_fd, write_fd = os.pipe()
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         with path.open("ab") as log_file:
             log_file.write(
                 f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting replica {launch.replica_id} "
-                f"(revision {launch.revision})\n".encode()
+                f"(revision {launch.revision}{how})\n".encode()
             )
-            log_file.flush()
+        return path
+
+    async def _fork(self, template: _Template, launch: ReplicaLaunch, env: dict[str, str]) -> int:
+        await template.wait_ready(TEMPLATE_READY_TIMEOUT_S)
+        if not template.matches(launch):
+            raise TemplateUnavailable("its template was made for another predictor file")
+        path = self._open_log(launch, f", forked from template pid {template.pid}")
+        read_fd, write_fd = os.pipe()
+        try:
+            with path.open("ab") as log_file:
+                reply = template.send_fork(launch, self._full_env(env), [write_fd, log_file.fileno()])
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        try:
+            pid = await template.wait_forked(launch.replica_id, reply, FORK_REPLY_TIMEOUT_S)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        exited = template.exit_of(pid)
+        watcher = asyncio.get_running_loop().create_task(self._watch(launch, read_fd, exited))
+        self._processes[launch.replica_id] = _Replica(launch, pid, lambda sig: os.kill(pid, sig), watcher)
+        return pid
+
+    async def _spawn(self, launch: ReplicaLaunch, env: dict[str, str]) -> int:
+        path = self._open_log(launch, "")
+        read_fd, write_fd = os.pipe()
+        with path.open("ab") as log_file:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     self.python,
@@ -67,17 +182,22 @@ class LocalRuntime:
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
                     pass_fds=(write_fd,),
-                    env=full_env,
+                    env=self._full_env(env),
                     cwd=launch.project_dir,
                     start_new_session=True,
                 )
+            except BaseException:
+                os.close(read_fd)
+                raise
             finally:
                 os.close(write_fd)
-        watcher = asyncio.get_running_loop().create_task(self._watch(launch, proc, read_fd))
-        self._processes[launch.replica_id] = _Process(launch, proc, watcher)
+        watcher = asyncio.get_running_loop().create_task(self._watch(launch, read_fd, proc.wait()))
+        self._processes[launch.replica_id] = _Replica(launch, proc.pid, proc.send_signal, watcher)
         return proc.pid
 
-    async def _watch(self, launch: ReplicaLaunch, proc: asyncio.subprocess.Process, read_fd: int) -> None:
+    async def _watch(self, launch: ReplicaLaunch, read_fd: int, exited: Awaitable[int | None]) -> None:
+        """Report readiness, then the exit. `exited` gives the exit code as `subprocess` does
+        (negative: the signal), or None when it is unknown."""
         report = await _read_report(read_fd)
         error = None
         if isinstance(report, ReplicaReady):
@@ -85,11 +205,11 @@ class LocalRuntime:
                 self._events.replica_ready(launch.replica_id, report)
         elif isinstance(report, ReplicaFailed):
             error = report.error
-        code = await proc.wait()
+        code = await exited
         entry = self._processes.pop(launch.replica_id, None)
         exit = ReplicaExit(
-            code=code if code >= 0 else None,
-            signal=-code if code < 0 else None,
+            code=code if code is not None and code >= 0 else None,
+            signal=-code if code is not None and code < 0 else None,
             error=error,
             log_tail=tail_lines(self.log_path(launch.api, launch.replica_id), LOG_TAIL_LINES),
         )
@@ -104,16 +224,273 @@ class LocalRuntime:
             return
         entry.stopping = True
         with contextlib.suppress(ProcessLookupError):
-            entry.proc.send_signal(signal.SIGTERM)
+            entry.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(entry.watcher), grace_s)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                entry.proc.kill()
+                entry.send_signal(signal.SIGKILL)
             await entry.watcher
 
     async def close(self) -> None:
+        """Stop every replica, then every template."""
         await asyncio.gather(*(self.stop(rid, 10.0) for rid in list(self._processes)), return_exceptions=True)
+        templates = [*self._templates.values(), *self._retired]
+        self._templates.clear()
+        self._retired.clear()
+        await asyncio.gather(*(t.close(TEMPLATE_EXIT_GRACE_S) for t in templates), return_exceptions=True)
+
+
+class _Template:
+    """The runtime's end of one template process: its control socket, its forks and their exits."""
+
+    def __init__(self, launch: ReplicaLaunch, env: dict[str, str], python: str, log_path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        self.launch = launch
+        self.pid: int | None = None
+        self.failed = False
+        self.retired = False
+        self.ready: asyncio.Future[bool] = loop.create_future()
+        self._exits: dict[int, asyncio.Future[int | None]] = {}  # pid -> exit code (None: unknown)
+        self._forks: dict[str, asyncio.Future[int]] = {}  # replica id -> pid, while a fork is in flight
+        self._lost = False
+        self._on_exit: Callable[[], None] | None = None
+        self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * TEMPLATE_MESSAGE_MAX_BYTES)
+            self._sock.setblocking(False)
+            loop.add_reader(self._sock.fileno(), self._readable)
+        except BaseException:
+            self._sock.close()
+            child.close()
+            raise
+        self._process = loop.create_task(self._run(env, python, log_path, child))
+
+    @property
+    def alive(self) -> bool:
+        return not self._lost
+
+    def matches(self, launch: ReplicaLaunch) -> bool:
+        return (launch.project_dir, launch.predictor_path) == (self.launch.project_dir, self.launch.predictor_path)
+
+    async def _run(self, env: dict[str, str], python: str, log_path: Path, child: socket.socket) -> None:
+        launch = self.launch
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("ab") as log_file:
+                log_file.write(
+                    f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting the template of revision "
+                    f"{launch.revision}\n".encode()
+                )
+                log_file.flush()
+                proc = await asyncio.create_subprocess_exec(
+                    python,
+                    "-m",
+                    "cirrus.replica.template",
+                    "--api",
+                    launch.api,
+                    "--revision",
+                    str(launch.revision),
+                    "--predictor-path",
+                    launch.predictor_path,
+                    "--control-fd",
+                    str(child.fileno()),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(child.fileno(),),
+                    env=env,
+                    cwd=launch.project_dir,
+                    start_new_session=True,
+                )
+        except Exception as exc:
+            log.warning("could not start the template of %s revision %d: %s", launch.api, launch.revision, exc)
+            self._lose()
+            return
+        finally:
+            child.close()
+        self.pid = proc.pid
+        try:
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        finally:
+            self._lose()
+            if self._on_exit is not None:
+                self._on_exit()
+        if code != 0 and not self.failed:
+            log.warning(
+                "the template of %s revision %d (pid %d) exited with %d", launch.api, launch.revision, proc.pid, code
+            )
+
+    # --- messages from the template ----------------------------------------------------------
+
+    def _readable(self) -> None:
+        while not self._lost:
+            try:
+                data = self._sock.recv(TEMPLATE_MESSAGE_MAX_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lose()
+                return
+            try:
+                message = decode_template_message(data)
+            except Exception as exc:
+                log.error("a bad message from the template of %s: %s", self.launch.api, exc)
+                continue
+            self._handle(message)
+
+    def _handle(self, message: TemplateMessage) -> None:
+        launch = self.launch
+        if isinstance(message, TemplateReady):
+            log.info(
+                "template of %s revision %d ready (pid %d, imported in %.2fs)",
+                launch.api,
+                launch.revision,
+                message.pid,
+                message.import_s,
+            )
+            _resolve(self.ready, True)
+        elif isinstance(message, TemplateFailed):
+            self.failed = True
+            log.warning(
+                "replicas of %s revision %d cannot be forked from a template (%s: %s); they start as fresh processes",
+                launch.api,
+                launch.revision,
+                launch.predictor_path,
+                message.error,
+            )
+            _resolve(self.ready, False)
+        elif isinstance(message, Forked):
+            self._exits[message.pid] = asyncio.get_running_loop().create_future()
+            waiter = self._forks.get(message.replica_id)
+            if waiter is None or waiter.done():  # the start gave up waiting: nobody tracks this one
+                log.warning("killing replica %s (pid %d): forked too late", message.replica_id, message.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(message.pid, signal.SIGKILL)
+            else:
+                waiter.set_result(message.pid)
+        elif isinstance(message, ForkFailed):
+            waiter = self._forks.get(message.replica_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(TemplateUnavailable(message.error))
+        elif isinstance(message, ChildExited):
+            exited = self._exits.get(message.pid)  # `exit_of` drops it once claimed and resolved
+            if exited is not None:
+                _resolve(exited, message.code)
+
+    def _lose(self) -> None:
+        """The template is gone (or its socket is): fail what waits on it, watch its orphans."""
+        if self._lost:
+            return
+        self._lost = True
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+        _resolve(self.ready, False)
+        for waiter in self._forks.values():
+            if not waiter.done():
+                waiter.set_exception(TemplateUnavailable("the template exited"))
+        for pid, exited in self._exits.items():
+            _watch_orphan(pid, exited)  # they exit on their own once they see their parent gone
+
+    # --- requests to the template ----------------------------------------------------------
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(self.ready), timeout_s)
+        except TimeoutError:
+            raise TemplateUnavailable(f"its template is not ready after {timeout_s:g}s") from None
+        if not ok:
+            why = "its template failed (see its log)" if self.failed else "its template is not running"
+            raise TemplateUnavailable(why)
+        if self.retired or self._lost:
+            raise TemplateUnavailable("its template is retired or gone")
+
+    def send_fork(self, launch: ReplicaLaunch, env: dict[str, str], fds: list[int]) -> asyncio.Future[int]:
+        """Send a fork request with its descriptors (the caller closes its own copies afterwards)."""
+        if self._lost:
+            raise TemplateUnavailable("its template is gone")
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            data = encode_template_message(ForkRequest(launch=launch, env=env))
+            socket.send_fds(self._sock, [data], fds)
+        except (OSError, ValueError) as exc:
+            raise TemplateUnavailable(f"the fork request could not be sent: {exc}") from None
+        self._forks[launch.replica_id] = waiter
+        return waiter
+
+    async def wait_forked(self, replica_id: str, waiter: asyncio.Future[int], timeout_s: float) -> int:
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            raise TemplateUnavailable(f"its template did not fork it within {timeout_s:g}s") from None
+        finally:
+            self._forks.pop(replica_id, None)
+
+    def exit_of(self, pid: int) -> asyncio.Future[int | None]:
+        """The exit code of a replica this template forked (it may have exited already)."""
+        exited = self._exits.get(pid)
+        if exited is None:  # cannot happen: Forked registers it before the start resumes
+            exited = asyncio.get_running_loop().create_future()
+            exited.set_result(None)
+        exited.add_done_callback(lambda _: self._exits.pop(pid, None))
+        return exited
+
+    def retire(self, on_exit: Callable[[], None]) -> None:
+        """Fork no more; the template exits once its replicas have (`on_exit` runs then)."""
+        self.retired = True
+        if self._process.done():
+            on_exit()
+            return
+        self._on_exit = on_exit
+        if not self._lost:
+            with contextlib.suppress(OSError, ValueError):
+                self._sock.send(encode_template_message(Retire()))
+
+    async def close(self, grace_s: float) -> None:
+        """Close the control socket (the template exits on it) and wait; kill it after `grace_s`."""
+        importing = not self.ready.done()
+        self._lose()
+        if importing and self.pid is not None:  # it would notice the closed socket only after the import
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._process), grace_s)
+        except TimeoutError:
+            if self.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            await self._process
+
+
+def _resolve(future: asyncio.Future[bool] | asyncio.Future[int | None], value: object) -> None:
+    if not future.done():
+        future.set_result(value)  # type: ignore[arg-type]
+
+
+def _watch_orphan(pid: int, exited: asyncio.Future[int | None]) -> None:
+    """Resolve `exited` (with None: its status went to whoever adopted it) when `pid` ends."""
+    if exited.done():
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        exited.set_result(None)
+        return
+
+    def gone() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        _resolve(exited, None)
+
+    loop.add_reader(pidfd, gone)
 
 
 async def _read_report(fd: int) -> ReplicaReady | ReplicaFailed | None:

