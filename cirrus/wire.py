@@ -45,9 +45,38 @@ class InferResponse(msgspec.Struct, tag="res", frozen=True):
     body: bytes
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = []
+    stream: bool = False  # True: `body` is empty and `StreamChunk` frames follow
+    # Measured in the replica for the gateway's per-API metrics (batch_size 0: predict did not run).
+    slot_wait_s: float = 0.0  # ready for predict -> its slot (or batch) started
+    predict_s: float = 0.0  # the predict (or predict_batch) call that answered this request
+    batch_size: int = 0  # requests in that call (1 without batching)
 
 
-Frame = Hello | InferRequest | InferResponse
+class StreamChunk(msgspec.Struct, tag="chunk", frozen=True):
+    """One piece of a streamed response (replica -> gateway); `last` ends the stream."""
+
+    id: int
+    data: bytes
+    last: bool = False
+    error: str | None = None  # the generator raised: the stream ends here, cut short
+
+
+class StreamCredit(msgspec.Struct, tag="credit", frozen=True):
+    """The gateway delivered `chunks` more chunks to its client: the replica may send as many more."""
+
+    id: int
+    chunks: int = 1
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+    """The client went away: stop the request (close its generator, free its slot)."""
+
+    id: int
+
+
+STREAM_WINDOW = 8  # chunks a replica may send ahead of the client (backpressure)
+
+Frame = Hello | InferRequest | InferResponse | StreamChunk | StreamCredit | Cancel
 
 
 class ReplicaReady(msgspec.Struct, tag="ready", frozen=True):
@@ -109,6 +138,15 @@ def decode_startup(line: bytes) -> StartupReport:
     return _startup_decoder.decode(line)
 
 
+class BatchConfig(msgspec.Struct, frozen=True):
+    """Server-side batching of one replica (the spec's `batching`)."""
+
+    max_batch_size: int
+    max_wait_s: float
+    mode: str  # "adaptive" | "fixed"
+    max_queue: int  # requests waiting for a batch at most (the API's max_concurrency)
+
+
 class ReplicaLaunch(msgspec.Struct, frozen=True):
     """Everything a replica process needs to start, passed by the runtime as JSON."""
 
@@ -122,6 +160,7 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     inference_slots: int
     listen: str = "tcp:127.0.0.1:0"
     version: int = WIRE_VERSION
+    batching: BatchConfig | None = None  # None: every request gets its own predict call
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

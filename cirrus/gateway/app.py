@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from cirrus.gateway.docs import docs_page
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot
 from cirrus.gateway.transport import ReplicaGone
 from cirrus.predictor import encode_json
+from cirrus.wire import InferResponse
 
 log = logging.getLogger("cirrus.gateway")
 
@@ -231,7 +233,7 @@ class Gateway:
             return
         metrics.in_flight += 1
         try:
-            await self._forward(route, scope, send, body, content_type, forwarded, request_id, started)
+            await self._forward(route, scope, receive, send, body, content_type, forwarded, request_id, started)
         finally:
             metrics.in_flight -= 1
 
@@ -239,6 +241,7 @@ class Gateway:
         self,
         route: ApiRoute,
         scope: Scope,
+        receive: Receive,
         send: Send,
         body: bytes,
         content_type: str,
@@ -286,8 +289,9 @@ class Gateway:
                 await self._reply_error(send, route, started, 404, str(exc), request_id)
                 return
         remaining = max(0.001, timeout_s - (time.perf_counter() - started))
+        streaming = False
         try:
-            future = slot.conn.call(
+            request_no, future = slot.conn.call(
                 request_id=request_id,
                 body=body,
                 content_type=content_type,
@@ -299,8 +303,9 @@ class Gateway:
                 async with _deadline(remaining + REPLY_GRACE_S):
                     response = await future
             except BaseException:
-                slot.conn.forget(future)
+                slot.conn.forget(request_no)
                 raise
+            streaming = response.stream
         except ReplicaGone as exc:
             slot.errors += 1
             log.warning("request %s to %s failed: %s", request_id, slot.replica_id, exc)
@@ -310,7 +315,14 @@ class Gateway:
             await self._reply_error(send, route, started, 504, f"no answer within {timeout_s:g}s", request_id)
             return
         finally:
-            route.release(slot)
+            if not streaming:
+                route.release(slot)
+        if streaming:
+            try:
+                await self._stream(route, slot, request_no, response, receive, send, forwarded, request_id, started)
+            finally:
+                route.release(slot)
+            return
         slot.completed += 1
         status = response.status
         headers = [
@@ -325,6 +337,75 @@ class Gateway:
         route.metrics.observe(status, time.perf_counter() - started, time.time())
         if status >= 500:
             log.warning("request %s to %s/%s answered %d", request_id, route.name, slot.replica_id, status)
+
+    async def _stream(
+        self,
+        route: ApiRoute,
+        slot: ReplicaSlot,
+        request_no: int,
+        head: InferResponse,
+        receive: Receive,
+        send: Send,
+        forwarded: list[tuple[str, str]],
+        request_id: str,
+        started: float,
+    ) -> None:
+        """Relay a streamed response chunk by chunk (chunked encoding, or SSE when the client asks
+        for `text/event-stream`), granting the replica one credit per chunk delivered; a client
+        that goes away cancels the stream in the replica."""
+        conn = slot.conn
+        sse = any(k == "accept" and "text/event-stream" in v for k, v in forwarded)
+        content_type = "text/event-stream; charset=utf-8" if sse else head.content_type
+        headers = [(b"content-type", content_type.encode("latin-1")), (b"x-request-id", request_id.encode())]
+        if sse:
+            headers.append((b"cache-control", b"no-cache"))
+        headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in head.headers)
+        await send({"type": "http.response.start", "status": head.status, "headers": headers})
+        queue = conn.stream(request_no)
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        completed = False
+        try:
+            while True:
+                next_chunk = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({next_chunk, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+                if next_chunk not in done:
+                    next_chunk.cancel()
+                    log.info("request %s: the client went away mid-stream", request_id)
+                    return
+                chunk = next_chunk.result()
+                if chunk.data:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": _sse(chunk.data) if sse else chunk.data,
+                            "more_body": True,
+                        }
+                    )
+                if chunk.last:
+                    if chunk.error:
+                        log.warning(
+                            "request %s: stream from %s ended early: %s", request_id, slot.replica_id, chunk.error
+                        )
+                        if sse:
+                            await send(
+                                {
+                                    "type": "http.response.body",
+                                    "more_body": True,
+                                    "body": b"event: error\n" + _sse(chunk.error.encode()),
+                                }
+                            )
+                    await send({"type": "http.response.body", "body": b""})
+                    completed = chunk.error is None
+                    return
+                conn.credit(request_no)
+        finally:
+            disconnect.cancel()
+            if completed:
+                conn.end_stream(request_no)
+                slot.completed += 1
+            else:
+                conn.forget(request_no)  # tells the replica to stop generating
+            route.metrics.observe(head.status if completed else 499, time.perf_counter() - started, time.time())
 
     async def _reply_error(
         self,
@@ -342,6 +423,17 @@ class Gateway:
             log.warning("request %s to %s answered %d: %s", request_id, route.name, status, message)
 
 
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(data: bytes) -> bytes:
+    """One server-sent event carrying `data` (a trailing newline is dropped; lines become data: lines)."""
+    lines = data.decode("utf-8", "replace").removesuffix("\n").split("\n")
+    return "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
+
+
 def _request_id(scope: Scope) -> str:
     for key, value in scope["headers"]:
         if key == b"x-request-id":
@@ -352,6 +444,4 @@ def _request_id(scope: Scope) -> str:
 
 
 def _deadline(seconds: float) -> Any:
-    import asyncio
-
     return asyncio.timeout(seconds)

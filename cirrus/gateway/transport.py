@@ -6,7 +6,17 @@ import asyncio
 import socket
 from typing import Any
 
-from cirrus.wire import WIRE_VERSION, FrameBuffer, Hello, InferRequest, InferResponse, encode_frame
+from cirrus.wire import (
+    WIRE_VERSION,
+    Cancel,
+    FrameBuffer,
+    Hello,
+    InferRequest,
+    InferResponse,
+    StreamChunk,
+    StreamCredit,
+    encode_frame,
+)
 
 
 class ReplicaGone(Exception):
@@ -17,6 +27,7 @@ class ReplicaConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self._buffer = FrameBuffer()
         self._pending: dict[int, asyncio.Future[InferResponse]] = {}
+        self._streams: dict[int, asyncio.Queue[StreamChunk]] = {}
         self._next_id = 0
         self._transport: asyncio.Transport | None = None
         self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
@@ -55,9 +66,15 @@ class ReplicaConnection(asyncio.Protocol):
             self.close()
             return
         for frame in frames:
-            if isinstance(frame, InferResponse):
+            if isinstance(frame, StreamChunk):
+                queue = self._streams.get(frame.id)
+                if queue is not None:
+                    queue.put_nowait(frame)  # at most STREAM_WINDOW queued: the replica waits for credit
+            elif isinstance(frame, InferResponse):
                 future = self._pending.pop(frame.id, None)
                 if future is not None and not future.done():
+                    if frame.stream:  # chunks may follow in this very read: have their queue ready
+                        self._streams[frame.id] = asyncio.Queue()
                     future.set_result(frame)
             elif isinstance(frame, Hello) and not self._hello.done():
                 self._hello.set_result(frame)
@@ -74,24 +91,43 @@ class ReplicaConnection(asyncio.Protocol):
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
+        streams, self._streams = self._streams, {}
+        for request_no, queue in streams.items():
+            queue.put_nowait(StreamChunk(id=request_no, data=b"", last=True, error=str(error)))
 
-    def call(self, **fields: Any) -> asyncio.Future[InferResponse]:
-        """Send one request; the future resolves with its response (or ReplicaGone)."""
+    def call(self, **fields: Any) -> tuple[int, asyncio.Future[InferResponse]]:
+        """Send one request: (its number on this connection, a future of its response or ReplicaGone).
+        A streamed response's chunks then come from `stream(number)`."""
         if self._transport is None:
             raise ReplicaGone("the replica connection is closed")
         self._next_id += 1
-        request_id = self._next_id
+        request_no = self._next_id
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        self._transport.write(encode_frame(InferRequest(id=request_id, **fields)))
-        return future
+        self._pending[request_no] = future
+        self._transport.write(encode_frame(InferRequest(id=request_no, **fields)))
+        return request_no, future
 
-    def forget(self, future: asyncio.Future[InferResponse]) -> None:
-        """Drop a request the gateway gave up on (timeout, client gone)."""
-        for key, value in list(self._pending.items()):
-            if value is future:
-                del self._pending[key]
-                break
+    def stream(self, request_no: int) -> asyncio.Queue[StreamChunk]:
+        """The chunks of a streamed response (the last one has `last`; a broken stream an `error`)."""
+        queue = self._streams.get(request_no)
+        if queue is None:
+            raise ReplicaGone("the stream is gone")
+        return queue
+
+    def end_stream(self, request_no: int) -> None:
+        """The gateway delivered the whole stream."""
+        self._streams.pop(request_no, None)
+
+    def credit(self, request_no: int, chunks: int = 1) -> None:
+        if self._transport is not None:
+            self._transport.write(encode_frame(StreamCredit(id=request_no, chunks=chunks)))
+
+    def forget(self, request_no: int) -> None:
+        """Drop a request the gateway gave up on (timeout, client gone) and tell the replica to stop it."""
+        self._pending.pop(request_no, None)
+        self._streams.pop(request_no, None)
+        if self._transport is not None:
+            self._transport.write(encode_frame(Cancel(id=request_no)))
 
     def close(self) -> None:
         if self._transport is not None:

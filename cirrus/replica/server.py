@@ -8,9 +8,11 @@ after the reply frame has been written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,7 +25,17 @@ from cirrus.predictor import (
     encode_json,
     encode_result,
 )
-from cirrus.wire import WIRE_VERSION, FrameBuffer, Hello, InferRequest, InferResponse, encode_frame
+from cirrus.replica.streaming import StreamSource, StreamState, is_stream_function, is_stream_object, pump
+from cirrus.wire import (
+    WIRE_VERSION,
+    Cancel,
+    FrameBuffer,
+    Hello,
+    InferRequest,
+    InferResponse,
+    StreamCredit,
+    encode_frame,
+)
 
 log = logging.getLogger("cirrus.replica")
 
@@ -68,6 +80,16 @@ class Slots:
         async with self._free:
             return await fn(**kwargs)
 
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Hold one slot for a while (a stream's whole generation)."""
+        async with self._free:
+            yield
+
+    def in_thread(self, fn: Any) -> asyncio.Future[Any]:
+        """Run `fn` on a slot thread; the caller holds the slot (see `held`)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
     def all_stuck_for(self, now: float) -> float:
         """Seconds during which every slot has been held by an abandoned (timed-out) sync call."""
         if len(self._overdue) < self.size:
@@ -86,8 +108,8 @@ class RequestHandler:
         self.slots = Slots(inference_slots)
         self.background: set[asyncio.Task[None]] = set()
 
-    async def handle(self, req: InferRequest) -> tuple[InferResponse, Call | None, Any]:
-        """The reply, and (call, result) for `post_predict` when the request succeeded."""
+    async def handle(self, req: InferRequest) -> tuple[InferResponse | StreamSource, Call | None, Any]:
+        """The reply (or a stream to pump), and (call, result) for `post_predict` when it succeeded."""
         try:
             call = Call(
                 payload=decode_payload(req.body, req.content_type),
@@ -100,6 +122,8 @@ class RequestHandler:
         try:
             async with asyncio.timeout(req.timeout_s):
                 result = await self._run(call)
+            if isinstance(result, StreamSource):
+                return result, call, None
             status, content_type, body, headers = encode_result(result)
         except HTTPError as exc:
             return _error(req, exc.status, exc.message), None, None
@@ -128,10 +152,14 @@ class RequestHandler:
         if predict.payload_model is not None:
             call.payload = _validate(predict.payload_model, call.payload)
         kwargs = predict.kwargs(call)
+        if is_stream_function(predict.fn):
+            return StreamSource(fn=predict.fn, kwargs=kwargs)  # runs holding a slot, item by item
         if predict.is_async:
             result = await self.slots.run_async(predict.fn, kwargs)
         else:
             result = await self.slots.run_sync(predict.fn, kwargs)
+        if is_stream_object(result):
+            return StreamSource(generator=result)
         if predict.return_model is not None and not isinstance(result, predict.return_model):
             result = predict.return_model.model_validate(result)
         return result
@@ -187,6 +215,8 @@ class ReplicaProtocol(asyncio.Protocol):
         self.buffer = FrameBuffer()
         self.transport: asyncio.Transport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.by_id: dict[int, asyncio.Task[None]] = {}
+        self.streams: dict[int, StreamState] = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -210,11 +240,45 @@ class ReplicaProtocol(asyncio.Protocol):
             if isinstance(frame, InferRequest):
                 task = loop.create_task(self._serve(frame))
                 self.tasks.add(task)
+                self.by_id[frame.id] = task
                 task.add_done_callback(self.tasks.discard)
+            elif isinstance(frame, StreamCredit):
+                stream = self.streams.get(frame.id)
+                if stream is not None:
+                    stream.grant(frame.chunks)
+            elif isinstance(frame, Cancel):
+                stream = self.streams.get(frame.id)
+                if stream is not None:
+                    stream.cancel()
+                running = self.by_id.get(frame.id)
+                if running is not None:
+                    running.cancel()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     async def _serve(self, req: InferRequest) -> None:
-        response, call, result = await self.handler.handle(req)
-        if self.transport is not None:
-            self.transport.write(encode_frame(response))
-        if call is not None:
-            self.handler.after_reply(call, result)
+        try:
+            reply, call, result = await self.handler.handle(req)
+            if isinstance(reply, StreamSource):
+                await self._stream(req, reply, call)
+                return
+            self._write(encode_frame(reply))
+            if call is not None:
+                self.handler.after_reply(call, result)
+        except asyncio.CancelledError:
+            log.info("request %s cancelled: the client went away", req.request_id)
+        finally:
+            self.by_id.pop(req.id, None)
+
+    async def _stream(self, req: InferRequest, source: StreamSource, call: Call | None) -> None:
+        state = StreamState()
+        self.streams[req.id] = state
+        slots = self.handler.slots
+        try:
+            done = await pump(req, source, state, self._write, slots.held, slots.in_thread, _error)
+        finally:
+            del self.streams[req.id]
+        if done and call is not None:
+            self.handler.after_reply(call, None)
