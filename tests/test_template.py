@@ -124,9 +124,8 @@ class World:
         connection = await ReplicaConnection.open(self.events.ready[replica_id].address)
         try:
             body = msgspec.json.encode(payload)
-            response = await asyncio.wait_for(
-                connection.call(request_id=f"req-{replica_id}", body=body, content_type="application/json"), WAIT_S
-            )
+            _, reply = connection.call(request_id=f"req-{replica_id}", body=body, content_type="application/json")
+            response = await asyncio.wait_for(reply, WAIT_S)
         finally:
             connection.close()
         assert response.status == 200, response.body
