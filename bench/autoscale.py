@@ -60,6 +60,7 @@ import httpx
 
 from cirrus.client import Client
 from cirrus.settings import Settings
+from cirrus.spec import load_deployments
 from cirrus.types import ApiStatus, ReplicaState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,6 +401,16 @@ def run_reaction(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
             if count >= need:
                 reach[str(share)] = e.at
                 break
+
+    def ready_by(decision: Event) -> float | None:
+        """When the ready count (from daemon.log) first reached this decision's target."""
+        count = ready_at_step
+        for e in readies:
+            count += 1
+            if count >= decision.data["to"] and e.at >= decision.at:
+                return e.at
+        return None
+
     first_poll_up = next((p["at"] for p in polls if p["at"] > step and p["desired"] > ready_at_step), None)
     modes: dict[str, int] = {}
     for e in readies:
@@ -436,7 +447,7 @@ def run_reaction(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
         "desired_first_up": f"{ups[0].data['from']} -> {ups[0].data['to']}" if ups else None,
         "desired_first_up_polled_s": rel(first_poll_up, step),
         "scale_steps": [
-            {"t_s": rel(e.at, step), "from": e.data["from"], "to": e.data["to"]}
+            {"t_s": rel(e.at, step), "from": e.data["from"], "to": e.data["to"], "ready_s": rel(ready_by(e), step)}
             for e in events
             if e.kind == "scaled" and e.at < end
         ],
@@ -481,12 +492,13 @@ def one_cold_start(daemon: Daemon, api: ColdApi, attempt: int) -> dict[str, Any]
     daemon.wait("at zero", at_zero, api.name, 90)
     time.sleep(0.5)
     url = f"{daemon.gateway_url}/{api.name}"
-    sent = time.time()
-    begin = time.perf_counter()
-    with httpx.Client(timeout=120) as http:
-        response = http.post(url, json=api.payload)
-    took = time.perf_counter() - begin
-    received = time.time()
+    body = json.dumps(api.payload).encode()
+    with httpx.Client(timeout=120, headers={"content-type": "application/json"}) as http:  # built before the clock
+        sent = time.time()
+        begin = time.perf_counter()
+        response = http.post(url, content=body)  # a new connection, as a client's first request
+        took = time.perf_counter() - begin
+        received = time.time()
     if response.status_code != 200 or not api.check(response.json()):
         raise BenchError(f"{api.name}: unexpected answer {response.status_code}: {response.text[:200]}")
     status = daemon.client.get(api.name)
@@ -516,16 +528,15 @@ SPLIT_CODE = """
 import json, sys, time
 start = time.time()
 t0 = time.perf_counter()
-import cirrus.replica.__main__
+import cirrus.replica.__main__  # what `python -m cirrus.replica` imports before it loads the predictor
 from cirrus.predictor import import_predictor_file
-from cirrus.spec import load_deployments
 t1 = time.perf_counter()
-spec = load_deployments(sys.argv[1])[0].spec
-module = import_predictor_file(sys.argv[1], spec.predictor.path)
+project, path, class_name, config, payload = sys.argv[1:6]
+module = import_predictor_file(project, path)
 t2 = time.perf_counter()
-predictor = getattr(module, spec.predictor.class_name)(config=dict(spec.predictor.config))
+predictor = getattr(module, class_name)(config=json.loads(config))
 t3 = time.perf_counter()
-predictor.predict(json.loads(sys.argv[2]))
+predictor.predict(json.loads(payload))
 t4 = time.perf_counter()
 split = {"cirrus_imports_s": t1 - t0, "module_import_s": t2 - t1, "init_s": t3 - t2, "first_predict_s": t4 - t3}
 print(json.dumps({**split, "start": start, "end": time.time()}))
@@ -536,13 +547,10 @@ def fresh_split(api: ColdApi, tag: str) -> dict[str, Any] | None:
     """In a fresh interpreter: interpreter start, Cirrus's replica imports, the predictor module's import
     (what a template saves), `__init__` and the first predict, each timed on its own."""
     project = PROJECTS / api.project
-    spec_env = {}
-    with contextlib.suppress(Exception):
-        from cirrus.spec import load_deployments
-
-        spec_env = dict(load_deployments(project)[0].spec.predictor.env)
-    env = {**os.environ, **spec_env, TAG_ENV: tag}
-    cmd = [sys.executable, "-c", SPLIT_CODE, str(project), json.dumps(api.payload)]
+    predictor = load_deployments(project)[0].spec.predictor
+    env = {**os.environ, **predictor.env, TAG_ENV: tag}
+    args = [str(project), predictor.path, predictor.class_name, json.dumps(predictor.config), json.dumps(api.payload)]
+    cmd = [sys.executable, "-c", SPLIT_CODE, *args]
     begin = time.time()
     done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
     finish = time.time()
@@ -593,7 +601,7 @@ def fmt(v: Any, unit: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.2f}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
+        return f"{v:.3f}{unit}" if abs(v) < 1 else f"{v:.2f}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
     return f"{v}{unit}"
 
 
@@ -616,8 +624,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"(target < {TARGET_CAPACITY_S:g} s: {'met' if met else 'MISSED'}) |",
             f"| step -> ready >= 50 % of final | {fmt(r['ready_50pct_s'], ' s')} |",
             f"| step -> ready = final | {fmt(r['ready_100pct_s'], ' s')} |",
-            "| scale decisions (s after step: from -> to) | "
-            + ", ".join(f"{s['t_s']:+.1f}: {s['from']}->{s['to']}" for s in r["scale_steps"])
+            "| scale decisions: s after step, from -> to (all ready at s) | "
+            + ", ".join(f"{s['t_s']:+.2f}: {s['from']}->{s['to']} ({fmt(s['ready_s'])})" for s in r["scale_steps"])
             + " |",
             f"| added replicas started | {modes}; load (predictor import + init) median "
             f"{fmt(statistics.median(r['replica_load_s']) if r['replica_load_s'] else None, ' s')} |",

@@ -378,6 +378,14 @@ def _api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
     ]
     if s.autoscaler:
         rows.append(("autoscaler", s.autoscaler))
+    if s.batch_size_mean is not None:
+        rows.append(
+            (
+                "inference",
+                f"batch size {s.batch_size_mean:.3g} mean, slot wait p50 {_ms(s.slot_wait_p50_ms)} ms, "
+                f"predict p50 {_ms(s.predict_p50_ms)} ms",
+            )
+        )
     if s.cold_starts:
         rows.append(("cold starts", f"{s.cold_starts}, the last took {s.last_cold_start_s:.2f} s"))
     if s.message:

@@ -63,6 +63,10 @@ class Call:
     query_params: dict[str, str]
     headers: dict[str, str]
     request_id: str
+    # What the replica measured around predict, reported to the gateway with the reply.
+    slot_wait_s: float = 0.0  # ready for predict -> predict (or its batch) started on a slot
+    predict_s: float = 0.0  # the predict (or predict_batch) call
+    batch_size: int = 0  # requests answered by that call (0: predict did not run)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class LoadedPredictor:
     predict: Method
     pre_predict: Method | None = None
     post_predict: Method | None = None
+    predict_batch: Method | None = None  # `predict_batch(payloads)`, used when the API has `batching`
     schemas: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,8 +200,11 @@ def _method(instance: Any, name: str, allowed: tuple[str, ...]) -> Method | None
     )
 
 
-def load_predictor(project_dir: str, path: str, class_name: str, config: dict[str, Any]) -> LoadedPredictor:
-    """Import the user's file, construct the class once, and inspect its methods."""
+def load_predictor(
+    project_dir: str, path: str, class_name: str, config: dict[str, Any], batching: bool = False
+) -> LoadedPredictor:
+    """Import the user's file, construct the class once, and inspect its methods. With `batching`
+    the class must also define `predict_batch(self, payloads: list) -> list`."""
     project = Path(project_dir)
     file = project / path
     if not file.is_file():
@@ -205,6 +213,12 @@ def load_predictor(project_dir: str, path: str, class_name: str, config: dict[st
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise PredictorLoadError(f"{file} defines no class named {class_name!r}")
+    if batching and getattr(cls, "predict_batch", None) is None:  # before the (maybe slow) construction
+        raise PredictorLoadError(
+            f"the API has `batching` but {class_name} has no predict_batch method: define "
+            "`def predict_batch(self, payloads: list) -> list` (one result per payload, in order), "
+            "or remove `batching` from the spec"
+        )
     init_params = inspect.signature(cls).parameters
     instance = cls(config=config) if "config" in init_params else cls()
     predict = _method(instance, "predict", INJECTABLE)
@@ -215,7 +229,10 @@ def load_predictor(project_dir: str, path: str, class_name: str, config: dict[st
         predict=predict,
         pre_predict=_method(instance, "pre_predict", INJECTABLE),
         post_predict=_method(instance, "post_predict", (*INJECTABLE, "response")),
+        predict_batch=_method(instance, "predict_batch", ("payloads",)) if batching else None,
     )
+    if loaded.predict_batch is not None and "payloads" not in loaded.predict_batch.wants:
+        raise PredictorLoadError(f"{class_name}.predict_batch() must take the list of payloads as `payloads`")
     return loaded
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,6 +139,20 @@ class ConcurrencySpec(_Strict):
         return self
 
 
+class BatchingSpec(_Strict):
+    """Server-side batching: requests gather while the inference slot is busy and the predictor's
+    `predict_batch(payloads)` answers them together. `adaptive` (the default) never holds a request
+    on an idle replica: a freed slot takes everything waiting, and waits (at most `max_wait_ms`)
+    only right after a larger batch, when more requests are on their way. `fixed` waits up to
+    `max_wait_ms` for a full batch."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="requests in one predict_batch call at most")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="longest a request waits for a batch to fill")
+    mode: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive: no wait on an idle replica; fixed: always wait up to max_wait_ms"
+    )
+
+
 class AutoscalingSpec(_Strict):
     """Request-based autoscaling. Defaults react faster than Cortex's (window 60 s, upscale
     stabilization 60 s, downscale 300 s, factors 1.5/0.75): a spike is met by panic mode within
@@ -197,6 +211,9 @@ class ApiSpec(_Strict):
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
     concurrency: ConcurrencySpec = Field(default_factory=lambda: ConcurrencySpec())
     autoscaling: AutoscalingSpec = Field(default_factory=lambda: AutoscalingSpec())
+    batching: BatchingSpec | None = Field(
+        None, description="server-side batching (the predictor needs predict_batch); off when absent"
+    )
 
     @property
     def target_concurrency(self) -> float:
@@ -255,6 +272,8 @@ def _allowed_fields(loc: list[Any]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
+        # `X | None` (an optional section such as `batching`): the model inside
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

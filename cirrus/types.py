@@ -62,6 +62,9 @@ class ApiStatus(_Record):
     message: str | None = None
     autoscaler: str | None = None  # the autoscaler's last reasoning
     cold_starts: int = 0
+    batch_size_mean: float | None = None  # requests per predict call, last minute
+    slot_wait_p50_ms: float | None = None  # time waiting for an inference slot (or a batch), last minute
+    predict_p50_ms: float | None = None  # time in predict (or predict_batch), last minute
     last_cold_start_s: float | None = None  # first queued request -> first replica serving, from zero
     replicas: list[ReplicaStatus] = Field(default_factory=list)
 

@@ -12,7 +12,7 @@ A replica also reports its start-up result once, as JSON on a pipe the runtime g
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -143,7 +143,7 @@ class BatchConfig(msgspec.Struct, frozen=True):
 
     max_batch_size: int
     max_wait_s: float
-    mode: str  # "adaptive" | "fixed"
+    mode: Literal["adaptive", "fixed"]
     max_queue: int  # requests waiting for a batch at most (the API's max_concurrency)
 
 

@@ -25,7 +25,7 @@ from cirrus.control.store import Store, StoredApi
 from cirrus.runtimes.base import ReplicaExit, Runtime
 from cirrus.spec import ConcurrencySpec, Deployment
 from cirrus.types import ApiStatus, DeployResult, ReplicaState
-from cirrus.wire import ReplicaLaunch, ReplicaReady
+from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady
 
 log = logging.getLogger("cirrus.controller")
 
@@ -66,6 +66,10 @@ class GatewayControl(Protocol):
 
     def cold_starts(self, name: str) -> tuple[int, float | None]:
         """(count, seconds of the last one) of starts from zero replicas."""
+        ...
+
+    def inference_metrics(self, name: str, now: float) -> tuple[float | None, float | None, float | None]:
+        """(mean batch size, p50 slot wait s, p50 predict s) over the last minute, as replicas measured them."""
         ...
 
 
@@ -387,6 +391,14 @@ class Controller:
             class_name=spec.predictor.class_name,
             config=dict(spec.predictor.config),
             inference_slots=spec.concurrency.inference_slots,
+            batching=None
+            if spec.batching is None
+            else BatchConfig(
+                max_batch_size=spec.batching.max_batch_size,
+                max_wait_s=spec.batching.max_wait_ms / 1000,
+                mode=spec.batching.mode,
+                max_queue=spec.concurrency.max_concurrency,
+            ),
         )
         return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 

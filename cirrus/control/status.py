@@ -53,6 +53,7 @@ def api_status(state: ApiState, gateway: GatewayControl, endpoint: str) -> ApiSt
         message = f"{len(pending)} replica(s) pending: {pending[0].reason or 'waiting to be placed'}"
     requests, p50, p99, in_flight, queued, replica_load = gateway.api_metrics(state.name, time.time())
     cold_starts, last_cold_start = gateway.cold_starts(state.name)
+    batch_mean, slot_wait, predict = gateway.inference_metrics(state.name, time.time())
     return ApiStatus(
         name=state.name,
         kind=state.stored.deployment.spec.kind,
@@ -71,6 +72,9 @@ def api_status(state: ApiState, gateway: GatewayControl, endpoint: str) -> ApiSt
         autoscaler=state.scaler.reason,
         cold_starts=cold_starts,
         last_cold_start_s=None if last_cold_start is None else round(last_cold_start, 3),
+        batch_size_mean=None if batch_mean is None else round(batch_mean, 2),
+        slot_wait_p50_ms=None if slot_wait is None else round(slot_wait * 1000, 3),
+        predict_p50_ms=None if predict is None else round(predict * 1000, 3),
         replicas=[
             ReplicaStatus(
                 id=r.id,

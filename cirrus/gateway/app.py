@@ -335,6 +335,7 @@ class Gateway:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
         route.metrics.observe(status, time.perf_counter() - started, time.time())
+        route.metrics.observe_replica(response, time.time())  # slot wait, predict time, batch size
         if status >= 500:
             log.warning("request %s to %s/%s answered %d", request_id, route.name, slot.replica_id, status)
 

@@ -73,6 +73,10 @@ class GatewayController:
         route = self.gateway.routes.get(name)
         return (0, None) if route is None else (route.cold_starts, route.last_cold_start_s)
 
+    def inference_metrics(self, name: str, now: float) -> tuple[float | None, float | None, float | None]:
+        route = self.gateway.routes.get(name)
+        return (None, None, None) if route is None else route.metrics.replica_last_minute(now)
+
     def api_metrics(self, name: str, now: float) -> tuple[int, float | None, float | None, int, int, dict[str, int]]:
         route = self.gateway.routes.get(name)
         if route is None:

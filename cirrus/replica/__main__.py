@@ -60,14 +60,20 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
     parent = os.getppid()
     started = time.perf_counter()
     try:
-        predictor = load_predictor(launch.project_dir, launch.predictor_path, launch.class_name, launch.config)
+        predictor = load_predictor(
+            launch.project_dir,
+            launch.predictor_path,
+            launch.class_name,
+            launch.config,
+            batching=launch.batching is not None,
+        )
         openapi = openapi_document(launch.api, predictor)
     except BaseException as exc:
         log.error("the predictor failed to load:\n%s", traceback.format_exc())
         _report(status_fd, ReplicaFailed(error=f"{type(exc).__name__}: {exc}"))
         return 1
     load_s = time.perf_counter() - started
-    handler = RequestHandler(predictor, launch.inference_slots)
+    handler = RequestHandler(predictor, launch.inference_slots, launch.batching)
     connections: set[ReplicaProtocol] = set()
     server, address = await _listen(launch, handler, connections)
     log.info("replica %s of %s ready at %s (loaded in %.2fs)", launch.replica_id, launch.api, address, load_s)

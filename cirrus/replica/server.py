@@ -25,9 +25,11 @@ from cirrus.predictor import (
     encode_json,
     encode_result,
 )
+from cirrus.replica.batcher import Batcher, BatchPolicy, timed_async, timed_sync
 from cirrus.replica.streaming import StreamSource, StreamState, is_stream_function, is_stream_object, pump
 from cirrus.wire import (
     WIRE_VERSION,
+    BatchConfig,
     Cancel,
     FrameBuffer,
     Hello,
@@ -103,10 +105,14 @@ class Slots:
 class RequestHandler:
     """Turns one `InferRequest` into one `InferResponse` using the loaded predictor."""
 
-    def __init__(self, predictor: LoadedPredictor, inference_slots: int) -> None:
+    def __init__(self, predictor: LoadedPredictor, inference_slots: int, batching: BatchConfig | None = None) -> None:
         self.predictor = predictor
         self.slots = Slots(inference_slots)
         self.background: set[asyncio.Task[None]] = set()
+        self.batcher: Batcher | None = None  # with `batching`, predict_batch answers requests in groups
+        if batching is not None and predictor.predict_batch is not None:
+            policy = BatchPolicy(batching.max_batch_size, batching.max_wait_s, batching.mode)
+            self.batcher = Batcher(policy, predictor.predict_batch, self.slots, batching.max_queue)
 
     async def handle(self, req: InferRequest) -> tuple[InferResponse | StreamSource, Call | None, Any]:
         """The reply (or a stream to pump), and (call, result) for `post_predict` when it succeeded."""
@@ -136,7 +142,16 @@ class RequestHandler:
             log.exception("request %s: the predictor raised", req.request_id)
             return _error(req, 500, f"the predictor raised {type(exc).__name__}: {exc}"), None, None
         return (
-            InferResponse(id=req.id, status=status, body=body, content_type=content_type, headers=headers),
+            InferResponse(
+                id=req.id,
+                status=status,
+                body=body,
+                content_type=content_type,
+                headers=headers,
+                slot_wait_s=call.slot_wait_s,
+                predict_s=call.predict_s,
+                batch_size=call.batch_size,
+            ),
             call,
             result,
         )
@@ -151,13 +166,18 @@ class RequestHandler:
         predict = predictor.predict
         if predict.payload_model is not None:
             call.payload = _validate(predict.payload_model, call.payload)
+        if self.batcher is not None:  # server-side batching: answered by predict_batch with other payloads
+            result = await self.batcher.submit(call)
+            if predict.return_model is not None and not isinstance(result, predict.return_model):
+                result = predict.return_model.model_validate(result)
+            return result
         kwargs = predict.kwargs(call)
         if is_stream_function(predict.fn):
             return StreamSource(fn=predict.fn, kwargs=kwargs)  # runs holding a slot, item by item
         if predict.is_async:
-            result = await self.slots.run_async(predict.fn, kwargs)
+            result = await self.slots.run_async(timed_async(predict.fn, call, time.monotonic), kwargs)
         else:
-            result = await self.slots.run_sync(predict.fn, kwargs)
+            result = await self.slots.run_sync(timed_sync(predict.fn, call, time.monotonic), kwargs)
         if is_stream_object(result):
             return StreamSource(generator=result)
         if predict.return_model is not None and not isinstance(result, predict.return_model):

@@ -163,6 +163,9 @@ class FakeGateway:
     in_flight: dict[str, int] = field(default_factory=dict)  # replica id -> load reported by api_metrics
     demand: dict[str, float] = field(default_factory=dict)  # API -> in flight + queued, as `load` reports it
     cold: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # API -> (count, last seconds)
+    inference: dict[str, tuple[float | None, float | None, float | None]] = field(
+        default_factory=dict
+    )  # API -> (mean batch size, p50 slot wait s, p50 predict s)
     add_error: Exception | None = None
 
     def set_api(self, name: str, concurrency: ConcurrencySpec) -> None:
@@ -200,6 +203,9 @@ class FakeGateway:
 
     def cold_starts(self, name: str) -> tuple[int, float | None]:
         return self.cold.get(name, (0, None))
+
+    def inference_metrics(self, name: str, now: float) -> tuple[float | None, float | None, float | None]:
+        return self.inference.get(name, (None, None, None))
 
 
 if TYPE_CHECKING:  # mypy checks that the fakes satisfy the protocols they stand in for
