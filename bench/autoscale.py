@@ -26,7 +26,7 @@ environment; on the way out (also on Ctrl-C / SIGTERM) the daemon is asked to st
 marked process left is sent SIGTERM, then SIGKILL. The daemon's and replicas' logs are copied to
 ``--logdir``.
 
-    python bench/autoscale.py                          # both parts (~2 minutes)
+    python bench/autoscale.py                          # both parts (~1 minute)
     python bench/autoscale.py --no-fork --json /tmp/autoscale-nofork.json
     python bench/autoscale.py --only cold --tries 5
 """
