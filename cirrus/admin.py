@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cirrus.control.controller import Controller
 from cirrus.logs import follow_logs, log_files, tail_lines
 from cirrus.spec import Deployment, SpecError, check_predictor_path
+from cirrus.store.view import describe
 from cirrus.types import DaemonInfo
 
 _deployments = TypeAdapter(list[Deployment])
@@ -108,6 +109,20 @@ def build_admin_app(
         text = "\n".join(out[-lines:]) + ("\n" if out and lines else "")
         return Response(text, media_type="text/plain; charset=utf-8")
 
+    async def dead_letters(request: Request) -> Response:
+        name = request.path_params["name"]
+        if controller.status(name) is None:
+            return error(404, f"no API named {name!r}")
+        store = controller.queue_store
+        if store is None:
+            return JSONResponse({"dead_letters": []})
+        try:
+            limit = max(1, min(int(request.query_params.get("limit", "100")), 10_000))
+        except ValueError:
+            return error(400, "limit must be an integer")
+        records = await asyncio.get_running_loop().run_in_executor(None, store.dead_letters, name, limit)
+        return JSONResponse({"dead_letters": [describe(r) for r in records]})
+
     async def stop(request: Request) -> Response:
         asyncio.get_running_loop().call_later(0.05, shutdown)
         return JSONResponse({"stopping": True})
@@ -120,6 +135,7 @@ def build_admin_app(
             Route("/v1/apis/{name}", get_api),
             Route("/v1/apis/{name}", delete_api, methods=["DELETE"]),
             Route("/v1/apis/{name}/logs", logs),
+            Route("/v1/apis/{name}/dead-letters", dead_letters),
             Route("/v1/shutdown", stop, methods=["POST"]),
         ],
         middleware=[Middleware(TokenAuth, token=token)],

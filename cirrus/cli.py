@@ -239,6 +239,34 @@ def delete(api: ApiArgument, home: HomeOption = None, output: OutputOption = Out
             typer.echo(f"deleted {api}")
 
 
+@app.command("dead-letters")
+def dead_letters(
+    api: ApiArgument,
+    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 100,
+    home: HomeOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """List an async API's failed requests (dead letters) with their last error."""
+    with _errors():
+        records = _client(home).dead_letters(api, limit=limit)
+        if output is Output.json:
+            _print_json(records)
+            return
+        if not records:
+            typer.echo(f"no dead letters in {api}")
+            return
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for column in ("ID", "ATTEMPTS", "FAILED AT", "LAST ERROR"):
+            table.add_column(column, overflow="fold")
+        for record in records:
+            table.add_row(
+                record["id"], str(record["attempts"]), str(record["timestamps"]["finished"]), record.get("error", "")
+            )
+        _stdout().print(table)
+
+
 @app.command()
 def serve(
     path: Annotated[Path, typer.Argument(help="a spec file, or a directory holding cirrus.yaml")] = Path("."),

@@ -209,6 +209,12 @@ class Client:
         """The last `lines` log lines of the API's replicas, each `[replica-id] text`."""
         return self._admin("GET", f"/v1/apis/{name}/logs", params={"lines": lines, "follow": "false"}).text
 
+    def dead_letters(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        """An async API's failed requests (delivered `max_attempts` times, or rejected), newest first."""
+        answer = self._admin("GET", f"/v1/apis/{name}/dead-letters", params={"limit": limit}).json()
+        records: list[dict[str, Any]] = answer["dead_letters"]
+        return records
+
     def follow_logs(self, name: str, lines: int = 10) -> Iterator[str]:
         """The last `lines` log lines, then new ones as they come, until the daemon ends the stream."""
         info = self.daemon_info()
@@ -291,7 +297,14 @@ class Client:
             "--admin-port",
             str(s.admin_port),
         ]
-        env = {**os.environ, "CIRRUS_HOME": str(s.home), "CIRRUS_MAX_BODY_BYTES": str(s.max_body_bytes)}
+        env = {
+            **os.environ,
+            "CIRRUS_HOME": str(s.home),
+            "CIRRUS_MAX_BODY_BYTES": str(s.max_body_bytes),
+            "CIRRUS_RESULT_TTL_S": str(s.result_ttl_s),
+        }
+        if s.store:
+            env["CIRRUS_STORE"] = s.store
         with s.daemon_log.open("ab") as log:
             log_offset = log.tell()
             try:

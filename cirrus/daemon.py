@@ -21,10 +21,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cirrus.settings import Settings
 from cirrus.types import DaemonInfo
+
+if TYPE_CHECKING:
+    from cirrus.store.base import QueueStore
 
 log = logging.getLogger("cirrus.daemon")
 VERSION = "0.1.0"
@@ -119,11 +122,13 @@ async def run(
     from cirrus.control.controller import Controller
     from cirrus.control.store import Store
     from cirrus.gateway.app import Gateway
+    from cirrus.gateway.async_api import AsyncFront
     from cirrus.gateway.control import GatewayController
     from cirrus.gateway.prometheus import render
     from cirrus.runtimes.local import LocalRuntime
     from cirrus.runtimes.resources import describe, discover
     from cirrus.spec import load_deployments
+    from cirrus.store import open_store
 
     deployments = load_deployments(deploy_path) if deploy_path else []
     token = ensure_token(settings)
@@ -142,6 +147,8 @@ async def run(
     inventory = discover({**os.environ, "CIRRUS_HOME": str(settings.home)})  # reads $CIRRUS_HOME/node.yaml if any
     log.info("node capacity: %s", describe(inventory))
     store = Store(settings.db_file)
+    queue_url = settings.store_url
+    queue_store = open_store(queue_url)
     runtime = LocalRuntime(settings.logs_dir, python=settings.python)
     gateway = Gateway(settings.max_body_bytes)
     gateway.metrics_app = lambda: render(gateway)
@@ -151,8 +158,11 @@ async def run(
         GatewayController(gateway),
         endpoint=lambda name: f"{gateway_url}/{name}",
         inventory=inventory,
+        queue_store=queue_store,
+        queue_url=queue_url,
     )
     gateway.on_cold = controller.demand
+    gateway.async_front = AsyncFront(queue_store, max_attempts=controller.max_attempts)
     admin = build_admin_app(controller, token, lambda: info, settings.logs_dir, stop.set)
     servers = [_server(gateway, gateway_sock), _server(admin, admin_sock)]
     tasks = [
@@ -162,6 +172,7 @@ async def run(
     if deployments:
         controller.deploy(deployments)
     reconcile = loop.create_task(controller.run())
+    purger = loop.create_task(_purge_results(queue_store, settings.result_ttl_s))
     follower = loop.create_task(_print_logs(settings)) if stream_logs else None
     settings.daemon_file.write_text(info.model_dump_json())
     log.info("Cirrus daemon %s: gateway %s, admin %s, state %s", VERSION, gateway_url, admin_url, settings.home)
@@ -177,10 +188,26 @@ async def run(
             server.should_exit = True
         await controller.shutdown()
         reconcile.cancel()
+        purger.cancel()
+        await gateway.async_front.close()
         if follower is not None:
             follower.cancel()
-        await asyncio.gather(*tasks, reconcile, return_exceptions=True)
+        await asyncio.gather(*tasks, reconcile, purger, return_exceptions=True)
         store.close()
+        queue_store.close()
+
+
+async def _purge_results(queue_store: QueueStore, ttl_s: int, every_s: float = 600.0) -> None:
+    """Delete async results older than the TTL, now and then."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            purged = await loop.run_in_executor(None, queue_store.purge, time.time() - ttl_s)
+            if purged:
+                log.info("purged %d async results older than %ds", purged, ttl_s)
+        except Exception:
+            log.exception("purging old async results failed")
+        await asyncio.sleep(every_s)
 
 
 async def _print_logs(settings: Settings) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 DEFAULT_GATEWAY_PORT = 8888
 DEFAULT_ADMIN_PORT = 8889
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_RESULT_TTL_S = 7 * 24 * 3600
 
 
 def _int_env(env: dict[str, str], name: str, default: int) -> int:
@@ -34,6 +35,8 @@ class Settings:
     admin_port: int = DEFAULT_ADMIN_PORT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     python: str = sys.executable
+    store: str = ""  # the async queue store URL; "" = SQLite at $CIRRUS_HOME/queue.db
+    result_ttl_s: int = DEFAULT_RESULT_TTL_S
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -46,6 +49,8 @@ class Settings:
             admin_port=_int_env(env, "CIRRUS_ADMIN_PORT", DEFAULT_ADMIN_PORT),
             max_body_bytes=_int_env(env, "CIRRUS_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             python=env.get("CIRRUS_PYTHON") or sys.executable,
+            store=env.get("CIRRUS_STORE") or "",
+            result_ttl_s=_int_env(env, "CIRRUS_RESULT_TTL_S", DEFAULT_RESULT_TTL_S),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -67,6 +72,10 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite://{self.home.resolve() / 'queue.db'}"
 
     @property
     def daemon_log(self) -> Path:

@@ -143,13 +143,22 @@ class BatchingSpec(_Strict):
     """Server-side batching: requests gather while the inference slot is busy and the predictor's
     `predict_batch(payloads)` answers them together. `adaptive` (the default) never holds a request
     on an idle replica: a freed slot takes everything waiting, and waits (at most `max_wait_ms`)
-    only right after a larger batch, when more requests are on their way. `fixed` waits up to
-    `max_wait_ms` for a full batch."""
+    only right after a batch, while fewer requests wait than were in play then (its clients are on
+    their way back). `fixed` waits up to `max_wait_ms` for a full batch."""
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="requests in one predict_batch call at most")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="longest a request waits for a batch to fill")
     mode: Literal["adaptive", "fixed"] = Field(
         "adaptive", description="adaptive: no wait on an idle replica; fixed: always wait up to max_wait_ms"
+    )
+
+
+class QueueSpec(_Strict):
+    """How an async API's requests are delivered to its replicas (at least once)."""
+
+    max_attempts: int = Field(3, ge=1, le=100, description="deliveries before a request is failed (a dead letter)")
+    lease_s: float = Field(
+        30.0, ge=0.5, le=3600, description="a replica holds a request this long, renewed while it works"
     )
 
 
@@ -206,7 +215,9 @@ class AutoscalingSpec(_Strict):
 
 class ApiSpec(_Strict):
     name: str = Field(description="URL-safe API name: lowercase letters, digits and '-'")
-    kind: Literal["realtime"] = "realtime"
+    kind: Literal["realtime", "async"] = Field(
+        "realtime", description="realtime: answer in the HTTP request; async: 202 + id, result fetched later"
+    )
     predictor: PredictorSpec
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
     concurrency: ConcurrencySpec = Field(default_factory=lambda: ConcurrencySpec())
@@ -214,6 +225,7 @@ class ApiSpec(_Strict):
     batching: BatchingSpec | None = Field(
         None, description="server-side batching (the predictor needs predict_batch); off when absent"
     )
+    queue: QueueSpec = Field(default_factory=lambda: QueueSpec(), description="async APIs: delivery settings")
 
     @property
     def target_concurrency(self) -> float:

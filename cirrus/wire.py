@@ -138,6 +138,15 @@ def decode_startup(line: bytes) -> StartupReport:
     return _startup_decoder.decode(line)
 
 
+class QueueConfig(msgspec.Struct, frozen=True):
+    """Where an async API's replica pulls its work from, and how."""
+
+    store_url: str  # "sqlite:///path/queue.db" or "redis://host:port/db"
+    lease_s: float
+    timeout_s: float
+    max_concurrency: int
+
+
 class BatchConfig(msgspec.Struct, frozen=True):
     """Server-side batching of one replica (the spec's `batching`)."""
 
@@ -161,6 +170,7 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     listen: str = "tcp:127.0.0.1:0"
     version: int = WIRE_VERSION
     batching: BatchConfig | None = None  # None: every request gets its own predict call
+    queue: QueueConfig | None = None  # an async API's replica: pull work from this queue store
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

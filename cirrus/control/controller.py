@@ -24,8 +24,9 @@ from cirrus.control.status import api_status
 from cirrus.control.store import Store, StoredApi
 from cirrus.runtimes.base import ReplicaExit, Runtime
 from cirrus.spec import ConcurrencySpec, Deployment
+from cirrus.store.base import QueueStore
 from cirrus.types import ApiStatus, DeployResult, ReplicaState
-from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady
+from cirrus.wire import BatchConfig, QueueConfig, ReplicaLaunch, ReplicaReady
 
 log = logging.getLogger("cirrus.controller")
 
@@ -46,7 +47,7 @@ def backoff_s(consecutive_failures: int) -> float:
 class GatewayControl(Protocol):
     """What the controller needs from the gateway (cirrus.gateway.control implements it)."""
 
-    def set_api(self, name: str, concurrency: ConcurrencySpec) -> None: ...
+    def set_api(self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime") -> None: ...
 
     def remove_api(self, name: str) -> None: ...
 
@@ -122,6 +123,8 @@ class Controller:
         endpoint: Callable[[str], str],
         clock: Callable[[], float] = time.monotonic,
         inventory: Inventory | None = None,
+        queue_store: QueueStore | None = None,
+        queue_url: str | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -129,6 +132,8 @@ class Controller:
         self.endpoint = endpoint
         self.clock = clock
         self.inventory = inventory  # None: place without limits
+        self.queue_store = queue_store  # async APIs' requests; its backlog drives their autoscaling
+        self.queue_url = queue_url  # how their replicas reach it
         self.apis: dict[str, ApiState] = {}
         self._by_replica: dict[str, Replica] = {}
         self._wake = asyncio.Event()
@@ -198,11 +203,27 @@ class Controller:
         for state in self.apis.values():
             if state.deleted:
                 continue
-            state.scaler.observe(self.gateway.load(state.name), now)
+            state.scaler.observe(self._load(state), now)
             before = state.desired
             state.scaler.decide(now)
             if state.desired != before:
                 log.info("%s: %d -> %d replicas (%s)", state.name, before, state.desired, state.scaler.reason)
+
+    def max_attempts(self, name: str) -> int:
+        """Deliveries of one async request before it is failed."""
+        state = self.apis.get(name)
+        return 3 if state is None else state.stored.deployment.spec.queue.max_attempts
+
+    def _load(self, state: ApiState) -> float:
+        """In flight for the autoscaler: gateway in-flight (realtime) or the queue's backlog (async)."""
+        if state.stored.deployment.spec.kind != "async" or self.queue_store is None:
+            return self.gateway.load(state.name)
+        try:
+            backlog = self.queue_store.backlog(state.name, time.time())
+        except Exception:
+            log.exception("%s: reading the queue backlog failed", state.name)
+            return float(state.desired)
+        return float(backlog.in_queue + backlog.in_progress)
 
     async def run(self) -> None:
         """Autoscale every AUTOSCALE_INTERVAL_S; reconcile on every change and at least every TICK_S."""
@@ -305,7 +326,7 @@ class Controller:
             state.prepared.add(stored.revision)
             launch, env = self._launch_for(stored, f"{stored.name}-template")
             self._run_in_background(self.runtime.prepare(launch, env))
-        self.gateway.set_api(stored.name, stored.deployment.spec.concurrency)
+        self.gateway.set_api(stored.name, stored.deployment.spec.concurrency, stored.deployment.spec.kind)
 
     def _reconcile(self, state: ApiState) -> None:
         now = self.clock()
@@ -379,9 +400,18 @@ class Controller:
             state.prepared.discard(revision)
             self._run_in_background(self.runtime.release(state.name, revision))
 
-    @staticmethod
-    def _launch_for(stored: StoredApi, replica_id: str) -> tuple[ReplicaLaunch, dict[str, str]]:
+    def _launch_for(self, stored: StoredApi, replica_id: str) -> tuple[ReplicaLaunch, dict[str, str]]:
         spec = stored.deployment.spec
+        queue = None
+        if spec.kind == "async":
+            if self.queue_url is None:
+                raise RuntimeError("async APIs need a queue store; the controller has none")
+            queue = QueueConfig(
+                store_url=self.queue_url,
+                lease_s=spec.queue.lease_s,
+                timeout_s=spec.concurrency.timeout_s,
+                max_concurrency=spec.concurrency.max_concurrency,
+            )
         launch = ReplicaLaunch(
             api=stored.name,
             replica_id=replica_id,
@@ -399,6 +429,7 @@ class Controller:
                 mode=spec.batching.mode,
                 max_queue=spec.concurrency.max_concurrency,
             ),
+            queue=queue,
         )
         return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 

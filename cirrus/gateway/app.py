@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from cirrus.gateway.async_api import AsyncFront
 from cirrus.gateway.docs import docs_page
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot
 from cirrus.gateway.transport import ReplicaGone
@@ -75,14 +76,18 @@ class Gateway:
         self.routes: dict[str, ApiRoute] = {}
         self.metrics_app = metrics_app
         self.on_cold = on_cold  # called when a request waits on an API with no ready replica
+        self.async_front: AsyncFront | None = None  # async APIs: the queue store's front
 
     # --- control side -------------------------------------------------------------------
-    def set_api(self, name: str, *, max_concurrency: int, max_queue_length: int, timeout_s: float) -> ApiRoute:
+    def set_api(
+        self, name: str, *, max_concurrency: int, max_queue_length: int, timeout_s: float, kind: str = "realtime"
+    ) -> ApiRoute:
         route = self.routes.get(name)
         if route is None:
-            route = ApiRoute(name, max_concurrency, max_queue_length, timeout_s)
+            route = ApiRoute(name, max_concurrency, max_queue_length, timeout_s, kind)
             self.routes[name] = route
         else:
+            route.kind = kind
             route.max_concurrency = max_concurrency
             route.max_queue_length = max_queue_length
             route.timeout_s = timeout_s
@@ -120,6 +125,9 @@ class Gateway:
                     await send_json(send, 200, self.describe(route))
                 else:
                     await send_json(send, 405, {"error": f"use POST /{name} to predict"})
+                return
+            if route.kind == "async" and method == "GET" and rest not in ("openapi.json", "docs"):
+                await self._async_status(route, rest, send)
                 return
             if method == "GET" and rest == "openapi.json":
                 await send_json(send, 200, route.openapi or {"openapi": "3.1.0", "paths": {}})
@@ -231,11 +239,45 @@ class Gateway:
                 request_id,
             )
             return
+        if route.kind == "async":
+            await self._accept(route, scope, send, body, content_type, forwarded, request_id, started)
+            return
         metrics.in_flight += 1
         try:
             await self._forward(route, scope, receive, send, body, content_type, forwarded, request_id, started)
         finally:
             metrics.in_flight -= 1
+
+    async def _accept(
+        self,
+        route: ApiRoute,
+        scope: Scope,
+        send: Send,
+        body: bytes,
+        content_type: str,
+        forwarded: list[tuple[str, str]],
+        request_id: str,
+        started: float,
+    ) -> None:
+        """An async API: store the request durably, answer 202 with its id at once."""
+        if self.async_front is None:
+            await self._reply_error(send, route, started, 503, "this gateway has no queue store", request_id)
+            return
+        status, answer = await self.async_front.accept(
+            route.name, body, content_type, forwarded, scope.get("query_string", b"")
+        )
+        extra = [(b"location", f"/{route.name}/{answer['id']}".encode())] if status == 202 else []
+        await send_json(send, status, {**answer, "request_id": request_id}, request_id, extra)
+        route.metrics.observe(status, time.perf_counter() - started, time.time())
+        if status == 202 and not route.replicas and self.on_cold is not None:
+            self.on_cold(route.name)  # at zero replicas: start one now, not at the next tick
+
+    async def _async_status(self, route: ApiRoute, request_id: str, send: Send) -> None:
+        if self.async_front is None:
+            await send_json(send, 503, {"error": "this gateway has no queue store"})
+            return
+        status, answer = await self.async_front.status(route.name, request_id)
+        await send_json(send, status, answer)
 
     async def _forward(
         self,

@@ -19,9 +19,10 @@ class GatewayController:
         self.gateway = gateway
         self._slots: dict[str, ReplicaSlot] = {}
 
-    def set_api(self, name: str, concurrency: ConcurrencySpec) -> None:
+    def set_api(self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime") -> None:
         self.gateway.set_api(
             name,
+            kind=kind,
             max_concurrency=concurrency.max_concurrency,
             max_queue_length=concurrency.max_queue_length,
             timeout_s=concurrency.timeout_s,

@@ -61,6 +61,7 @@ class ApiRoute:
     max_concurrency: int
     max_queue_length: int
     timeout_s: float
+    kind: str = "realtime"  # "async": requests go to the queue store, not to a replica
     openapi: dict[str, Any] | None = None
     replicas: list[ReplicaSlot] = field(default_factory=list)
     waiters: deque[asyncio.Future[ReplicaSlot]] = field(default_factory=deque)

@@ -76,11 +76,19 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
     handler = RequestHandler(predictor, launch.inference_slots, launch.batching)
     connections: set[ReplicaProtocol] = set()
     server, address = await _listen(launch, handler, connections)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    worker_task = None
+    if launch.queue is not None:  # an async API: pull work from the queue store
+        from cirrus.replica.worker import QueueWorker
+        from cirrus.store import open_store
+
+        store = open_store(launch.queue.store_url)
+        worker = QueueWorker(handler, store, launch.api, launch.replica_id, launch.queue)
+        worker_task = loop.create_task(worker.run(stop))
     log.info("replica %s of %s ready at %s (loaded in %.2fs)", launch.replica_id, launch.api, address, load_s)
     _report(status_fd, ReplicaReady(address=address, pid=os.getpid(), load_s=load_s, openapi=openapi))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     while not stop.is_set():
@@ -98,7 +106,10 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
                     stuck,
                 )
                 return EXIT_STUCK
+    stop.set()
     server.close()
+    if worker_task is not None:
+        await worker_task
     pending = {t for c in connections for t in c.tasks} | handler.background
     if pending:
         log.info("draining %d requests and hooks", len(pending))

@@ -168,7 +168,7 @@ class FakeGateway:
     )  # API -> (mean batch size, p50 slot wait s, p50 predict s)
     add_error: Exception | None = None
 
-    def set_api(self, name: str, concurrency: ConcurrencySpec) -> None:
+    def set_api(self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime") -> None:
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
 

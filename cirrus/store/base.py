@@ -1,0 +1,118 @@
+"""The queue store interface shared by the SQLite and Redis backends.
+
+Delivery is at-least-once: a replica *leases* work for `lease_s` seconds and renews the lease while
+it works; work whose lease expires (its replica died) goes back to the queue, and after
+`max_attempts` deliveries it is failed with its last error (a dead letter). Completion is
+exactly-once: only the current lease holder can complete or fail an item, so a result is
+recorded (and visible) once even when a slow replica and its successor both finish.
+
+Every method is synchronous and safe to call from several threads and processes at once;
+callers on an event loop run them in a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class Status(StrEnum):
+    IN_QUEUE = "in_queue"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    api: str
+    id: str  # chosen by the caller (the gateway: a uuid4 hex)
+    body: bytes
+    content_type: str
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    query_string: bytes = b""
+    webhook: str | None = None
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A request handed to one worker until `expires_at`."""
+
+    api: str
+    id: str
+    body: bytes
+    content_type: str
+    headers: list[tuple[str, str]]
+    query_string: bytes
+    attempt: int  # 1 for the first delivery
+    token: str  # identifies this delivery; complete/fail/renew need it
+    expires_at: float
+    webhook: str | None
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    api: str
+    id: str
+    status: Status
+    attempts: int
+    max_attempts: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: bytes | None = None  # the response body, when completed
+    result_type: str | None = None  # its content type
+    result_status: int | None = None  # the predictor's HTTP status
+    error: str | None = None  # the last error
+    webhook: str | None = None
+
+
+@dataclass(frozen=True)
+class Backlog:
+    in_queue: int
+    in_progress: int
+
+
+class QueueStore(Protocol):
+    def submit(self, request: NewRequest, now: float) -> None:
+        """Store a request durably (it is on disk / in Redis when this returns). Duplicate ids raise ValueError."""
+        ...
+
+    def submit_many(self, requests: list[NewRequest], now: float) -> None:
+        """`submit` for several requests in one transaction (the gateway batches its accepts)."""
+        ...
+
+    def lease(self, api: str, worker: str, count: int, lease_s: float, now: float) -> list[Lease]:
+        """Up to `count` queued requests of `api`, oldest first, leased to `worker`; expired leases
+        are returned to the queue first (or failed, past max_attempts)."""
+        ...
+
+    def renew(self, leases: list[Lease], lease_s: float, now: float) -> list[str]:
+        """Extend leases still held; returns the ids whose lease was lost (do not complete those)."""
+        ...
+
+    def complete(self, lease: Lease, result: bytes, result_type: str, result_status: int, now: float) -> bool:
+        """Record the result if `lease` is still the current delivery; False if it was lost."""
+        ...
+
+    def fail(self, lease: Lease, error: str, retry: bool, now: float) -> bool:
+        """Give up this delivery: back to the queue when `retry` and attempts remain, else failed."""
+        ...
+
+    def get(self, api: str, id: str) -> RequestRecord | None: ...
+
+    def backlog(self, api: str, now: float) -> Backlog:
+        """Queued and in-progress counts (the autoscaler's metric for async APIs)."""
+        ...
+
+    def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:
+        """Failed requests, newest first."""
+        ...
+
+    def purge(self, older_than: float) -> int:
+        """Delete finished requests that finished before `older_than`; returns how many."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,461 @@
+"""The Redis queue store: the same contract as the SQLite store, for several hosts sharing one queue.
+
+This module imports redis-py, so it is itself imported only when a `redis://` URL is configured.
+
+Key layout (`{api}` is a literal Redis Cluster hash tag, so all keys of one API share a slot):
+
+    cirrus:apis                  set     every API that ever had a request (purge walks it)
+    cirrus:{api}:seq             string  arrival counter
+    cirrus:{api}:r:<id>          hash    one request: its input, status, lease and result
+    cirrus:{api}:queue           zset    queued requests, scored by created_at (oldest first; a
+                                         retried request keeps its place, ahead of newer ones)
+    cirrus:{api}:inflight        zset    leased requests, scored by lease expiry
+    cirrus:{api}:done            zset    finished requests (completed or failed), by finish time
+    cirrus:{api}:dead            zset    failed requests (dead letters), by finish time
+
+A request's member in the sorted sets is `<seq as 16 digits>:<id>` (kept in its hash as `member`),
+so that equal scores fall back to arrival order, as the SQLite store's `ORDER BY ..., seq` does.
+
+Every state change is one Lua script, so it is atomic against every other client: a request is in
+exactly one of queue / inflight / done at any time, and only the holder of the current lease token
+can complete, fail or renew it. As in the SQLite store, a lease is held while its token matches:
+`renew` and `complete` accept a lease whose time has run out as long as no `lease` call has taken it
+back yet; each `lease` call first takes back its API's expired leases (at most RECLAIM_LIMIT).
+
+Timestamps are formatted in Python (`repr(float)`) and passed to the scripts as strings; Lua only
+compares and stores them, so no precision is lost.
+
+Durability. "Nothing accepted is lost" holds across a Redis crash only when Redis runs with the
+append-only file: `appendonly yes` and `appendfsync everysec` (a Redis process crash loses nothing,
+an OS crash or power loss at most the last second) or `appendfsync always` (nothing, at the cost of
+an fsync per write). RDB snapshots alone (`save ...`) lose everything since the last snapshot.
+The test server (`tests/redis_server.py`) runs with `--appendonly yes` and the default
+`appendfsync everysec`. When the server answers `CONFIG GET appendonly` with `no`, the store logs a
+warning once at start.
+
+The target is one Redis server. Replicas (with Sentinel) are asynchronous: a failover can lose the
+last writes the old primary acknowledged, so they add availability, not durability. The hash tags keep each
+API's scripts in one slot, but `submit_many` across APIs and the `cirrus:apis` set are cross-slot,
+so Redis Cluster is not supported as is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from cirrus.store.base import Backlog, Lease, NewRequest, RequestRecord, Status
+
+log = logging.getLogger(__name__)
+
+_Arg = bytes | str | int | float  # what a script takes as an argument
+
+# How many expired leases one call reclaims, and how many finished requests one purge step deletes:
+# bounds the time a single script blocks the server.
+RECLAIM_LIMIT = 1000
+PURGE_BATCH = 1000
+
+# Lua helpers shared by the scripts. A request's member in its API's sorted sets is
+# "<seq, 16 digits>:<id>", so that equal scores fall back to arrival order.
+_MEMBER_ID = """
+local function member_id(member) return string.sub(member, 18) end
+"""
+
+# KEYS: cirrus:apis, then per request: its hash, its API's queue, its API's seq counter.
+# ARGV: now, then per request 8 fields: id api body content_type headers query_string webhook max_attempts.
+# Returns 0, or the 1-based position of the first request whose id is already taken (nothing is written).
+_SUBMIT = """
+local n = (#KEYS - 1) / 3
+local seen = {}
+for i = 1, n do
+  local key = KEYS[3 * i - 1]
+  if seen[key] or redis.call('EXISTS', key) == 1 then
+    return i
+  end
+  seen[key] = true
+end
+local now = ARGV[1]
+for i = 1, n do
+  local key, queue = KEYS[3 * i - 1], KEYS[3 * i]
+  local seq = redis.call('INCR', KEYS[3 * i + 1])
+  local a = 8 * (i - 1) + 1
+  local member = string.format('%016d', seq) .. ':' .. ARGV[a + 1]
+  redis.call('HSET', key,
+    'body', ARGV[a + 3], 'content_type', ARGV[a + 4], 'headers', ARGV[a + 5], 'query_string', ARGV[a + 6],
+    'max_attempts', ARGV[a + 8], 'attempts', 0, 'status', 'in_queue', 'created_at', now, 'member', member)
+  if ARGV[a + 7] ~= '' then
+    redis.call('HSET', key, 'webhook', ARGV[a + 7])
+  end
+  redis.call('ZADD', queue, now, member)
+  redis.call('SADD', KEYS[1], ARGV[a + 2])
+end
+return 0
+"""
+
+# KEYS: queue, inflight, done, dead (of one API).
+# ARGV: now, count, expires_at, worker, token prefix, request key prefix, reclaim limit.
+# First returns expired leases to the queue (or fails them, past max_attempts), then leases up to
+# `count` queued requests, oldest first. Returns a list of leases, each
+# {id, attempt, token, body, content_type, headers, query_string, webhook}.
+_LEASE = (
+    _MEMBER_ID
+    + """
+local queue, inflight, done, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now, count, expires_at, worker, token_prefix, prefix =
+  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now, 'LIMIT', 0, tonumber(ARGV[7]))
+for _, member in ipairs(expired) do
+  local key = prefix .. member_id(member)
+  redis.call('ZREM', inflight, member)
+  local f = redis.call('HMGET', key, 'attempts', 'max_attempts', 'created_at', 'error')
+  if f[1] then
+    redis.call('HDEL', key, 'token', 'expires_at', 'worker')
+    if tonumber(f[1]) >= tonumber(f[2]) then
+      local why = 'lease expired after ' .. f[1] .. ' attempts: the replica died or hung'
+      if f[4] then why = why .. ' (last error: ' .. f[4] .. ')' end
+      redis.call('HSET', key, 'status', 'failed', 'finished_at', now, 'error', why)
+      redis.call('ZADD', done, now, member)
+      redis.call('ZADD', dead, now, member)
+    else
+      redis.call('HSET', key, 'status', 'in_queue')
+      redis.call('ZADD', queue, f[3], member)
+    end
+  end
+end
+local out = {}
+if count > 0 then
+  local popped = redis.call('ZPOPMIN', queue, count)
+  for i = 1, #popped, 2 do
+    local member = popped[i]
+    local id = member_id(member)
+    local key = prefix .. id
+    if redis.call('EXISTS', key) == 1 then
+      local attempt = redis.call('HINCRBY', key, 'attempts', 1)
+      local token = token_prefix .. '.' .. ((i + 1) / 2)
+      redis.call('HSET', key, 'status', 'in_progress', 'token', token, 'expires_at', expires_at, 'worker', worker,
+        'started_at', now)
+      redis.call('ZADD', inflight, expires_at, member)
+      local f = redis.call('HMGET', key, 'body', 'content_type', 'headers', 'query_string', 'webhook')
+      out[#out + 1] = {id, attempt, token, f[1], f[2], f[3], f[4], f[5]}
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: queue, inflight (of one API). ARGV: now, request key prefix, limit.
+# Returns {queued, in progress}; an expired lease counts as queued (the next lease takes it back)
+# unless it has no attempt left. Reads only.
+_BACKLOG = (
+    _MEMBER_ID
+    + """
+local queued, leased = redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local requeued = 0
+for _, member in ipairs(expired) do
+  local f = redis.call('HMGET', ARGV[2] .. member_id(member), 'attempts', 'max_attempts')
+  if f[1] and tonumber(f[1]) < tonumber(f[2]) then requeued = requeued + 1 end
+end
+return {queued + requeued, leased - #expired}
+"""
+)
+
+# KEYS: per lease: its hash, its API's inflight zset. ARGV: expires_at, then per lease: id, token.
+# Returns the ids whose lease is no longer held.
+_RENEW = """
+local lost = {}
+for i = 1, #KEYS / 2 do
+  local key, inflight = KEYS[2 * i - 1], KEYS[2 * i]
+  local f = redis.call('HMGET', key, 'status', 'token', 'member')
+  if f[1] == 'in_progress' and f[2] == ARGV[2 * i + 1] then
+    redis.call('HSET', key, 'expires_at', ARGV[1])
+    redis.call('ZADD', inflight, ARGV[1], f[3])
+  else
+    lost[#lost + 1] = ARGV[2 * i]
+  end
+end
+return lost
+"""
+
+# KEYS: hash, inflight, done. ARGV: token, now, result, result_type, result_status. Returns 1 or 0 (lost).
+_COMPLETE = """
+local key, inflight, done = KEYS[1], KEYS[2], KEYS[3]
+local f = redis.call('HMGET', key, 'status', 'token', 'member')
+if f[1] ~= 'in_progress' or f[2] ~= ARGV[1] then
+  return 0
+end
+redis.call('HDEL', key, 'token', 'expires_at', 'worker')
+redis.call('HSET', key, 'status', 'completed', 'finished_at', ARGV[2],
+  'result', ARGV[3], 'result_type', ARGV[4], 'result_status', ARGV[5])
+redis.call('ZREM', inflight, f[3])
+redis.call('ZADD', done, ARGV[2], f[3])
+return 1
+"""
+
+# KEYS: hash, queue, inflight, done, dead. ARGV: token, now, error, retry (1/0). Returns 1 or 0 (lost).
+_FAIL = """
+local key, queue, inflight, done, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now = ARGV[2]
+local f = redis.call('HMGET', key, 'status', 'token', 'member', 'attempts', 'max_attempts', 'created_at')
+if f[1] ~= 'in_progress' or f[2] ~= ARGV[1] then
+  return 0
+end
+redis.call('HDEL', key, 'token', 'expires_at', 'worker')
+redis.call('ZREM', inflight, f[3])
+if ARGV[4] == '1' and tonumber(f[4]) < tonumber(f[5]) then
+  redis.call('HSET', key, 'status', 'in_queue', 'error', ARGV[3])
+  redis.call('ZADD', queue, f[6], f[3])
+else
+  redis.call('HSET', key, 'status', 'failed', 'finished_at', now, 'error', ARGV[3])
+  redis.call('ZADD', done, now, f[3])
+  redis.call('ZADD', dead, now, f[3])
+end
+return 1
+"""
+
+# KEYS: done, dead (of one API). ARGV: older_than (exclusive), batch size, request key prefix.
+# Deletes one batch of requests that finished before older_than; returns how many.
+_PURGE = (
+    _MEMBER_ID
+    + """
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(members) do
+  redis.call('DEL', ARGV[3] .. member_id(member))
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZREM', KEYS[2], member)
+end
+return #members
+"""
+)
+
+_RECORD_FIELDS = (
+    "status",
+    "attempts",
+    "max_attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "result",
+    "result_type",
+    "result_status",
+    "error",
+    "webhook",
+)
+
+
+def _ts(value: float) -> str:
+    """A timestamp as Redis should store and compare it: the shortest exact decimal form."""
+    return repr(float(value))
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _float(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _int(value: bytes | None) -> int | None:
+    return None if value is None else int(value)
+
+
+class RedisQueueStore:
+    """`QueueStore` on one Redis server; safe to share between threads (redis-py pools connections)
+    and to use from several processes and hosts at once."""
+
+    def __init__(self, url: str, *, namespace: str = "cirrus") -> None:
+        self._redis: Any = redis.Redis.from_url(url, decode_responses=False)
+        self._ns = namespace
+        self._submit = self._redis.register_script(_SUBMIT)
+        self._lease = self._redis.register_script(_LEASE)
+        self._backlog = self._redis.register_script(_BACKLOG)
+        self._renew = self._redis.register_script(_RENEW)
+        self._complete = self._redis.register_script(_COMPLETE)
+        self._fail = self._redis.register_script(_FAIL)
+        self._purge = self._redis.register_script(_PURGE)
+        self._check_durability()
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def _key(self, api: str, name: str) -> str:
+        return f"{self._ns}:{{{api}}}:{name}"
+
+    def _request_prefix(self, api: str) -> str:
+        return self._key(api, "r:")
+
+    def _request_key(self, api: str, id: str) -> str:
+        return self._request_prefix(api) + id
+
+    # --- writes --------------------------------------------------------------------------
+
+    def submit(self, request: NewRequest, now: float) -> None:
+        self.submit_many([request], now)
+
+    def submit_many(self, requests: list[NewRequest], now: float) -> None:
+        if not requests:
+            return
+        keys: list[str] = [f"{self._ns}:apis"]
+        args: list[_Arg] = [_ts(now)]
+        for request in requests:
+            if request.max_attempts < 1:
+                raise ValueError(f"request {request.id}: max_attempts must be at least 1, not {request.max_attempts}")
+            keys += [
+                self._request_key(request.api, request.id),
+                self._key(request.api, "queue"),
+                self._key(request.api, "seq"),
+            ]
+            args += [
+                request.id,
+                request.api,
+                request.body,
+                request.content_type,
+                json.dumps(request.headers),
+                request.query_string,
+                request.webhook or "",
+                request.max_attempts,
+            ]
+        duplicate = int(self._submit(keys=keys, args=args))
+        if duplicate:
+            request = requests[duplicate - 1]
+            raise ValueError(f"a request with id {request.id!r} already exists for API {request.api!r}")
+
+    def lease(self, api: str, worker: str, count: int, lease_s: float, now: float) -> list[Lease]:
+        if count <= 0:
+            return []
+        expires_at = now + lease_s
+        keys = [self._key(api, name) for name in ("queue", "inflight", "done", "dead")]
+        args: list[_Arg] = [
+            _ts(now),
+            count,
+            _ts(expires_at),
+            worker,
+            secrets.token_hex(16),
+            self._request_prefix(api),
+            RECLAIM_LIMIT,
+        ]
+        return [
+            Lease(
+                api=api,
+                id=id.decode(),
+                body=body,
+                content_type=content_type.decode(),
+                headers=[(name, value) for name, value in json.loads(headers)],
+                query_string=query_string,
+                attempt=int(attempt),
+                token=token.decode(),
+                expires_at=expires_at,
+                webhook=_text(webhook),
+            )
+            for id, attempt, token, body, content_type, headers, query_string, webhook in self._lease(
+                keys=keys, args=args
+            )
+        ]
+
+    def renew(self, leases: list[Lease], lease_s: float, now: float) -> list[str]:
+        if not leases:
+            return []
+        keys: list[str] = []
+        args: list[_Arg] = [_ts(now + lease_s)]
+        for lease in leases:
+            keys += [self._request_key(lease.api, lease.id), self._key(lease.api, "inflight")]
+            args += [lease.id, lease.token]
+        return [id.decode() for id in self._renew(keys=keys, args=args)]
+
+    def complete(self, lease: Lease, result: bytes, result_type: str, result_status: int, now: float) -> bool:
+        keys = [
+            self._request_key(lease.api, lease.id),
+            self._key(lease.api, "inflight"),
+            self._key(lease.api, "done"),
+        ]
+        args: list[_Arg] = [lease.token, _ts(now), result, result_type, result_status]
+        return bool(self._complete(keys=keys, args=args))
+
+    def fail(self, lease: Lease, error: str, retry: bool, now: float) -> bool:
+        keys = [
+            self._request_key(lease.api, lease.id),
+            *(self._key(lease.api, name) for name in ("queue", "inflight", "done", "dead")),
+        ]
+        args = [lease.token, _ts(now), error, "1" if retry else "0"]
+        return bool(self._fail(keys=keys, args=args))
+
+    def purge(self, older_than: float) -> int:
+        purged = 0
+        for raw_api in sorted(self._redis.smembers(f"{self._ns}:apis")):
+            api = raw_api.decode()
+            keys = [self._key(api, "done"), self._key(api, "dead")]
+            while True:
+                n = int(self._purge(keys=keys, args=[_ts(older_than), PURGE_BATCH, self._request_prefix(api)]))
+                purged += n
+                if n < PURGE_BATCH:
+                    break
+        return purged
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, api: str, id: str) -> RequestRecord | None:
+        values = self._redis.hmget(self._request_key(api, id), _RECORD_FIELDS)
+        return self._record(api, id, values)
+
+    def backlog(self, api: str, now: float) -> Backlog:
+        """An expired lease counts as queued (the next `lease` takes it back) unless it has no attempt left."""
+        keys = [self._key(api, "queue"), self._key(api, "inflight")]
+        queued, in_progress = self._backlog(keys=keys, args=[_ts(now), self._request_prefix(api), RECLAIM_LIMIT])
+        return Backlog(in_queue=int(queued), in_progress=int(in_progress))
+
+    def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:
+        if limit <= 0:
+            return []
+        members = self._redis.zrevrange(self._key(api, "dead"), 0, limit - 1)
+        ids = [member.decode().partition(":")[2] for member in members]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for id in ids:
+                pipe.hmget(self._request_key(api, id), _RECORD_FIELDS)
+            rows = pipe.execute()
+        records = (self._record(api, id, values) for id, values in zip(ids, rows, strict=True))
+        return [record for record in records if record is not None]
+
+    def close(self) -> None:
+        self._redis.close()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _record(api: str, id: str, values: Iterable[bytes | None]) -> RequestRecord | None:
+        row = dict(zip(_RECORD_FIELDS, values, strict=True))
+        if row["status"] is None:
+            return None
+        return RequestRecord(
+            api=api,
+            id=id,
+            status=Status(row["status"].decode()),
+            attempts=int(row["attempts"] or 0),
+            max_attempts=int(row["max_attempts"] or 0),
+            created_at=float(row["created_at"] or 0),
+            started_at=_float(row["started_at"]),
+            finished_at=_float(row["finished_at"]),
+            result=row["result"],
+            result_type=_text(row["result_type"]),
+            result_status=_int(row["result_status"]),
+            error=_text(row["error"]),
+            webhook=_text(row["webhook"]),
+        )
+
+    def _check_durability(self) -> None:
+        """Warn (once, in the log) when the server would lose accepted requests in a crash."""
+        try:
+            config = self._redis.config_get("appendonly")
+        except redis.RedisError:  # CONFIG is often disabled on managed Redis: nothing to check
+            return
+        if config.get(b"appendonly") == b"no":
+            log.warning(
+                "Redis at %s runs without the append-only file: queued requests are lost if it crashes. "
+                "Run it with `appendonly yes` and `appendfsync everysec` (or `always`).",
+                self._redis.connection_pool.connection_kwargs.get("host", "?"),
+            )

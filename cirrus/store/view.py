@@ -1,0 +1,44 @@
+"""How a stored async request looks to its client (`GET /<api>/<id>`, webhooks)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from cirrus.store.base import RequestRecord
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def describe(record: RequestRecord) -> dict[str, Any]:
+    """The JSON a client sees for `GET /<api>/<id>`."""
+    out: dict[str, Any] = {
+        "id": record.id,
+        "api": record.api,
+        "status": record.status.value,
+        "attempts": record.attempts,
+        "timestamps": {
+            "created": _iso(record.created_at),
+            "started": _iso(record.started_at),
+            "finished": _iso(record.finished_at),
+        },
+    }
+    if record.result is not None:
+        media = (record.result_type or "").partition(";")[0].strip()
+        if media == "application/json" or media.endswith("+json"):
+            out["result"] = msgspec.json.decode(record.result)
+        elif media.startswith("text/"):
+            out["result"] = record.result.decode("utf-8", "replace")
+        else:
+            out["result"] = base64.b64encode(record.result).decode()
+            out["result_encoding"] = "base64"
+        out["result_type"] = record.result_type
+        out["result_status"] = record.result_status
+    if record.error is not None:
+        out["error"] = record.error
+    return out
