@@ -1,4 +1,4 @@
-"""The daemon's admin REST API (127.0.0.1 only, bearer token): deploy, get, delete, logs, shutdown."""
+"""The daemon's admin REST API (127.0.0.1 only, bearer token): deploy, get, delete, logs, jobs, shutdown."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cirrus.control.controller import Controller
+from cirrus.control.jobs import JobNotFound
+from cirrus.jobs import JobError, parse_request
 from cirrus.logs import follow_logs, log_files, tail_lines
 from cirrus.spec import Deployment, SpecError, check_predictor_path
+from cirrus.store.files import FileError
 from cirrus.store.view import describe
 from cirrus.types import DaemonInfo
 
@@ -123,6 +126,51 @@ def build_admin_app(
         records = await asyncio.get_running_loop().run_in_executor(None, store.dead_letters, name, limit)
         return JSONResponse({"dead_letters": [describe(r) for r in records]})
 
+    async def submit_job(request: Request) -> Response:
+        name = request.path_params["name"]
+        state = controller.apis.get(name)
+        if state is None or state.deleted:
+            return error(404, f"no API named {name!r}")
+        if controller.jobs is None:
+            return error(503, "this daemon runs no jobs")
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            return error(400, "the body must be a JSON job request: {items | items_url, batch_size, workers, ...}")
+        try:
+            job_request = parse_request(body)
+            job = await asyncio.get_running_loop().run_in_executor(
+                None, controller.jobs.submit, state.stored.deployment.spec, job_request
+            )
+        except (JobError, FileError) as exc:
+            return error(400, str(exc))
+        controller.jobs.track(job)
+        return JSONResponse(job.model_dump(mode="json"), status_code=201)
+
+    async def list_jobs(request: Request) -> Response:
+        jobs = [] if controller.jobs is None else controller.jobs.recent(request.query_params.get("api"))
+        return JSONResponse({"jobs": [job.model_dump(mode="json") for job in jobs]})
+
+    async def get_job(request: Request) -> Response:
+        try:
+            if controller.jobs is None:
+                raise JobNotFound("this daemon runs no jobs")
+            job = controller.jobs.get(request.path_params["id"])
+        except JobNotFound as exc:
+            return error(404, str(exc))
+        return JSONResponse(job.model_dump(mode="json"))
+
+    async def cancel_job(request: Request) -> Response:
+        try:
+            if controller.jobs is None:
+                raise JobNotFound("this daemon runs no jobs")
+            job = controller.jobs.cancel(request.path_params["id"])
+        except JobNotFound as exc:
+            return error(404, str(exc))
+        except JobError as exc:
+            return error(409, str(exc))
+        return JSONResponse(job.model_dump(mode="json"))
+
     async def stop(request: Request) -> Response:
         asyncio.get_running_loop().call_later(0.05, shutdown)
         return JSONResponse({"stopping": True})
@@ -136,6 +184,10 @@ def build_admin_app(
             Route("/v1/apis/{name}", delete_api, methods=["DELETE"]),
             Route("/v1/apis/{name}/logs", logs),
             Route("/v1/apis/{name}/dead-letters", dead_letters),
+            Route("/v1/apis/{name}/jobs", submit_job, methods=["POST"]),
+            Route("/v1/jobs", list_jobs),
+            Route("/v1/jobs/{id}", get_job),
+            Route("/v1/jobs/{id}/cancel", cancel_job, methods=["POST"]),
             Route("/v1/shutdown", stop, methods=["POST"]),
         ],
         middleware=[Middleware(TokenAuth, token=token)],

@@ -22,6 +22,7 @@ from typing import Any, TypeVar, overload
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from cirrus.jobs import Job, JobError, JobRequest, parse_request
 from cirrus.settings import Settings
 from cirrus.spec import load_deployments
 from cirrus.types import ApiStatus, ApiStatusName, DaemonInfo, DeployResult
@@ -255,6 +256,60 @@ class Client:
         except httpx.HTTPError as exc:
             raise CirrusError(f"request to API {name!r} failed: {exc}") from None
 
+    # Batch jobs.
+
+    def submit_job(
+        self,
+        api: str,
+        items: Sequence[Any] | None = None,
+        *,
+        items_url: str | Path | None = None,
+        batch_size: int,
+        workers: int = 1,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        sink: str | Path | None = None,
+    ) -> Job:
+        """Run `items` (or the JSONL / .json file at `items_url`: a path or an fsspec URL, read by the
+        daemon) through a batch API's predict_batch; returns the job (pending or running)."""
+        request = _job_request(
+            items=None if items is None else list(items),
+            items_url=_location(items_url),
+            batch_size=batch_size,
+            workers=workers,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            config=dict(config or {}),
+            sink=_location(sink),
+        )
+        body = request.model_dump(mode="json", exclude_none=True)
+        return _parse(Job, self._admin("POST", f"/v1/apis/{api}/jobs", json=body).json())
+
+    def jobs(self, api: str | None = None) -> list[Job]:
+        """Jobs, newest first (of one API, or all)."""
+        params = {"api": api} if api else None
+        return _parse_list(Job, self._admin("GET", "/v1/jobs", params=params).json(), "jobs")
+
+    def job(self, job_id: str) -> Job:
+        return _parse(Job, self._admin("GET", f"/v1/jobs/{job_id}").json())
+
+    def cancel_job(self, job_id: str) -> Job:
+        return _parse(Job, self._admin("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def wait_job(self, job_id: str, timeout: float | None = None, on_poll: Callable[[Job], None] | None = None) -> Job:
+        """Poll until the job has ended (any final status); CirrusError when `timeout` runs out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_poll is not None:
+                on_poll(job)
+            if job.status.finished:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CirrusError(f"job {job_id} is still {job.status.value} after {timeout:g}s")
+            time.sleep(POLL_INTERVAL_S)
+
     # Plumbing.
 
     def _admin(
@@ -333,6 +388,23 @@ class Client:
         if not lines:
             return f" (nothing in {self.settings.daemon_log})"
         return f"; the end of {self.settings.daemon_log}:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _job_request(**fields: Any) -> JobRequest:
+    try:
+        return parse_request({k: v for k, v in fields.items() if v is not None})
+    except JobError as exc:
+        raise CirrusError(str(exc), status=400) from None
+
+
+def _location(target: str | Path | None) -> str | None:
+    """A local path made absolute (the daemon reads it from its own directory); URLs as they are."""
+    if target is None:
+        return None
+    text = str(target)
+    if "://" in text:
+        return text
+    return str(Path(text).expanduser().resolve())
 
 
 def encode_payload(payload: Any) -> tuple[bytes, str]:

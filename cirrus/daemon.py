@@ -120,6 +120,7 @@ async def run(
     """Run the daemon until SIGTERM/SIGINT or an admin shutdown."""
     from cirrus.admin import build_admin_app
     from cirrus.control.controller import Controller
+    from cirrus.control.jobs import JobManager, JobStore
     from cirrus.control.store import Store
     from cirrus.gateway.app import Gateway
     from cirrus.gateway.async_api import AsyncFront
@@ -149,6 +150,8 @@ async def run(
     store = Store(settings.db_file)
     queue_url = settings.store_url
     queue_store = open_store(queue_url)
+    job_store = JobStore(settings.db_file)
+    jobs = JobManager(job_store, queue_store, settings.home / "jobs")
     runtime = LocalRuntime(settings.logs_dir, python=settings.python)
     gateway = Gateway(settings.max_body_bytes)
     gateway.metrics_app = lambda: render(gateway)
@@ -160,6 +163,7 @@ async def run(
         inventory=inventory,
         queue_store=queue_store,
         queue_url=queue_url,
+        jobs=jobs,
     )
     gateway.on_cold = controller.demand
     gateway.async_front = AsyncFront(queue_store, max_attempts=controller.max_attempts)
@@ -194,6 +198,7 @@ async def run(
             follower.cancel()
         await asyncio.gather(*tasks, reconcile, purger, return_exceptions=True)
         store.close()
+        job_store.close()
         queue_store.close()
 
 

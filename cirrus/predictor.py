@@ -98,6 +98,7 @@ class LoadedPredictor:
     post_predict: Method | None = None
     predict_batch: Method | None = None  # `predict_batch(payloads)`, used when the API has `batching`
     schemas: dict[str, Any] = field(default_factory=dict)
+    on_job_complete: Method | None = None  # a batch job's worker: `on_job_complete(job)`, once per job
 
 
 # predictor file (resolved) -> (its module, the file's (mtime_ns, size) when it was executed)
@@ -200,11 +201,21 @@ def _method(instance: Any, name: str, allowed: tuple[str, ...]) -> Method | None
     )
 
 
+def _no_predict(payload: Any = None) -> Any:
+    raise HTTPError(405, "this is a batch API: it runs jobs (cirrus jobs submit), not requests")
+
+
 def load_predictor(
-    project_dir: str, path: str, class_name: str, config: dict[str, Any], batching: bool = False
+    project_dir: str,
+    path: str,
+    class_name: str,
+    config: dict[str, Any],
+    batching: bool = False,
+    batch_job: bool = False,
 ) -> LoadedPredictor:
     """Import the user's file, construct the class once, and inspect its methods. With `batching`
-    the class must also define `predict_batch(self, payloads: list) -> list`."""
+    the class must also define `predict_batch(self, payloads: list) -> list`; a batch job's worker
+    (`batch_job`) needs only `predict_batch`, and may define `on_job_complete(self, job)`."""
     project = Path(project_dir)
     file = project / path
     if not file.is_file():
@@ -213,6 +224,11 @@ def load_predictor(
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise PredictorLoadError(f"{file} defines no class named {class_name!r}")
+    if batch_job and getattr(cls, "predict_batch", None) is None:
+        raise PredictorLoadError(
+            f"a batch API calls predict_batch, but {class_name} has none: define "
+            "`def predict_batch(self, payloads: list) -> list` (one result per payload, in order)"
+        )
     if batching and getattr(cls, "predict_batch", None) is None:  # before the (maybe slow) construction
         raise PredictorLoadError(
             f"the API has `batching` but {class_name} has no predict_batch method: define "
@@ -222,6 +238,8 @@ def load_predictor(
     init_params = inspect.signature(cls).parameters
     instance = cls(config=config) if "config" in init_params else cls()
     predict = _method(instance, "predict", INJECTABLE)
+    if predict is None and batch_job:
+        predict = Method(fn=_no_predict, wants=("payload",), is_async=False)
     if predict is None:
         raise PredictorLoadError(f"{class_name} has no predict method")
     loaded = LoadedPredictor(
@@ -229,7 +247,8 @@ def load_predictor(
         predict=predict,
         pre_predict=_method(instance, "pre_predict", INJECTABLE),
         post_predict=_method(instance, "post_predict", (*INJECTABLE, "response")),
-        predict_batch=_method(instance, "predict_batch", ("payloads",)) if batching else None,
+        predict_batch=_method(instance, "predict_batch", ("payloads",)) if batching or batch_job else None,
+        on_job_complete=_method(instance, "on_job_complete", ("job",)) if batch_job else None,
     )
     if loaded.predict_batch is not None and "payloads" not in loaded.predict_batch.wants:
         raise PredictorLoadError(f"{class_name}.predict_batch() must take the list of payloads as `payloads`")

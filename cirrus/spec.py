@@ -215,8 +215,10 @@ class AutoscalingSpec(_Strict):
 
 class ApiSpec(_Strict):
     name: str = Field(description="URL-safe API name: lowercase letters, digits and '-'")
-    kind: Literal["realtime", "async"] = Field(
-        "realtime", description="realtime: answer in the HTTP request; async: 202 + id, result fetched later"
+    kind: Literal["realtime", "async", "batch"] = Field(
+        "realtime",
+        description="realtime: answer in the HTTP request; async: 202 + id, result fetched later; "
+        "batch: runs jobs (cirrus jobs submit) through predict_batch",
     )
     predictor: PredictorSpec
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
@@ -231,6 +233,15 @@ class ApiSpec(_Strict):
     def target_concurrency(self) -> float:
         """In-flight requests per replica the autoscaler aims for (default: one per inference slot)."""
         return self.autoscaling.target_concurrency or float(self.concurrency.inference_slots)
+
+    @model_validator(mode="after")
+    def _batch_kind(self) -> ApiSpec:
+        if self.kind == "batch" and self.batching is not None:
+            raise ValueError(
+                "batching applies to realtime and async APIs; a batch job already calls predict_batch "
+                "with batch_size items: remove `batching`"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

@@ -138,13 +138,22 @@ def decode_startup(line: bytes) -> StartupReport:
     return _startup_decoder.decode(line)
 
 
+class JobConfig(msgspec.Struct, frozen=True):
+    """A batch job's worker: each queued request is a batch for `predict_batch`."""
+
+    job_id: str
+    sink: str  # results directory: a local path or an fsspec URL
+
+
 class QueueConfig(msgspec.Struct, frozen=True):
-    """Where an async API's replica pulls its work from, and how."""
+    """Where an async API's replica (or a batch job's worker) pulls its work from, and how."""
 
     store_url: str  # "sqlite:///path/queue.db" or "redis://host:port/db"
     lease_s: float
     timeout_s: float
     max_concurrency: int
+    queue_name: str | None = None  # the queue to pull from (default: the API's name)
+    job: JobConfig | None = None  # set for a batch job's workers
 
 
 class BatchConfig(msgspec.Struct, frozen=True):

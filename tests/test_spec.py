@@ -171,7 +171,7 @@ def test_not_a_list_of_apis(raw: Any) -> None:
 
 
 def test_unsupported_kind() -> None:
-    assert "kind:" in spec_error(api(kind="batch"))
+    assert "kind:" in spec_error(api(kind="splitter"))
 
 
 # --- names ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from store_backends import StoreTarget, store_fixtures
 
-from cirrus.store.base import Backlog, Lease, NewRequest, QueueStore, Status
+from cirrus.store.base import Backlog, Counts, Lease, NewRequest, QueueStore, Status
 
 store_target, store = store_fixtures()
 
@@ -368,6 +368,21 @@ def test_backlog_counts_queued_and_in_progress(store: QueueStore) -> None:
     assert store.backlog(API, T0 + 50) == Backlog(in_queue=4, in_progress=0)
     assert len(short) == 2
     assert store.backlog("other", T0 + 50) == Backlog(in_queue=1, in_progress=0)
+
+
+def test_counts_by_stored_status(store: QueueStore) -> None:
+    assert store.counts(API) == Counts(in_queue=0, in_progress=0, completed=0, failed=0)
+    store.submit_many([request(f"r{i}", max_attempts=1) for i in range(6)] + [request("x", api="other")], T0)
+    done, dead, expired, held = store.lease(API, "w1", 4, 10, T0)
+    assert store.complete(done, b"ok", "text/plain", 200, T0 + 1)
+    assert store.fail(dead, "no", False, T0 + 1)
+    assert store.renew([held], 100, T0 + 1) == []
+    # the expired lease counts as in progress until a `lease` call takes it back
+    assert store.counts(API) == Counts(in_queue=2, in_progress=2, completed=1, failed=1)
+    assert store.lease(API, "w2", 1, 10, T0 + 50)[0].id == "r4"  # r2 had its one attempt: failed
+    assert store.counts(API) == Counts(in_queue=1, in_progress=2, completed=1, failed=2)
+    assert store.counts("other") == Counts(in_queue=1, in_progress=0, completed=0, failed=0)
+    assert expired.id == "r2"
 
 
 def test_purge_removes_only_finished_requests_older_than_the_cutoff(store: QueueStore) -> None:

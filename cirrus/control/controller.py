@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cirrus.control.scaling import ApiScaler
 from cirrus.control.scheduler import Assignment, Inventory, Unplaceable, place
@@ -28,6 +28,9 @@ from cirrus.store.base import QueueStore
 from cirrus.types import ApiStatus, DeployResult, ReplicaState
 from cirrus.wire import BatchConfig, QueueConfig, ReplicaLaunch, ReplicaReady
 
+if TYPE_CHECKING:
+    from cirrus.control.jobs import JobManager
+
 log = logging.getLogger("cirrus.controller")
 
 BACKOFF_BASE_S = 0.5
@@ -35,6 +38,8 @@ BACKOFF_MAX_S = 30.0
 STOP_GRACE_S = 30.0
 TICK_S = 0.5
 AUTOSCALE_INTERVAL_S = 1.0
+JOB_START_FAILURES = 3  # a job fails when every worker failed to start this many times in a row
+JOBS_INTERVAL_S = 0.25  # batch jobs are stepped this often at most (the loop may wake more often)
 
 
 def backoff_s(consecutive_failures: int) -> float:
@@ -91,6 +96,7 @@ class Replica:
     stored: StoredApi | None = None  # the revision it runs (None: the API's current one)
     assignment: Assignment | None = None  # the compute it holds while it runs
     reason: str | None = None  # why it is pending
+    job: str | None = None  # a batch API's worker: the id of the job it runs
 
 
 @dataclass
@@ -125,6 +131,7 @@ class Controller:
         inventory: Inventory | None = None,
         queue_store: QueueStore | None = None,
         queue_url: str | None = None,
+        jobs: JobManager | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -134,6 +141,7 @@ class Controller:
         self.inventory = inventory  # None: place without limits
         self.queue_store = queue_store  # async APIs' requests; its backlog drives their autoscaling
         self.queue_url = queue_url  # how their replicas reach it
+        self.jobs = jobs  # batch APIs' jobs: they decide how many workers a batch API runs
         self.apis: dict[str, ApiState] = {}
         self._by_replica: dict[str, Replica] = {}
         self._wake = asyncio.Event()
@@ -201,7 +209,7 @@ class Controller:
         """Sample every API's load and apply the policy once."""
         now = self.clock()
         for state in self.apis.values():
-            if state.deleted:
+            if state.deleted or state.stored.deployment.spec.kind == "batch":  # its job decides
                 continue
             state.scaler.observe(self._load(state), now)
             before = state.desired
@@ -227,17 +235,36 @@ class Controller:
 
     async def run(self) -> None:
         """Autoscale every AUTOSCALE_INTERVAL_S; reconcile on every change and at least every TICK_S."""
-        next_autoscale = self.clock()
+        next_autoscale = next_jobs = self.clock()
         while not self._stopping:
             self._wake.clear()
             if self.clock() >= next_autoscale:
                 self.autoscale()
                 next_autoscale = self.clock() + AUTOSCALE_INTERVAL_S
+            if self.clock() >= next_jobs:
+                self.step_jobs()
+                next_jobs = self.clock() + JOBS_INTERVAL_S
             self.reconcile()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
             except TimeoutError:
                 pass
+
+    def step_jobs(self) -> None:
+        """Advance the batch jobs; fail a job whose workers all keep failing to start."""
+        if self.jobs is None:
+            return
+        batch = {
+            s.name: s.stored.deployment.spec
+            for s in self.apis.values()
+            if not s.deleted and s.stored.deployment.spec.kind == "batch"
+        }
+        self.jobs.step(batch)
+        for name in batch:
+            job = self.jobs.running(name)
+            workers = [r for r in self.apis[name].replicas.values() if job is not None and r.job == job.id]
+            if job is not None and workers and all(r.consecutive_failures >= JOB_START_FAILURES for r in workers):
+                self.jobs.fail(job.id, f"its workers cannot start: {workers[0].last_error}")
 
     def reconcile(self) -> None:
         for state in list(self.apis.values()):
@@ -337,8 +364,16 @@ class Controller:
             if not state.replicas and self.apis.get(state.name) is state:
                 del self.apis[state.name]
             return
+        job = None  # a batch API runs workers of its running job only
+        if state.stored.deployment.spec.kind == "batch":
+            running = self.jobs.running(state.name) if self.jobs is not None else None
+            job = None if running is None else running.id
+            state.scaler.desired = 0 if running is None else min(running.workers, running.total_batches)
+            state.scaler.reason = "no job running" if running is None else f"job {job}: {state.desired} workers"
         current = [
-            r for r in state.replicas.values() if r.revision == state.revision and r.state is not ReplicaState.DRAINING
+            r
+            for r in state.replicas.values()
+            if r.revision == state.revision and r.job == job and r.state is not ReplicaState.DRAINING
         ]
         for replica in current:
             if replica.state is ReplicaState.BACKOFF and now >= replica.next_start_at:
@@ -351,6 +386,7 @@ class Controller:
                 revision=state.revision,
                 state=ReplicaState.PENDING,
                 stored=state.stored,
+                job=job,
             )
             state.replicas[replica.id] = replica
             self._by_replica[replica.id] = replica
@@ -362,9 +398,9 @@ class Controller:
             for replica in surplus:
                 self._retire(replica)
         ready = sum(1 for r in current if r.state is ReplicaState.READY)
-        older = [r for r in state.replicas.values() if r.revision != state.revision]
+        older = [r for r in state.replicas.values() if r.revision != state.revision or r.job != job]
         for replica in older:
-            if ready >= state.desired:
+            if ready >= state.desired or replica.job != job:
                 self._retire(replica)
             elif replica.state is ReplicaState.BACKOFF and now >= replica.next_start_at:
                 replica.state = ReplicaState.PENDING  # the old revision keeps serving until the new one can
@@ -400,10 +436,16 @@ class Controller:
             state.prepared.discard(revision)
             self._run_in_background(self.runtime.release(state.name, revision))
 
-    def _launch_for(self, stored: StoredApi, replica_id: str) -> tuple[ReplicaLaunch, dict[str, str]]:
+    def _launch_for(
+        self, stored: StoredApi, replica_id: str, job: str | None = None
+    ) -> tuple[ReplicaLaunch, dict[str, str]]:
         spec = stored.deployment.spec
         queue = None
-        if spec.kind == "async":
+        config = dict(spec.predictor.config)
+        if job is not None and self.jobs is not None and self.queue_url is not None:
+            queue, job_config = self.jobs.launch(job, spec, self.queue_url)
+            config.update(job_config)
+        elif spec.kind == "async":
             if self.queue_url is None:
                 raise RuntimeError("async APIs need a queue store; the controller has none")
             queue = QueueConfig(
@@ -419,7 +461,7 @@ class Controller:
             project_dir=stored.deployment.project_dir,
             predictor_path=spec.predictor.path,
             class_name=spec.predictor.class_name,
-            config=dict(spec.predictor.config),
+            config=config,
             inference_slots=spec.concurrency.inference_slots,
             batching=None
             if spec.batching is None
@@ -436,7 +478,7 @@ class Controller:
     def _start(self, state: ApiState, replica: Replica) -> None:
         replica.state = ReplicaState.STARTING
         replica.started_at = time.time()
-        launch, env = self._launch_for(replica.stored or state.stored, replica.id)
+        launch, env = self._launch_for(replica.stored or state.stored, replica.id, replica.job)
         if replica.assignment is not None and self.inventory is not None:
             env.update(replica.assignment.env())
         self._spawn(replica, self._launch(replica, launch, env))

@@ -35,7 +35,9 @@ def api_status(state: ApiState, gateway: GatewayControl, endpoint: str) -> ApiSt
     message = None
     if ready >= state.desired and not old_serving:
         status = ApiStatusName.LIVE
-        if state.desired == 0:
+        if state.desired == 0 and state.stored.deployment.spec.kind == "batch":
+            message = f"no job running; start one with `cirrus jobs submit {state.name}`"
+        elif state.desired == 0:
             message = "scaled to zero; the next request starts a replica"
     elif ready == 0 and failing:
         status = ApiStatusName.ERROR

@@ -119,7 +119,10 @@ class Gateway:
         route = self.routes.get(name)
         if route is not None:
             if not rest:
-                if method == "POST":
+                if method == "POST" and route.kind == "batch":
+                    message = f"{name} is a batch API: submit a job: cirrus jobs submit {name}"
+                    await send_json(send, 405, {"error": message})
+                elif method == "POST":
                     await self._predict(route, scope, receive, send)
                 elif method == "GET":
                     await send_json(send, 200, self.describe(route))

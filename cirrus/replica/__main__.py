@@ -66,6 +66,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             launch.class_name,
             launch.config,
             batching=launch.batching is not None,
+            batch_job=launch.queue is not None and launch.queue.job is not None,
         )
         openapi = openapi_document(launch.api, predictor)
     except BaseException as exc:
@@ -79,7 +80,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     worker_task = None
-    if launch.queue is not None:  # an async API: pull work from the queue store
+    if launch.queue is not None:  # an async API or a batch job: pull work from the queue store
         from cirrus.replica.worker import QueueWorker
         from cirrus.store import open_store
 

@@ -21,7 +21,7 @@ from cirrus.replica.server import RequestHandler
 from cirrus.replica.streaming import StreamSource
 from cirrus.store.base import Lease, QueueStore
 from cirrus.store.view import describe
-from cirrus.wire import InferRequest, QueueConfig
+from cirrus.wire import InferRequest, JobConfig, QueueConfig
 
 log = logging.getLogger("cirrus.replica")
 IDLE_POLL_S = (0.02, 0.5)  # poll interval when the queue is empty: from, backing off to
@@ -45,6 +45,7 @@ class QueueWorker:
         self.api = api
         self.worker = worker
         self.config = config
+        self.queue = config.queue_name or api  # a batch job's workers pull from the job's own queue
         self.leases: dict[str, Lease] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cirrus-queue")
@@ -62,7 +63,7 @@ class QueueWorker:
                 if free > 0:
                     try:
                         leases = await self._store(
-                            self.store.lease, self.api, self.worker, free, self.config.lease_s, time.time()
+                            self.store.lease, self.queue, self.worker, free, self.config.lease_s, time.time()
                         )
                     except Exception:
                         log.exception("leasing work from the queue store failed")
@@ -97,6 +98,9 @@ class QueueWorker:
                 log.warning("request %s: lease lost (it will be delivered again elsewhere)", request_id)
 
     async def _work(self, lease: Lease) -> None:
+        if self.config.job is not None:
+            await self._work_job(lease, self.config.job)
+            return
         try:
             request = InferRequest(
                 id=0,
@@ -132,6 +136,29 @@ class QueueWorker:
                 task.add_done_callback(self.tasks.discard)
         except Exception:
             log.exception("request %s: recording its outcome failed", lease.id)
+        finally:
+            self.leases.pop(lease.id, None)
+
+    async def _work_job(self, lease: Lease, job: JobConfig) -> None:
+        """A batch of a job (results to the sink, then complete), or the job's final hook."""
+        from cirrus.jobs import HOOK_ID
+        from cirrus.replica.job import BatchFailed, run_batch, run_hook
+
+        handler = self.handler
+        try:
+            try:
+                if lease.id == HOOK_ID:
+                    await run_hook(handler.predictor, handler.slots, lease.body, self.config.timeout_s)
+                else:
+                    await run_batch(handler.predictor, handler.slots, job, lease.body, self.config.timeout_s, self._io)
+            except BatchFailed as exc:
+                log.warning("job %s, %s (attempt %d): %s", job.job_id, lease.id, lease.attempt, exc)
+                await self._store(self.store.fail, lease, str(exc), exc.retry, time.time())
+                return
+            if not await self._store(self.store.complete, lease, b"", "application/json", 200, time.time()):
+                log.warning("job %s, %s: finished after its lease was lost", job.job_id, lease.id)
+        except Exception:
+            log.exception("job %s, %s: recording its outcome failed", job.job_id, lease.id)
         finally:
             self.leases.pop(lease.id, None)
 

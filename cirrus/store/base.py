@@ -75,6 +75,16 @@ class Backlog:
     in_progress: int
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Requests of one API by stored status (a batch job's progress)."""
+
+    in_queue: int
+    in_progress: int  # an expired lease counts here until a `lease` call takes it back
+    completed: int
+    failed: int
+
+
 class QueueStore(Protocol):
     def submit(self, request: NewRequest, now: float) -> None:
         """Store a request durably (it is on disk / in Redis when this returns). Duplicate ids raise ValueError."""
@@ -109,6 +119,10 @@ class QueueStore(Protocol):
 
     def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:
         """Failed requests, newest first."""
+        ...
+
+    def counts(self, api: str) -> Counts:
+        """How many requests of `api` are in each status."""
         ...
 
     def purge(self, older_than: float) -> int:

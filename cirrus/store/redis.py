@@ -49,7 +49,7 @@ from typing import Any
 
 import redis
 
-from cirrus.store.base import Backlog, Lease, NewRequest, RequestRecord, Status
+from cirrus.store.base import Backlog, Counts, Lease, NewRequest, RequestRecord, Status
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +420,13 @@ class RedisQueueStore:
             rows = pipe.execute()
         records = (self._record(api, id, values) for id, values in zip(ids, rows, strict=True))
         return [record for record in records if record is not None]
+
+    def counts(self, api: str) -> Counts:
+        with self._redis.pipeline(transaction=True) as pipe:
+            for name in ("queue", "inflight", "done", "dead"):
+                pipe.zcard(self._key(api, name))
+            queued, leased, done, dead = (int(n) for n in pipe.execute())
+        return Counts(in_queue=queued, in_progress=leased, completed=done - dead, failed=dead)
 
     def close(self) -> None:
         self._redis.close()

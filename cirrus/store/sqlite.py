@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from cirrus.store.base import Backlog, Lease, NewRequest, RequestRecord, Status
+from cirrus.store.base import Backlog, Counts, Lease, NewRequest, RequestRecord, Status
 
 SCHEMA_VERSION = 1
 
@@ -183,11 +183,11 @@ class SqliteQueueStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
+            if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         if self._closed:
@@ -361,3 +361,13 @@ class SqliteQueueStore:
             .fetchall()
         )
         return [_record(row) for row in rows]
+
+    def counts(self, api: str) -> Counts:
+        rows = self._conn().execute("SELECT status, COUNT(*) FROM requests WHERE api = ? GROUP BY status", (api,))
+        found = dict(rows.fetchall())
+        return Counts(
+            in_queue=found.get("in_queue", 0),
+            in_progress=found.get("in_progress", 0),
+            completed=found.get("completed", 0),
+            failed=found.get("failed", 0),
+        )
