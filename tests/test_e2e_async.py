@@ -63,7 +63,7 @@ def daemon_with(home: Path, store_url: str) -> Iterator[Cirrus]:
         assert cirrus.shutdown() == {}
 
 
-def _project(tmp_path: Path, **autoscaling: int) -> Path:
+def _project(tmp_path: Path, **autoscaling: float) -> Path:
     return write_project(
         tmp_path / "project",
         WORKER,
@@ -172,7 +172,9 @@ def test_failures_dead_letters_webhooks_and_bad_input(tmp_path: Path, store_url:
     try:
         with daemon_with(tmp_path / "home", store_url) as cirrus:
             client = cirrus.client()
-            project = _project(tmp_path, min_replicas=0, max_replicas=1)
+            project = _project(
+                tmp_path, min_replicas=0, max_replicas=1, scale_to_zero_after_s=1, window_s=1, panic_window_s=1
+            )
             spec = (project / "cirrus.yaml").read_text().replace("max_attempts: 20", "max_attempts: 2")
             (project / "cirrus.yaml").write_text(spec)
             client.deploy(project)
@@ -215,6 +217,10 @@ def test_failures_dead_letters_webhooks_and_bad_input(tmp_path: Path, store_url:
             while len(_Hook.received) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert sorted(str(h["status"]) for h in _Hook.received) == ["completed", "failed"]
+
+            # The backlog is empty: the API goes back to zero replicas.
+            idle = cirrus.wait_for("jobs", lambda s: s.replicas_desired == 0 and not s.replicas, timeout=30)
+            assert idle.status is ApiStatusName.LIVE
 
     finally:
         hook.shutdown()
