@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cirrus.daemon")
 VERSION = "0.1.0"
+SHUTDOWN_GRACE_S = 10  # how long requests in flight may take to finish when the daemon stops
 
 
 class DaemonError(Exception):
@@ -104,6 +105,7 @@ def _server(app: Any, sock: socket.socket) -> Any:
         access_log=False,
         log_level="warning",
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         server_header=False,
         date_header=False,
     )
@@ -190,10 +192,12 @@ async def run(
             settings.daemon_file.unlink()
         for server in servers:
             server.should_exit = True
+        # Requests in flight finish first (async accepts need the acceptor still running).
+        await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S + 1)
+        await gateway.async_front.close()
         await controller.shutdown()
         reconcile.cancel()
         purger.cancel()
-        await gateway.async_front.close()
         if follower is not None:
             follower.cancel()
         await asyncio.gather(*tasks, reconcile, purger, return_exceptions=True)

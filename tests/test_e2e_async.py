@@ -225,3 +225,44 @@ def test_failures_dead_letters_webhooks_and_bad_input(tmp_path: Path, store_url:
     finally:
         hook.shutdown()
         hook.server_close()
+
+
+def test_daemon_stops_promptly_under_accept_load_and_keeps_every_accepted_request(tmp_path: Path) -> None:
+    store_url = f"sqlite://{tmp_path / 'queue.db'}"
+    project = write_project(
+        tmp_path / "project",
+        WORKER,
+        name="idle",
+        kind="async",
+        predictor={"config": {"log": str(tmp_path / "deliveries.log")}},
+        compute={"cpu": 4096},  # never placed: every accepted request stays queued
+        autoscaling={"min_replicas": 0, "max_replicas": 1},
+    )
+    cirrus = Cirrus(tmp_path / "home", CIRRUS_STORE=store_url)
+    try:
+        cirrus.up()
+        cirrus.client().deploy(project, wait=False)
+        url, pid = cirrus.url("idle"), cirrus.info.pid
+        accepted: dict[str, str] = {}
+        lock = threading.Lock()
+        threads = [
+            threading.Thread(target=_submit, args=(url, list(range(i, 20_000, 8)), accepted, lock)) for i in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        while len(accepted) < 300:
+            time.sleep(0.01)
+        started = time.monotonic()
+        cirrus.client().down(timeout=30)
+        while pid_alive(pid) and time.monotonic() - started < 20:
+            time.sleep(0.05)
+        assert not pid_alive(pid), "the daemon hung on shutdown under accept load"
+        for thread in threads:
+            thread.join()
+        store = open_store(store_url)
+        try:
+            assert all(store.get("idle", request_id) is not None for request_id in accepted)  # every 202 was kept
+        finally:
+            store.close()
+    finally:
+        cirrus.shutdown()

@@ -17,7 +17,7 @@ MAX_WAITING = 10_000  # accepts waiting for the writer; past it, the gateway ans
 
 
 class AcceptQueueFull(Exception):
-    pass
+    """Too many accepts wait for the writer, or the gateway is shutting down."""
 
 
 class Acceptor:
@@ -28,9 +28,10 @@ class Acceptor:
         self._wakeup = asyncio.Event()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cirrus-accept")
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def submit(self, request: NewRequest) -> None:
-        if len(self._waiting) >= MAX_WAITING:
+        if self._closing or len(self._waiting) >= MAX_WAITING:
             raise AcceptQueueFull
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._write_loop())
@@ -41,7 +42,7 @@ class Acceptor:
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing or self._waiting:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._waiting:
@@ -58,7 +59,15 @@ class Acceptor:
                     if not future.done():
                         future.set_result(None)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting; write (and acknowledge) what is already waiting, then stop the writer."""
+        self._closing = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
+            try:
+                await asyncio.wait_for(self._task, timeout_s)
+            except TimeoutError:
+                for _, future in self._waiting:
+                    if not future.done():
+                        future.set_exception(AcceptQueueFull())
         self._writer.shutdown(wait=True)
