@@ -45,30 +45,25 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
-import datetime
-import json
 import os
-import platform
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import autoscale as asc  # bench/autoscale.py: the `cirrus up` daemon with marked processes
-import realtime as rt  # bench/realtime.py: wrk, its parsing, /proc process trees and CPU
+import procs
+import report
+from wrk import Wrk, add_load_args, find_wrk
 
 from cirrus.store import open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = procs.ROOT
 PROJECT = ROOT / "bench" / "projects" / "async-noop"
 MODES = {  # replicas -> (spec file, API name, label)
     0: (PROJECT / "cirrus.yaml", "async-noop", "0 replicas (accepts only)"),
@@ -76,15 +71,10 @@ MODES = {  # replicas -> (spec file, API name, label)
 }
 BODY = '{"x": 1}'
 STORES = ("sqlite", "redis")
+VERSIONS_OF = ("uvicorn", "fastapi", "starlette", "uvloop", "httptools", "pydantic")  # in --json
 
 
-class BenchError(Exception):
-    """A failure that ends the run with a clear message."""
-
-
-def log(msg: str) -> None:
-    print(f"[async] {msg}", file=sys.stderr, flush=True)
-
+log = procs.logger("async")
 
 # redis-server ---------------------------------------------------------------------------------
 
@@ -102,7 +92,7 @@ class RedisServer:
     def __init__(self, directory: Path, tag: str) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
-            raise BenchError("redis-server is not installed: apt-get install redis-server (or --only sqlite)")
+            raise procs.BenchError("redis-server is not installed: apt-get install redis-server (or --only sqlite)")
         self.executable = executable
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -120,7 +110,7 @@ class RedisServer:
 
     def start(self) -> str:
         for _ in range(3):  # a free port may be taken by someone else before redis binds it
-            self.port = rt.free_port()
+            self.port = procs.free_port()
             self.proc = subprocess.Popen(
                 [
                     self.executable,
@@ -133,7 +123,7 @@ class RedisServer:
                     "--daemonize", "no",
                     "--logfile", str(self.log_path),
                 ],
-                env={**os.environ, asc.TAG_ENV: self.tag},
+                env={**os.environ, procs.TAG_ENV: self.tag},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -151,8 +141,8 @@ class RedisServer:
             tail = self.log_tail()
             self.stop()
             if "Address already in use" not in tail:
-                raise BenchError(f"redis-server did not start:\n{tail}")
-        raise BenchError("redis-server found no free port")
+                raise procs.BenchError(f"redis-server did not start:\n{tail}")
+        raise procs.BenchError("redis-server found no free port")
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -228,18 +218,18 @@ def profile(pid: int, seconds: int, out: Path) -> dict[str, Any]:
     Python time goes (time in C with the GIL released, such as SQLite's commit, is not sampled)."""
     spy = shutil.which("py-spy")
     if spy is None:
-        raise BenchError("--profile needs py-spy: pip install py-spy")
+        raise procs.BenchError("--profile needs py-spy: pip install py-spy")
     cmd = [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--gil", "--nonblocking", "--function"]
     cmd += ["--threads", "-f", "raw", "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
     if done.returncode != 0 or not out.exists():
-        raise BenchError(f"py-spy failed ({done.returncode}): {(done.stdout + done.stderr)[-800:]}")
+        raise procs.BenchError(f"py-spy failed ({done.returncode}): {(done.stdout + done.stderr)[-800:]}")
     return summarize_profile(out)
 
 
 # Frames every sample of a thread passes through: left out of the "total" column.
-WRAPPERS = ("<frozen runpy>", "threading.py", "asyncio/runners.py", "uvloop/__init__.py", "cirrus/loop.py")
-WRAPPERS += ("cirrus/daemon.py", "concurrent/futures/thread.py")
+WRAPPERS = ["<frozen runpy>", "threading.py", "asyncio/runners.py", "uvloop/__init__.py", "cirrus/loop.py"]
+WRAPPERS += ["cirrus/daemon.py", "concurrent/futures/thread.py"]
 
 
 def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
@@ -281,12 +271,12 @@ def cpu_split(
 
 
 def measured_run(
-    wrk: str, url: str, lua: str, conns: int, seconds: int, daemon_pid: int, tree: rt.Tree, redis_tree: rt.Tree | None
+    wrk: Wrk, url: str, conns: int, seconds: int, daemon_pid: int, tree: procs.Tree, redis_tree: procs.Tree | None
 ) -> dict[str, Any]:
     before = tree.cpu()
     redis_before = redis_tree.cpu() if redis_tree else {}
     t0 = time.monotonic()
-    res = rt.run_wrk(wrk, url, lua, conns, seconds, tree)
+    res = wrk.run(url, conns, seconds, tree)
     elapsed = time.monotonic() - t0
     after = tree.cpu()
     res["daemon_cpu_pct"], res["replicas_cpu_pct"] = cpu_split(daemon_pid, before, after, elapsed)
@@ -303,10 +293,10 @@ def measured_run(
 
 
 def bench_mode(
-    store: str, replicas: int, url: str, redis_tree: rt.Tree | None, workdir: Path, lua: str, wrk: str, args: Any
+    store: str, replicas: int, url: str, redis_tree: procs.Tree | None, workdir: Path, wrk: Wrk, args: Any
 ) -> dict[str, Any]:
     spec_file, api, label = MODES[replicas]
-    daemon = asc.Daemon(f"{store}-{replicas}", workdir, args.logdir, fork=True)
+    daemon = procs.Daemon(f"{store}-{replicas}", workdir, args.logdir, log)
     if url:
         daemon.env["CIRRUS_STORE"] = url
     store_url = url or daemon.settings.store_url
@@ -314,7 +304,7 @@ def bench_mode(
     try:
         daemon.start()
         assert daemon.pid is not None
-        tree = rt.Tree(daemon.pid)
+        tree = procs.Tree(daemon.pid)
         log(f"{store}/{replicas}: deploying {spec_file.relative_to(ROOT)}")
         daemon.client.deploy(spec_file, wait=True, timeout=120)
         target = f"{daemon.gateway_url}/{api}"
@@ -329,7 +319,7 @@ def bench_mode(
             except httpx.HTTPError as exc:
                 last = str(exc)
             if time.monotonic() - t0 > args.ready_timeout:
-                raise BenchError(f"{store}/{replicas}: no 202 within {args.ready_timeout:g} s ({last})")
+                raise procs.BenchError(f"{store}/{replicas}: no 202 within {args.ready_timeout:g} s ({last})")
             time.sleep(0.05)
         record["first_202_s"] = round(time.monotonic() - t0, 3)
         time.sleep(args.settle)
@@ -342,13 +332,13 @@ def bench_mode(
         }
         log(f"{store}/{replicas}: {status.replicas_ready} ready / {status.replicas_desired} desired ({status.message})")
         if args.warmup > 0:
-            warm = rt.run_wrk(wrk, target, lua, max(args.conns), args.warmup, tree)
+            warm = wrk.run(target, max(args.conns), args.warmup, tree)
             log(f"{store}/{replicas}: warm-up {warm['rps']:.0f} req/s")
         record["runs"] = []
         for conns in args.conns:
             time.sleep(0.5)  # accepts still being committed land before the count
             before = stored(store_url, api)
-            res = measured_run(wrk, target, lua, conns, args.duration, daemon.pid, tree, redis_tree)
+            res = measured_run(wrk, target, conns, args.duration, daemon.pid, tree, redis_tree)
             time.sleep(0.5)
             after = stored(store_url, api)
             res["stored"] = after["total"] - before["total"]
@@ -362,7 +352,7 @@ def bench_mode(
                 f"redis {res['redis_cpu_pct']} %, wrk {res['wrk_cpu_pct']} %, other {res['other_cpu_pct']} %"
             )
             if not tree.pids().get(daemon.pid):
-                raise BenchError(f"{store}/{replicas}: the daemon died; logs: {args.logdir / daemon.label}")
+                raise procs.BenchError(f"{store}/{replicas}: the daemon died; logs: {args.logdir / daemon.label}")
         if args.verify:
             record["verify"] = verify_ids(daemon.gateway_url, store_url, api, args.verify)
             log(f"{store}/{replicas}: id check: {record['verify']}")
@@ -374,13 +364,11 @@ def bench_mode(
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 spied = pool.submit(profile, daemon.pid, args.profile_s, out)
                 time.sleep(1.0)  # py-spy attached
-                res = rt.run_wrk(wrk, target, lua, max(args.conns), args.profile_s, tree)
+                res = wrk.run(target, max(args.conns), args.profile_s, tree)
                 record["profile"] = {"rps_while_profiled": res["rps"], "raw": str(out), **spied.result()}
         return record
     finally:
-        left = daemon.stop()
-        if left:
-            log(f"{store}/{replicas}: processes still alive after SIGKILL: {left}")
+        procs.stop_and_report(daemon, log, f"{store}/{replicas}")
 
 
 # Output ---------------------------------------------------------------------------------------
@@ -404,8 +392,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             for run in rec["runs"]:
                 redis_cpu = "-" if run["redis_cpu_pct"] is None else f"{run['redis_cpu_pct']:.0f}"
                 out.append(
-                    f"| {rec['label']} | {run['conns']} | {run['rps']:.0f} | {rt.fmt_ms(run.get('p50_ms'))} "
-                    f"| {rt.fmt_ms(run.get('p99_ms'))} | {run['non2xx']} / {run['socket_errors']} "
+                    f"| {rec['label']} | {run['conns']} | {run['rps']:.0f} | {report.fmt_ms(run.get('p50_ms'))} "
+                    f"| {report.fmt_ms(run.get('p99_ms'))} | {run['non2xx']} / {run['socket_errors']} "
                     f"| {run['accepted']} | {run['stored']} (+{run['stored_minus_accepted']}) "
                     f"| {run['daemon_cpu_pct']:.0f} | {run['daemon_cpu_us_per_accept']} "
                     f"| {run['replicas_cpu_pct']:.0f} | {redis_cpu} "
@@ -445,11 +433,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--conns", type=rt.parse_conns, default=[1, 16, 64], help="wrk connections (default 1,16,64)")
-    ap.add_argument("--duration", type=int, default=15, help="seconds per wrk run (default 15)")
-    ap.add_argument("--warmup", type=int, default=5, help="warm-up seconds at the highest --conns (default 5)")
-    ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait after the first 202 (default 2)")
-    ap.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for the first 202")
+    add_load_args(ap, [1, 16, 64], 15, 5, "at the highest --conns", first_answer="202")
     ap.add_argument("--only", choices=STORES, action="append", help="only this store (repeatable)")
     ap.add_argument(
         "--replicas",
@@ -460,28 +444,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--verify", type=int, default=500, help="accepts whose ids are checked in the store (0: skip)")
     ap.add_argument("--profile", action="store_true", help="one more run per store under py-spy (see above)")
     ap.add_argument("--profile-s", type=int, default=10, help="seconds of py-spy sampling (default 10)")
-    ap.add_argument("--json", type=Path, metavar="OUT", help="write the raw numbers here")
-    ap.add_argument(
-        "--logdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "cirrus-bench-logs" / "async",
-        help="daemon and replica logs, redis log and profiles (default: $TMPDIR/cirrus-bench-logs/async)",
+    report.add_output_args(
+        ap,
+        report.LOGDIR / "async",
+        "daemon and replica logs, redis log and profiles (default: $TMPDIR/cirrus-bench-logs/async)",
+        check=False,
     )
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("error: wrk is not installed; install it with `apt-get install wrk` (Debian/Ubuntu)", file=sys.stderr)
+    if (binary := find_wrk()) is None:
         return 2
     args.logdir.mkdir(parents=True, exist_ok=True)
     stores = args.only or list(STORES)
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="cirrus-async-") as tmp, rt.sigterm_as_interrupt():
+    with tempfile.TemporaryDirectory(prefix="cirrus-async-") as tmp, procs.sigterm_as_interrupt():
         workdir = Path(tmp)
-        lua = rt.write_lua(workdir)
+        wrk = Wrk.posting(binary, workdir, BODY)
         for store in stores:
             redis_server = (
                 RedisServer(workdir / "redis", tag=f"async-bench-{os.getpid()}") if store == "redis" else None
@@ -491,15 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                 if redis_server is not None:
                     url = redis_server.start()
                     assert redis_server.proc is not None
-                    redis_tree = rt.Tree(redis_server.proc.pid)
+                    redis_tree = procs.Tree(redis_server.proc.pid)
                 for replicas in args.replicas:
-                    results.append(bench_mode(store, replicas, url, redis_tree, workdir, lua, wrk, args))
-            except (BenchError, asc.BenchError, rt.BenchError) as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                print("interrupted; daemon stopped, stopping redis-server", file=sys.stderr)
-                return 130
+                    results.append(bench_mode(store, replicas, url, redis_tree, workdir, wrk, args))
             finally:
                 if redis_server is not None:
                     with contextlib.suppress(OSError):
@@ -507,22 +482,10 @@ def main(argv: list[str] | None = None) -> int:
                     redis_server.stop()
     print(markdown(results))
     if args.json:
-        meta = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "versions": rt.versions(wrk),
-            "git": rt.git_describe(),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
-        log(f"raw numbers written to {args.json}")
+        versions = report.versions(VERSIONS_OF, wrk)
+        report.write_json(args.json, args, {"results": results}, versions=versions, log=log)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # between stores: nothing of ours is running
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    procs.run_main(main)

@@ -40,32 +40,26 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
+import procs
+import report
 
-from cirrus.client import Client
-from cirrus.settings import Settings
 from cirrus.spec import load_deployments
 from cirrus.types import ApiStatus, ReplicaState
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = procs.ROOT
 PROJECTS = ROOT / "bench" / "projects"
-TAG_ENV = "CIRRUS_BENCH_TAG"
 POLL_S = 0.5
 BIN_S = 0.5
 
@@ -116,33 +110,7 @@ COLD_APIS = [
 ]
 
 
-class BenchError(Exception):
-    """A failure that ends the run with a clear message."""
-
-
-def log(msg: str) -> None:
-    print(f"[autoscale] {msg}", file=sys.stderr, flush=True)
-
-
-# Processes ------------------------------------------------------------------------------------
-
-
-def tagged_pids(tag: str) -> list[int]:
-    """Every live process whose environment carries TAG_ENV=tag (the daemon, templates, replicas)."""
-    marker = f"{TAG_ENV}={tag}".encode()
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                if marker not in handle.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{name}/stat") as handle:
-                text = handle.read()
-            if text[text.rfind(")") + 2] != "Z":
-                out.append(int(name))
-    return sorted(out)
+log = procs.logger("autoscale")
 
 
 # daemon.log -----------------------------------------------------------------------------------
@@ -190,98 +158,18 @@ def parse_daemon_log(path: Path) -> list[Event]:
     return events
 
 
-# The daemon -----------------------------------------------------------------------------------
+def daemon_events(daemon: procs.Daemon, api: str | None = None, since: float = 0.0) -> list[Event]:
+    return [e for e in parse_daemon_log(daemon.settings.daemon_log) if e.at >= since and (api is None or e.api == api)]
 
 
-class Daemon:
-    """One `cirrus up` daemon with a throw-away CIRRUS_HOME; `stop()` ends it and everything it started."""
-
-    def __init__(self, label: str, workdir: Path, logdir: Path, fork: bool) -> None:
-        self.label = label
-        self.home = workdir / f"home-{label}"
-        self.home.mkdir(mode=0o700)
-        self.logdir = logdir
-        self.tag = uuid.uuid4().hex
-        self.env = {
-            **os.environ,
-            "CIRRUS_HOME": str(self.home),
-            "CIRRUS_PORT": "0",
-            "CIRRUS_ADMIN_PORT": "0",
-            TAG_ENV: self.tag,
-        }
-        if not fork:
-            self.env["CIRRUS_FORK_REPLICAS"] = "0"
-        self.settings = Settings.from_env(self.env)
-        self.client = Client(self.settings)
-        self.gateway_url = ""
-        self.pid: int | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "cirrus.cli", "up", "--timeout", "60"]
-        t0 = time.monotonic()
-        done = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=90, check=False)
-        if done.returncode != 0:
-            raise BenchError(f"`cirrus up` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-        info = json.loads(self.settings.daemon_file.read_text())
-        self.gateway_url, self.pid = info["gateway_url"], info["pid"]
-        log(f"{self.label}: daemon pid {self.pid} up in {time.monotonic() - t0:.2f} s, gateway {self.gateway_url}")
-
-    def events(self, api: str | None = None, since: float = 0.0) -> list[Event]:
-        return [
-            e for e in parse_daemon_log(self.settings.daemon_log) if e.at >= since and (api is None or e.api == api)
-        ]
-
-    def replica_start_mode(self, api: str, replica_id: str) -> str:
-        """'forked' or 'fresh', from the header the runtime writes at the top of the replica's log."""
-        path = self.settings.logs_dir / api / f"{replica_id}.log"
-        with contextlib.suppress(OSError):
-            headers = [line for line in path.read_text(errors="replace").splitlines() if line.startswith("---")]
-            if headers:
-                return "forked" if "forked from template" in headers[-1] else "fresh"
-        return "?"
-
-    def stop(self) -> list[int]:
-        """Ask the daemon to stop, then SIGTERM / SIGKILL every marked process left; return survivors."""
-        with contextlib.suppress(Exception):
-            self.client.down(timeout=20)
-        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-            left = tagged_pids(self.tag)
-            if not left:
-                break
-            log(f"{self.label}: {len(left)} processes left after `down`; sending {sig.name}")
-            for pid in left:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline and tagged_pids(self.tag):
-                time.sleep(0.1)
-        self.client.close()
-        self.save_logs()
-        return tagged_pids(self.tag)
-
-    def save_logs(self) -> None:
-        dest = self.logdir / self.label
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            shutil.copy2(self.settings.daemon_log, dest / "daemon.log")
-        if self.settings.logs_dir.is_dir():
-            with contextlib.suppress(OSError, shutil.Error):
-                shutil.copytree(self.settings.logs_dir, dest / "logs", dirs_exist_ok=True)
-
-    def wait(self, what: str, check: Callable[[ApiStatus], bool], name: str, timeout: float) -> ApiStatus:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.client.get(name)
-            if check(status):
-                return status
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{name}: not {what} within {timeout:g} s: {status.status}, "
-                    f"{status.replicas_ready}/{status.replicas_desired} ready, {status.message or ''}; "
-                    f"logs: {self.logdir / self.label}"
-                )
-            time.sleep(0.1)
+def replica_start_mode(daemon: procs.Daemon, api: str, replica_id: str) -> str:
+    """'forked' or 'fresh', from the header the runtime writes at the top of the replica's log."""
+    path = daemon.settings.logs_dir / api / f"{replica_id}.log"
+    with contextlib.suppress(OSError):
+        headers = [line for line in path.read_text(errors="replace").splitlines() if line.startswith("---")]
+        if headers:
+            return "forked" if "forked from template" in headers[-1] else "fresh"
+    return "?"
 
 
 def at_zero(status: ApiStatus) -> bool:
@@ -320,7 +208,7 @@ def rel(at: float | None, origin: float) -> float | None:
 
 
 async def drive(
-    daemon: Daemon, name: str, base_s: float, step_s: float, clients: int
+    daemon: procs.Daemon, name: str, base_s: float, step_s: float, clients: int
 ) -> tuple[float, float, float, list[tuple[float, float, int]], list[dict[str, Any]]]:
     """Closed loop: 1 client from t0, `clients` from the step; returns (t0, step, end, records, polls)."""
     url = f"{daemon.gateway_url}/{name}"
@@ -369,7 +257,7 @@ async def drive(
     return t0, step, end, records, polls
 
 
-def run_reaction(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
+def run_reaction(daemon: procs.Daemon, args: argparse.Namespace) -> dict[str, Any]:
     name = "sleep50"
     project = PROJECTS / "sleep50"
     log(f"reaction: deploying {project.relative_to(ROOT)}")
@@ -385,7 +273,7 @@ def run_reaction(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
     )
     t0, step, end, records, polls = asyncio.run(drive(daemon, name, args.base, args.step, args.clients))
     final = daemon.client.get(name)
-    events = daemon.events(name, since=step)
+    events = daemon_events(daemon, name, since=step)
     ups = [e for e in events if e.kind == "scaled" and e.data["to"] > e.data["from"]]
     readies = [e for e in events if e.kind == "ready" and e.at < end]
     before = [p for p in polls if p["at"] <= step]
@@ -414,7 +302,7 @@ def run_reaction(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
     first_poll_up = next((p["at"] for p in polls if p["at"] > step and p["desired"] > ready_at_step), None)
     modes: dict[str, int] = {}
     for e in readies:
-        mode = daemon.replica_start_mode(name, e.data["replica"])
+        mode = replica_start_mode(daemon, name, e.data["replica"])
         modes[mode] = modes.get(mode, 0) + 1
     timeline = []
     nbins = round((end - t0) / BIN_S)
@@ -473,13 +361,13 @@ def run_reaction(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
 # Part 2: cold starts --------------------------------------------------------------------------
 
 
-def wait_template(daemon: Daemon, api: str, timeout: float) -> dict[str, Any] | None:
+def wait_template(daemon: procs.Daemon, api: str, timeout: float) -> dict[str, Any] | None:
     """If the runtime started a template for the API, wait until it is ready (or failed); its record."""
     if not (daemon.settings.logs_dir / api / "templates").exists():
         return None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for e in daemon.events(api):
+        for e in daemon_events(daemon, api):
             if e.kind == "template_ready":
                 return {"state": "ready", **e.data}
             if e.kind == "template_failed":
@@ -488,7 +376,7 @@ def wait_template(daemon: Daemon, api: str, timeout: float) -> dict[str, Any] | 
     return {"state": f"not ready after {timeout:g} s"}
 
 
-def one_cold_start(daemon: Daemon, api: ColdApi, attempt: int) -> dict[str, Any]:
+def one_cold_start(daemon: procs.Daemon, api: ColdApi, attempt: int) -> dict[str, Any]:
     daemon.wait("at zero", at_zero, api.name, 90)
     time.sleep(0.5)
     url = f"{daemon.gateway_url}/{api.name}"
@@ -500,9 +388,9 @@ def one_cold_start(daemon: Daemon, api: ColdApi, attempt: int) -> dict[str, Any]
         took = time.perf_counter() - begin
         received = time.time()
     if response.status_code != 200 or not api.check(response.json()):
-        raise BenchError(f"{api.name}: unexpected answer {response.status_code}: {response.text[:200]}")
+        raise procs.BenchError(f"{api.name}: unexpected answer {response.status_code}: {response.text[:200]}")
     status = daemon.client.get(api.name)
-    events = daemon.events(api.name, since=sent - 0.01)
+    events = daemon_events(daemon, api.name, since=sent - 0.01)
     demand = next((e for e in events if e.kind == "demand"), None)
     ready = next((e for e in events if e.kind == "ready"), None)
     record: dict[str, Any] = {
@@ -514,7 +402,7 @@ def one_cold_start(daemon: Daemon, api: ColdApi, attempt: int) -> dict[str, Any]
         "demand_to_ready_s": round(ready.at - demand.at, 3) if demand and ready else None,
         "load_s": ready.data["load_s"] if ready else None,
         "ready_to_response_s": rel(received, ready.at) if ready else None,
-        "start_mode": daemon.replica_start_mode(api.name, ready.data["replica"]) if ready else "?",
+        "start_mode": replica_start_mode(daemon, api.name, ready.data["replica"]) if ready else "?",
     }
     log(
         f"cold {api.key} try {attempt}: {took:.3f} s (last_cold_start_s {status.last_cold_start_s}, "
@@ -548,7 +436,7 @@ def fresh_split(api: ColdApi, tag: str) -> dict[str, Any] | None:
     (what a template saves), `__init__` and the first predict, each timed on its own."""
     project = PROJECTS / api.project
     predictor = load_deployments(project)[0].spec.predictor
-    env = {**os.environ, **predictor.env, TAG_ENV: tag}
+    env = {**os.environ, **predictor.env, procs.TAG_ENV: tag}
     args = [str(project), predictor.path, predictor.class_name, json.dumps(predictor.config), json.dumps(api.payload)]
     cmd = [sys.executable, "-c", SPLIT_CODE, *args]
     begin = time.time()
@@ -565,7 +453,7 @@ def fresh_split(api: ColdApi, tag: str) -> dict[str, Any] | None:
     return out
 
 
-def run_cold(daemon: Daemon, api: ColdApi, args: argparse.Namespace) -> dict[str, Any]:
+def run_cold(daemon: procs.Daemon, api: ColdApi, args: argparse.Namespace) -> dict[str, Any]:
     project = PROJECTS / api.project
     log(f"cold {api.key}: deploying {project.relative_to(ROOT)} at zero replicas")
     results = daemon.client.deploy(project, wait=False)
@@ -712,24 +600,10 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+VERSIONS_OF = ("httpx", "uvicorn", "uvloop", "torch", "sentence_transformers")
+
+
 # Running --------------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for mod in ("httpx", "uvicorn", "uvloop", "torch", "sentence_transformers"):
-        with contextlib.suppress(Exception):
-            out[mod] = __import__(mod).__version__
-    return out
-
-
-def git_describe() -> str | None:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
-        )
-        return done.stdout.strip() or None
-    return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -750,67 +624,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-split", action="store_true", help="skip timing a fresh process's imports / __init__ / first predict"
     )
-    ap.add_argument("--json", type=Path, metavar="OUT", help="write the raw numbers here")
-    ap.add_argument(
-        "--logdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "cirrus-bench-logs" / "autoscale",
-        help="daemon.log and replica logs of each part are copied to LOGDIR/PART/ (default: "
+    report.add_output_args(
+        ap,
+        report.LOGDIR / "autoscale",
+        "daemon.log and replica logs of each part are copied to LOGDIR/PART/ (default: "
         "$TMPDIR/cirrus-bench-logs/autoscale)",
     )
-    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     if args.clients < 2 or args.tries < 1 or args.step < 6:
         ap.error("--clients must be >= 2, --tries >= 1 and --step >= 6")
     return args
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so that the daemons are stopped on the way out."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parts = args.only or ["reaction", "cold"]
     cold_apis = [a for a in COLD_APIS if not args.cold_api or a.key in args.cold_api]
-    args.logdir.mkdir(parents=True, exist_ok=True)
     fork = not args.no_fork
     results: dict[str, Any] = {
         "mode": "fresh processes (--no-fork: CIRRUS_FORK_REPLICAS=0)"
         if args.no_fork
         else "default (forked from a template when the runtime has one)"
     }
-    with tempfile.TemporaryDirectory(prefix="cirrus-autoscale-") as tmp, sigterm_as_interrupt():
+    with tempfile.TemporaryDirectory(prefix="cirrus-autoscale-") as tmp, procs.sigterm_as_interrupt():
         for part in parts:
-            daemon = Daemon(part, Path(tmp), args.logdir, fork)
+            daemon = procs.Daemon(part, Path(tmp), args.logdir, log, fork)
             try:
                 daemon.start()
                 if part == "reaction":
                     results["reaction"] = run_reaction(daemon, args)
                 else:
                     results["cold"] = [run_cold(daemon, api, args) for api in cold_apis]
-            except BenchError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            except KeyboardInterrupt:
-                print("interrupted; stopping the daemon and its replicas", file=sys.stderr)
-                return 130
             finally:
-                left = daemon.stop()
-                if left:
-                    log(f"{part}: processes still alive after SIGKILL: {left}")
-                else:
+                if procs.stop_and_report(daemon, log, part):
                     log(f"{part}: daemon and replicas stopped; logs in {args.logdir / part}")
     print(markdown(results))
     met = []
@@ -819,25 +665,12 @@ def main(argv: list[str] | None = None) -> int:
         met.append(first is not None and first < TARGET_CAPACITY_S)
     met += [c["met"] for c in results.get("cold", [])]
     if args.json:
-        meta = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "versions": versions(),
-            "git": git_describe(),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "targets": asdict(Targets()),
-        }
-        args.json.write_text(json.dumps({**meta, **results}, indent=2) + "\n")
-        log(f"raw numbers written to {args.json}")
+        versions = report.versions(VERSIONS_OF)
+        report.write_json(args.json, args, results, versions=versions, targets=Targets(), log=log)
     if args.check and not all(met):
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # between parts: nothing of ours is running
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    procs.run_main(main)

@@ -21,24 +21,20 @@ batching's p50 is within 10 % of unbatched.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import realtime as rt  # bench/realtime.py: servers, wrk, CPU accounting
+import procs
+import report
+from wrk import Wrk, add_load_args, find_wrk
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = procs.ROOT
 EXAMPLE = ROOT / "examples" / "sentence-embeddings"
 SENTENCE = "Cirrus serves machine-learning models behind an autoscaling HTTP API."
 BODY = json.dumps({"text": SENTENCE})
@@ -85,7 +81,7 @@ def raw_throughput(seconds: float) -> dict[int, float]:
         check=False,
     )
     if done.returncode != 0:
-        raise rt.BenchError(f"the raw model run failed:\n{done.stderr[-2000:]}")
+        raise procs.BenchError(f"the raw model run failed:\n{done.stderr[-2000:]}")
     return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -108,31 +104,11 @@ def write_project(directory: Path, max_concurrency: int) -> None:
     (directory / "cirrus.yaml").write_text("".join(parts))
 
 
-def wait_ok(server: rt.Server, urls: list[str], timeout_s: float) -> float:
-    assert server.proc is not None and server.tree is not None
-    t0 = time.monotonic()
-    pending = list(urls)
-    last = "no answer"
-    while pending and time.monotonic() - t0 < timeout_s:
-        server.tree.pids()
-        if server.proc.poll() is not None:
-            raise rt.BenchError(f"cirrus serve exited with {server.proc.returncode}\n{server.log_tail()}")
-        try:
-            reply = json.loads(rt.post(pending[0], BODY, timeout=30))
-            if len(reply.get("embedding", [])) == 384:
-                pending.pop(0)
-                continue
-            last = f"unexpected reply {str(reply)[:80]}"
-        except (OSError, ValueError, urllib.error.HTTPError) as exc:
-            last = str(exc)
-        time.sleep(0.2)
-    if pending:
-        raise rt.BenchError(f"{pending[0]} did not answer within {timeout_s:.0f} s ({last})\n{server.log_tail()}")
-    return time.monotonic() - t0
+def is_embedding(reply: bytes) -> bool:
+    return len(json.loads(reply).get("embedding", [])) == 384
 
 
-def log(msg: str) -> None:
-    print(f"[batching] {msg}", file=sys.stderr, flush=True)
+log = procs.logger("batching")
 
 
 def batch_mean(metrics_text: str, api: str) -> tuple[float, float]:
@@ -145,13 +121,6 @@ def batch_mean(metrics_text: str, api: str) -> tuple[float, float]:
     return values.get("count", 0.0), values.get("sum", 0.0)
 
 
-def get_text(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return str(response.read().decode())
-
-
 def markdown(rows: list[dict[str, Any]], raw: dict[int, float]) -> str:
     lines = [
         "| API | clients | req/s | p50 ms | p99 ms | mean batch (per request) | non-2xx / errors | server CPU % "
@@ -160,8 +129,8 @@ def markdown(rows: list[dict[str, Any]], raw: dict[int, float]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row['label']} | {row['conns']} | {row['rps']:.0f} | {rt.fmt_ms(row.get('p50_ms'))} "
-            f"| {rt.fmt_ms(row.get('p99_ms'))} | {row['batch_per_request']:.1f} "
+            f"| {row['label']} | {row['conns']} | {row['rps']:.0f} | {report.fmt_ms(row.get('p50_ms'))} "
+            f"| {report.fmt_ms(row.get('p99_ms'))} | {row['batch_per_request']:.1f} "
             f"| {row['non2xx']} / {row['socket_errors']} | {row['server_cpu_pct']:.0f} | {row['other_cpu_pct']:.0f} |"
         )
     lines += ["", "| raw model, in-process, torch threads 2 | sentences/s |", "|---|---|"]
@@ -179,87 +148,54 @@ def targets(rows: list[dict[str, Any]], raw: dict[int, float]) -> dict[str, Any]
         row = find(name, 32)
         if row and raw.get(32):
             value = row["rps"] / raw[32]
-            out[f"{name} req/s at 32 clients / raw batch-32 sentences/s"] = {
-                "value": round(value, 3),
-                "target": f">= {TARGET_OF_RAW_32}",
-                "met": value >= TARGET_OF_RAW_32,
-            }
+            out[f"{name} req/s at 32 clients / raw batch-32 sentences/s"] = report.at_least(value, TARGET_OF_RAW_32)
     adaptive, unbatched = find("adaptive", 1), find("unbatched", 1)
     if adaptive and unbatched and unbatched.get("p50_ms"):
         value = adaptive["p50_ms"] / unbatched["p50_ms"]
-        out["adaptive p50 / unbatched p50 at 1 client"] = {
-            "value": round(value, 3),
-            "target": f"<= {TARGET_P50_C1}",
-            "met": value <= TARGET_P50_C1,
-        }
+        out["adaptive p50 / unbatched p50 at 1 client"] = report.at_most(value, TARGET_P50_C1)
     return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--conns", type=rt.parse_conns, default=[1, 8, 32], help="wrk connections (default 1,8,32)")
-    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
-    ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per API and count (default 3)")
+    add_load_args(ap, [1, 8, 32], 10, 3, "per API and count")
     ap.add_argument("--raw-seconds", type=float, default=8.0, help="seconds per raw batch size (default 8)")
     ap.add_argument("--only", choices=list(MODES), action="append", help="run only these APIs (repeatable)")
-    ap.add_argument("--json", type=Path, metavar="OUT", help="write the raw numbers here")
-    ap.add_argument(
-        "--logdir", type=Path, default=Path(tempfile.gettempdir()) / "cirrus-bench-logs", help="server output"
-    )
-    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    report.add_output_args(ap)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("error: wrk is not installed; install it with `apt-get install wrk` (Debian/Ubuntu)", file=sys.stderr)
+    if (binary := find_wrk()) is None:
         return 2
-    args.logdir.mkdir(parents=True, exist_ok=True)
     names = args.only or list(MODES)
     rows: list[dict[str, Any]] = []
-    try:
-        log(f"raw model: batches of 1, 8, 32 for {args.raw_seconds:g} s each")
-        raw = raw_throughput(args.raw_seconds)
-        log("raw model: " + ", ".join(f"batch {k}: {v:.0f}/s" for k, v in raw.items()))
-    except rt.BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    with tempfile.TemporaryDirectory(prefix="cirrus-bench-batching-") as tmp, rt.sigterm_as_interrupt():
+    log(f"raw model: batches of 1, 8, 32 for {args.raw_seconds:g} s each")
+    raw = raw_throughput(args.raw_seconds)
+    log("raw model: " + ", ".join(f"batch {k}: {v:.0f}/s" for k, v in raw.items()))
+    with tempfile.TemporaryDirectory(prefix="cirrus-bench-batching-") as tmp, procs.sigterm_as_interrupt():
         workdir = Path(tmp)
         project = workdir / "project"
         write_project(project, max_concurrency=max(64, max(args.conns)))
-        lua = workdir / "post.lua"
-        lua.write_text(
-            f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\nwrk.headers["Content-Type"] = "application/json"\n'
-        )
-        home = workdir / "cirrus-home"
-        home.mkdir(mode=0o700)
-        port = rt.free_port()
-        base = f"http://127.0.0.1:{port}"
-        spec = rt.ServerSpec(
-            "cirrus-batching",
-            "cirrus serve (sentence embeddings)",
-            [sys.executable, "-m", "cirrus.cli", "serve", str(project), "--port", str(port)],
-            base,
-            env={"CIRRUS_HOME": str(home)},
-        )
-        server = rt.Server(spec, args.logdir)
+        wrk = Wrk.posting(binary, workdir, BODY)
+        spec = procs.cirrus_serve("cirrus-batching", "cirrus serve (sentence embeddings)", project, workdir)
+        base = spec.url
+        server = procs.Server(spec, args.logdir)
         try:
             server.start()
-            assert server.tree is not None
-            ready = wait_ok(server, [f"{base}/{api}" for api in names], 180)
+            urls = [f"{base}/{api}" for api in names]
+            ready = server.wait_answers(urls, BODY, 180, ok=is_embedding, poll_s=0.2, post_timeout_s=30)
             log(f"every API answers after {ready:.1f} s")
             for name in names:
                 url = f"{base}/{name}"
                 for conns in args.conns:
                     if args.warmup:
-                        rt.run_wrk(wrk, url, str(lua), conns, args.warmup, server.tree)
+                        wrk.run(url, conns, args.warmup, server.tree)
                     time.sleep(0.5)
-                    count0, sum0 = batch_mean(get_text(f"{base}/metrics"), name)
-                    res = rt.run_wrk(wrk, url, str(lua), conns, args.duration, server.tree)
-                    count1, sum1 = batch_mean(get_text(f"{base}/metrics"), name)
+                    count0, sum0 = batch_mean(procs.get_text(f"{base}/metrics"), name)
+                    res = wrk.run(url, conns, args.duration, server.tree)
+                    count1, sum1 = batch_mean(procs.get_text(f"{base}/metrics"), name)
                     res.update(
                         name=name,
                         label=MODES[name][1],
@@ -270,37 +206,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"{name} c={conns}: {res['rps']:.0f} req/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
                         f"batch {res['batch_per_request']:.1f}, other CPU {res['other_cpu_pct']} %"
                     )
-        except rt.BenchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("interrupted; stopping the server", file=sys.stderr)
-            return 130
         finally:
-            left = server.stop()
-            if left:
-                log(f"processes still alive after SIGKILL: {left}")
+            procs.stop_and_report(server, log, spec.name)
     found = targets(rows, raw)
     print(markdown(rows, raw))
     print()
-    print("| ratio | value | target | met |\n|---|---|---|---|")
-    for key, item in found.items():
-        print(f"| {key} | {item['value']} | {item['target']} | {'yes' if item['met'] else 'NO'} |")
+    print("\n".join(report.targets_table(found)))
     if args.json:
-        meta = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "git": rt.git_describe(),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps({**meta, "raw": raw, "runs": rows, "targets": found}, indent=2) + "\n")
-    if args.check and not all(item["met"] for item in found.values()):
+        report.write_json(args.json, args, {"raw": raw, "runs": rows, "targets": found})
+    if args.check and not report.all_met(found):
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
-    sys.exit(130)
+    procs.run_main(main)
