@@ -20,7 +20,7 @@ from cirrus.control.controller import Controller
 from cirrus.control.jobs import JobNotFound
 from cirrus.jobs import JobError, parse_request
 from cirrus.logs import follow_logs, log_files, tail_lines
-from cirrus.spec import Deployment, SpecError, check_predictor_path
+from cirrus.spec import Deployment, SpecError, check_model_paths, check_predictor_path
 from cirrus.store.files import FileError
 from cirrus.store.view import describe
 from cirrus.types import DaemonInfo
@@ -79,6 +79,7 @@ def build_admin_app(
             deployments = _deployments.validate_python(body["deployments"])
             for deployment in deployments:
                 check_predictor_path(deployment, "deploy")
+                check_model_paths(deployment, "deploy")
         except ValidationError as exc:
             return error(400, f"invalid deployment: {exc}")
         except SpecError as exc:

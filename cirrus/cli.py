@@ -632,6 +632,12 @@ def _api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
     ]
     if s.autoscaler:
         rows.append(("autoscaler", s.autoscaler))
+    for model in s.models:
+        progress = ""
+        if model.state == "fetching" and model.total_bytes:
+            progress = f" {100 * model.done_bytes / model.total_bytes:.0f}% of {model.total_bytes / 2**30:.2f} GiB"
+        where = model.error if model.state == "failed" else (model.path or model.source)
+        rows.append((f"model {model.name}", f"{model.state}{progress}: {where}"))
     if s.batch_size_mean is not None:
         rows.append(
             (

@@ -205,6 +205,25 @@ def _no_predict(payload: Any = None) -> Any:
     raise HTTPError(405, "this is a batch API: it runs jobs (cirrus jobs submit), not requests")
 
 
+def _init_kwargs(cls: type, config: dict[str, Any], models: dict[str, str]) -> dict[str, Any]:
+    """`__init__` asks for what it uses: `config`, `models` ({name: local path}) and `model_path`
+    (the path of the API's only model, or None when it has none)."""
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "config" in params:
+        kwargs["config"] = config
+    if "models" in params:
+        kwargs["models"] = dict(models)
+    if "model_path" in params:
+        if len(models) > 1:
+            raise PredictorLoadError(
+                f"{cls.__name__}.__init__ asks for model_path, but the API has {len(models)} models "
+                f"({', '.join(sorted(models))}): ask for `models` (a dict of name -> path) instead"
+            )
+        kwargs["model_path"] = next(iter(models.values()), None)
+    return kwargs
+
+
 def load_predictor(
     project_dir: str,
     path: str,
@@ -212,6 +231,7 @@ def load_predictor(
     config: dict[str, Any],
     batching: bool = False,
     batch_job: bool = False,
+    models: dict[str, str] | None = None,
 ) -> LoadedPredictor:
     """Import the user's file, construct the class once, and inspect its methods. With `batching`
     the class must also define `predict_batch(self, payloads: list) -> list`; a batch job's worker
@@ -235,8 +255,7 @@ def load_predictor(
             "`def predict_batch(self, payloads: list) -> list` (one result per payload, in order), "
             "or remove `batching` from the spec"
         )
-    init_params = inspect.signature(cls).parameters
-    instance = cls(config=config) if "config" in init_params else cls()
+    instance = cls(**_init_kwargs(cls, config, models or {}))
     predict = _method(instance, "predict", INJECTABLE)
     if predict is None and batch_job:
         predict = Method(fn=_no_predict, wants=("payload",), is_async=False)

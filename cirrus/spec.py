@@ -153,6 +153,32 @@ class BatchingSpec(_Strict):
     )
 
 
+class ModelSpec(_Strict):
+    """A model the API's replicas need: fetched once into the disk cache before they start."""
+
+    name: str = Field(description="how the predictor refers to it (`models[name]`)")
+    path: str = Field(description="a local file or directory (relative to the spec), or an fsspec URL (s3://...)")
+    version: str | None = Field(None, description="a label; a new version is fetched anew")
+
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+            raise ValueError(f"{value!r} is not a model name (letters, digits, '.', '_', '-')")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _model_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def is_url(self) -> bool:
+        return "://" in self.path
+
+
 class QueueSpec(_Strict):
     """How an async API's requests are delivered to its replicas (at least once)."""
 
@@ -228,6 +254,18 @@ class ApiSpec(_Strict):
         None, description="server-side batching (the predictor needs predict_batch); off when absent"
     )
     queue: QueueSpec = Field(default_factory=lambda: QueueSpec(), description="async APIs: delivery settings")
+    models: list[ModelSpec] = Field(
+        default_factory=list, description="models fetched into the disk cache before replicas start"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, value: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        return value
 
     @property
     def target_concurrency(self) -> float:
@@ -351,8 +389,24 @@ def load_deployments(path: str | Path) -> list[Deployment]:
     for spec in specs:
         deployment = Deployment(spec=spec, project_dir=str(project_dir))
         check_predictor_path(deployment, str(spec_file))
+        check_model_paths(deployment, str(spec_file))
         deployments.append(deployment)
     return deployments
+
+
+def check_model_paths(deployment: Deployment, source: str) -> None:
+    """Local model paths (relative to the spec, or absolute) must exist; URLs are checked when fetched."""
+    for index, model in enumerate(deployment.spec.models):
+        if model.is_url:
+            continue
+        path = Path(model.path).expanduser()
+        if not path.is_absolute():
+            path = Path(deployment.project_dir) / path
+        if not path.exists():
+            raise SpecError(
+                f"{source}: API {deployment.spec.name!r}: models.{index}.path: {path} does not exist "
+                "(a local file or directory, relative to the spec, or a URL such as s3://bucket/prefix/)"
+            )
 
 
 def check_predictor_path(deployment: Deployment, source: str) -> None:

@@ -45,6 +45,16 @@ class ReplicaStatus(_Record):
     devices: dict[str, str] = Field(default_factory=dict)  # assigned devices, e.g. {"gpu": "0"}
 
 
+class ModelStatus(_Record):
+    name: str
+    source: str
+    state: str  # pending | fetching | ready | failed
+    done_bytes: int = 0
+    total_bytes: int = 0
+    path: str | None = None  # the local path replicas get
+    error: str | None = None
+
+
 class ApiStatus(_Record):
     name: str
     kind: str = "realtime"
@@ -67,6 +77,7 @@ class ApiStatus(_Record):
     predict_p50_ms: float | None = None  # time in predict (or predict_batch), last minute
     last_cold_start_s: float | None = None  # first queued request -> first replica serving, from zero
     replicas: list[ReplicaStatus] = Field(default_factory=list)
+    models: list[ModelStatus] = Field(default_factory=list)
 
 
 class DeployResult(_Record):

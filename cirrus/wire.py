@@ -180,6 +180,7 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     version: int = WIRE_VERSION
     batching: BatchConfig | None = None  # None: every request gets its own predict call
     queue: QueueConfig | None = None  # an async API's replica: pull work from this queue store
+    models: dict[str, str] = {}  # the API's models, fetched: name -> local path
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

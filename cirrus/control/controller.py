@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cirrus.control.models import ModelFetcher
 from cirrus.control.scaling import ApiScaler
 from cirrus.control.scheduler import Assignment, Inventory, Unplaceable, place
 from cirrus.control.status import api_status
@@ -132,6 +133,7 @@ class Controller:
         queue_store: QueueStore | None = None,
         queue_url: str | None = None,
         jobs: JobManager | None = None,
+        models: ModelFetcher | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -142,6 +144,7 @@ class Controller:
         self.queue_store = queue_store  # async APIs' requests; its backlog drives their autoscaling
         self.queue_url = queue_url  # how their replicas reach it
         self.jobs = jobs  # batch APIs' jobs: they decide how many workers a batch API runs
+        self.models = models or ModelFetcher(None, clock)  # each revision's models, fetched before it starts
         self.apis: dict[str, ApiState] = {}
         self._by_replica: dict[str, Replica] = {}
         self._wake = asyncio.Event()
@@ -179,6 +182,7 @@ class Controller:
             return False
         self.store.delete(name)
         state.deleted = True
+        self.models.forget(name)
         self.gateway.remove_api(name)
         self._wake.set()
         return True
@@ -187,11 +191,15 @@ class Controller:
         state = self.apis.get(name)
         if state is None or state.deleted:
             return None
-        return api_status(state, self.gateway, self.endpoint(state.name))
+        return api_status(
+            state, self.gateway, self.endpoint(state.name), self.models.status((state.name, state.revision))
+        )
 
     def statuses(self) -> list[ApiStatus]:
         live = sorted((s for s in self.apis.values() if not s.deleted), key=lambda s: s.name)
-        return [api_status(s, self.gateway, self.endpoint(s.name)) for s in live]
+        return [
+            api_status(s, self.gateway, self.endpoint(s.name), self.models.status((s.name, s.revision))) for s in live
+        ]
 
     def demand(self, name: str) -> None:
         """A request is waiting for an API with no ready replica: decide now, not at the next tick."""
@@ -413,6 +421,10 @@ class Controller:
                 if replica.state is not ReplicaState.PENDING:
                     continue
                 stored = replica.stored or state.stored
+                paths = self.models.paths((state.name, replica.revision), stored.deployment)
+                if paths is None:  # its models are being fetched (or failed and will be retried)
+                    replica.reason = self.models.waiting_reason((state.name, replica.revision))
+                    continue
                 if self.inventory is None:
                     assignment = Assignment(cpu=0.0, mem=0, gpus=(), accelerators={})
                 else:
@@ -424,7 +436,7 @@ class Controller:
                 replica.assignment = assignment
                 replica.reason = None
                 held.append(assignment)
-                self._start(state, replica)
+                self._start(state, replica, paths)
 
     def _release_templates(self, state: ApiState) -> None:
         """Release the runtime's preparation of revisions that will start no more replicas."""
@@ -437,7 +449,7 @@ class Controller:
             self._run_in_background(self.runtime.release(state.name, revision))
 
     def _launch_for(
-        self, stored: StoredApi, replica_id: str, job: str | None = None
+        self, stored: StoredApi, replica_id: str, job: str | None = None, models: dict[str, str] | None = None
     ) -> tuple[ReplicaLaunch, dict[str, str]]:
         spec = stored.deployment.spec
         queue = None
@@ -472,13 +484,14 @@ class Controller:
                 max_queue=spec.concurrency.max_concurrency,
             ),
             queue=queue,
+            models=models or {},
         )
         return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 
-    def _start(self, state: ApiState, replica: Replica) -> None:
+    def _start(self, state: ApiState, replica: Replica, models: dict[str, str]) -> None:
         replica.state = ReplicaState.STARTING
         replica.started_at = time.time()
-        launch, env = self._launch_for(replica.stored or state.stored, replica.id, replica.job)
+        launch, env = self._launch_for(replica.stored or state.stored, replica.id, replica.job, models)
         if replica.assignment is not None and self.inventory is not None:
             env.update(replica.assignment.env())
         self._spawn(replica, self._launch(replica, launch, env))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from cirrus.types import ApiStatus, ApiStatusName, ReplicaState, ReplicaStatus
+from cirrus.types import ApiStatus, ApiStatusName, ModelStatus, ReplicaState, ReplicaStatus
 
 if TYPE_CHECKING:
     from cirrus.control.controller import ApiState, GatewayControl, Replica
+    from cirrus.control.models import ModelFetch
 
 
 def _devices(replica: Replica) -> dict[str, str]:
@@ -26,7 +27,11 @@ def _devices(replica: Replica) -> dict[str, str]:
     return devices
 
 
-def api_status(state: ApiState, gateway: GatewayControl, endpoint: str) -> ApiStatus:
+def api_status(
+    state: ApiState, gateway: GatewayControl, endpoint: str, models: list[ModelFetch] | None = None
+) -> ApiStatus:
+    models = models or []
+    model_failure = next((m.describe() for m in models if m.state == "failed"), None)
     current = [r for r in state.replicas.values() if r.revision == state.revision]
     ready = sum(1 for r in current if r.state is ReplicaState.READY)
     pending = [r for r in current if r.state is ReplicaState.PENDING]
@@ -39,6 +44,9 @@ def api_status(state: ApiState, gateway: GatewayControl, endpoint: str) -> ApiSt
             message = f"no job running; start one with `cirrus jobs submit {state.name}`"
         elif state.desired == 0:
             message = "scaled to zero; the next request starts a replica"
+    elif ready == 0 and model_failure is not None:
+        status = ApiStatusName.ERROR
+        message = model_failure
     elif ready == 0 and failing:
         status = ApiStatusName.ERROR
         message = failing[0].last_error
@@ -57,6 +65,18 @@ def api_status(state: ApiState, gateway: GatewayControl, endpoint: str) -> ApiSt
     cold_starts, last_cold_start = gateway.cold_starts(state.name)
     batch_mean, slot_wait, predict = gateway.inference_metrics(state.name, time.time())
     return ApiStatus(
+        models=[
+            ModelStatus(
+                name=m.name,
+                source=m.source,
+                state=m.state,
+                done_bytes=m.done_bytes,
+                total_bytes=m.total_bytes,
+                path=m.path,
+                error=m.error,
+            )
+            for m in models
+        ],
         name=state.name,
         kind=state.stored.deployment.spec.kind,
         status=status,

@@ -67,6 +67,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             launch.config,
             batching=launch.batching is not None,
             batch_job=launch.queue is not None and launch.queue.job is not None,
+            models=launch.models,
         )
         openapi = openapi_document(launch.api, predictor)
     except BaseException as exc:

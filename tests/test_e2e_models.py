@@ -1,0 +1,87 @@
+"""Models through the real daemon: `models:` in the spec, local paths handed to the predictor as
+`model_path` / `models`, and clear errors for a missing model or an ambiguous `model_path`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Cirrus, write_project
+
+from cirrus.types import ApiStatusName
+
+ONE_MODEL = """
+class Predictor:
+    def __init__(self, config, model_path):
+        with open(model_path) as f:
+            self.weights = f.read().strip()
+
+    def predict(self, payload):
+        return {"weights": self.weights}
+"""
+
+TWO_MODELS = """
+import os
+
+
+class Predictor:
+    def __init__(self, models):
+        self.models = {name: sorted(os.listdir(path)) if os.path.isdir(path) else open(path).read().strip()
+                       for name, path in models.items()}
+
+    def predict(self, payload):
+        return self.models
+"""
+
+AMBIGUOUS = """
+class Predictor:
+    def __init__(self, model_path):
+        self.path = model_path
+
+    def predict(self, payload):
+        return self.path
+"""
+
+
+def test_local_models_reach_the_predictor(daemon: Cirrus, tmp_path: Path) -> None:
+    one = write_project(tmp_path / "one", ONE_MODEL, name="one", models=[{"name": "w", "path": "weights.txt"}])
+    (one / "weights.txt").write_text("v1-weights\n")
+    two = write_project(
+        tmp_path / "two",
+        TWO_MODELS,
+        name="two",
+        models=[{"name": "tokenizer", "path": "tok"}, {"name": "encoder", "path": str(tmp_path / "enc.bin")}],
+    )
+    (two / "tok").mkdir()
+    (two / "tok" / "vocab.txt").write_text("a b c")
+    (tmp_path / "enc.bin").write_text("encoder-weights")
+    client = daemon.client()
+    client.deploy(one)
+    client.deploy(two)
+    assert client.predict("one", {}).json() == {"weights": "v1-weights"}
+    assert client.predict("two", {}).json() == {"tokenizer": ["vocab.txt"], "encoder": "encoder-weights"}
+    status = client.get("two")
+    assert [(m.name, m.state) for m in status.models] == [("tokenizer", "ready"), ("encoder", "ready")]
+    code, out, _ = daemon.cli("get", "two")
+    assert code == 0 and "model tokenizer" in out and "ready" in out
+
+
+def test_model_errors_are_clear(daemon: Cirrus, tmp_path: Path) -> None:
+    missing = write_project(tmp_path / "missing", ONE_MODEL, name="missing", models=[{"name": "w", "path": "nope.bin"}])
+    code, _, err = daemon.cli("deploy", str(missing))
+    assert code == 1
+    assert "API 'missing': models.0.path:" in err and "nope.bin does not exist" in err
+    assert daemon.client().get() == []  # nothing deployed
+
+    ambiguous = write_project(
+        tmp_path / "ambiguous",
+        AMBIGUOUS,
+        name="ambiguous",
+        models=[{"name": "a", "path": "a.txt"}, {"name": "b", "path": "b.txt"}],
+    )
+    (ambiguous / "a.txt").write_text("a")
+    (ambiguous / "b.txt").write_text("b")
+    code, _, err = daemon.cli("deploy", str(ambiguous), "--timeout", "30")
+    assert code == 1
+    status = daemon.client().get("ambiguous")
+    assert status.status is ApiStatusName.ERROR
+    assert status.message is not None and "asks for model_path, but the API has 2 models" in status.message
