@@ -360,6 +360,8 @@ class Client:
         }
         if s.store:
             env["CIRRUS_STORE"] = s.store
+        if s.s3_endpoint_url:
+            env["CIRRUS_S3_ENDPOINT_URL"] = s.s3_endpoint_url
         with s.daemon_log.open("ab") as log:
             log_offset = log.tell()
             try:

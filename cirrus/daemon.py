@@ -123,6 +123,7 @@ async def run(
     from cirrus.admin import build_admin_app
     from cirrus.control.controller import Controller
     from cirrus.control.jobs import JobManager, JobStore
+    from cirrus.control.models import ModelFetcher
     from cirrus.control.store import Store
     from cirrus.gateway.app import Gateway
     from cirrus.gateway.async_api import AsyncFront
@@ -166,6 +167,7 @@ async def run(
         queue_store=queue_store,
         queue_url=queue_url,
         jobs=jobs,
+        models=ModelFetcher(lambda: _model_cache(settings), time.monotonic),
     )
     gateway.on_cold = controller.demand
     gateway.async_front = AsyncFront(queue_store, max_attempts=controller.max_attempts)
@@ -204,6 +206,14 @@ async def run(
         store.close()
         job_store.close()
         queue_store.close()
+
+
+def _model_cache(settings: Settings) -> Any:
+    """The disk cache of fetched models (created on the first model that needs fetching)."""
+    from cirrus.models.cache import ModelCache
+
+    options = {"s3": {"endpoint_url": settings.s3_endpoint_url}} if settings.s3_endpoint_url else None
+    return ModelCache(settings.models_dir, storage_options=options)
 
 
 async def _purge_results(queue_store: QueueStore, ttl_s: int, every_s: float = 600.0) -> None:

@@ -37,6 +37,7 @@ class Settings:
     python: str = sys.executable
     store: str = ""  # the async queue store URL; "" = SQLite at $CIRRUS_HOME/queue.db
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
+    s3_endpoint_url: str = ""  # an S3-compatible server for model sources (e.g. MinIO, moto)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -51,6 +52,7 @@ class Settings:
             python=env.get("CIRRUS_PYTHON") or sys.executable,
             store=env.get("CIRRUS_STORE") or "",
             result_ttl_s=_int_env(env, "CIRRUS_RESULT_TTL_S", DEFAULT_RESULT_TTL_S),
+            s3_endpoint_url=env.get("CIRRUS_S3_ENDPOINT_URL") or "",
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -76,6 +78,10 @@ class Settings:
     @property
     def store_url(self) -> str:
         return self.store or f"sqlite://{self.home.resolve() / 'queue.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
 
     @property
     def daemon_log(self) -> Path:

@@ -85,3 +85,55 @@ def test_model_errors_are_clear(daemon: Cirrus, tmp_path: Path) -> None:
     status = daemon.client().get("ambiguous")
     assert status.status is ApiStatusName.ERROR
     assert status.message is not None and "asks for model_path, but the API has 2 models" in status.message
+
+
+S3_MODEL = """
+import os
+
+
+class Predictor:
+    def __init__(self, model_path):
+        self.path = model_path
+        self.files = {name: open(os.path.join(model_path, name)).read() for name in sorted(os.listdir(model_path))}
+
+    def predict(self, payload):
+        return {"path": self.path, "files": self.files}
+"""
+
+
+def test_s3_models_are_fetched_once_into_the_cache(tmp_path: Path) -> None:
+    from s3_server import s3_server
+
+    with s3_server(tmp_path / "moto") as s3:
+        fs = s3.filesystem()
+        fs.mkdir("models")
+        fs.pipe({"models/minilm/v1/config.json": b'{"dim": 384}', "models/minilm/v1/weights.bin": b"w" * 3_000_000})
+        cirrus = Cirrus(tmp_path / "home", CIRRUS_S3_ENDPOINT_URL=s3.endpoint_url)
+        try:
+            cirrus.up()
+            client = cirrus.client()
+            project = write_project(
+                tmp_path / "project",
+                S3_MODEL,
+                name="remote",
+                models=[{"name": "minilm", "path": "s3://models/minilm/v1/"}],
+            )
+            client.deploy(project)
+            answer = client.predict("remote", {}).json()
+            assert answer["files"] == {"config.json": '{"dim": 384}', "weights.bin": "w" * 3_000_000}
+            cache = cirrus.settings.models_dir
+            assert Path(answer["path"]).is_relative_to(cache)  # the replica reads the cached copy
+            [model] = client.get("remote").models
+            assert (model.state, model.total_bytes) == ("ready", 3_000_012)
+
+            broken = write_project(
+                tmp_path / "broken", S3_MODEL, name="broken", models=[{"name": "gone", "path": "s3://models/nothing/"}]
+            )
+            code, _, err = cirrus.cli("deploy", str(broken), "--timeout", "30")
+            assert code == 1 and "could not be fetched" in err
+            status = client.get("broken")
+            assert status.status is ApiStatusName.ERROR
+            assert status.message is not None and "model 'gone' could not be fetched" in status.message
+            assert [m.state for m in status.models] == ["failed"]
+        finally:
+            assert cirrus.shutdown() == {}

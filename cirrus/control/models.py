@@ -24,7 +24,14 @@ Key = tuple[str, int]  # (API, revision)
 
 
 class Cache(Protocol):
-    def fetch(self, source_url: str, version: str | None, progress: Callable[[int, int], None] | None) -> Path: ...
+    def fetch(
+        self,
+        source_url: str,
+        version: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        name: str | None = None,
+    ) -> Path: ...
 
 
 @dataclass
@@ -137,4 +144,4 @@ class ModelFetcher:
             if self.cache_factory is None:
                 raise RuntimeError("this daemon has no model cache")
             self._cache = self.cache_factory()
-        return self._cache.fetch(model.path, model.version, progress)
+        return self._cache.fetch(model.path, model.version, progress, name=model.name)
