@@ -4,6 +4,13 @@ A predictor asks for what it uses: arguments of `predict`, `pre_predict` and `po
 injected by name (`payload`, `query_params`, `headers`, `request_id`, and `response` for
 `post_predict`). A `payload` annotated with a pydantic model is validated (422 on failure), and
 a pydantic return annotation shapes the output; both appear in the API's OpenAPI document.
+
+A multi-model API (the spec's `multi_model`) serves its `models:` by name: the class defines
+`load_model(self, path)` (and optionally `unload_model(self, model)`), the replica keeps the most
+recently used models in memory (`cirrus.models.lru.ModelLRU`), and `predict` asks for `model`: the
+loaded model the request named (`POST /<api>/<model>` or the `X-Cirrus-Model` header). Injection
+rather than a `self.get_model(name)` method keeps the class free of Cirrus attributes and lets the
+replica answer 400/404 for a missing or unknown name before `predict` runs.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class Call:
     query_params: dict[str, str]
     headers: dict[str, str]
     request_id: str
+    model: Any = None  # a multi-model API: the loaded model the request named (`predict(model)`)
     # What the replica measured around predict, reported to the gateway with the reply.
     slot_wait_s: float = 0.0  # ready for predict -> predict (or its batch) started on a slot
     predict_s: float = 0.0  # the predict (or predict_batch) call
@@ -86,6 +94,7 @@ class Method:
             "headers": call.headers,
             "request_id": call.request_id,
             "response": response,
+            "model": call.model,
         }
         return {name: values[name] for name in self.wants}
 
@@ -99,6 +108,8 @@ class LoadedPredictor:
     predict_batch: Method | None = None  # `predict_batch(payloads)`, used when the API has `batching`
     schemas: dict[str, Any] = field(default_factory=dict)
     on_job_complete: Method | None = None  # a batch job's worker: `on_job_complete(job)`, once per job
+    load_model: Any = None  # a multi-model API: the bound `load_model(path)`, called on a cache miss
+    unload_model: Any = None  # optional bound `unload_model(model)`, called when a model is evicted
 
 
 # predictor file (resolved) -> (its module, the file's (mtime_ns, size) when it was executed)
@@ -232,10 +243,13 @@ def load_predictor(
     batching: bool = False,
     batch_job: bool = False,
     models: dict[str, str] | None = None,
+    multi_model: bool = False,
 ) -> LoadedPredictor:
     """Import the user's file, construct the class once, and inspect its methods. With `batching`
     the class must also define `predict_batch(self, payloads: list) -> list`; a batch job's worker
-    (`batch_job`) needs only `predict_batch`, and may define `on_job_complete(self, job)`."""
+    (`batch_job`) needs only `predict_batch`, and may define `on_job_complete(self, job)`. A
+    `multi_model` API's class must define `load_model(self, path)`, and its `predict` may ask
+    for `model`."""
     project = Path(project_dir)
     file = project / path
     if not file.is_file():
@@ -255,8 +269,14 @@ def load_predictor(
             "`def predict_batch(self, payloads: list) -> list` (one result per payload, in order), "
             "or remove `batching` from the spec"
         )
+    if multi_model and not callable(getattr(cls, "load_model", None)):
+        raise PredictorLoadError(
+            f"the API has `multi_model` but {class_name} has no load_model method: define "
+            "`def load_model(self, path)` returning the model at that local path (predict then asks "
+            "for `model`), or remove `multi_model` from the spec"
+        )
     instance = cls(**_init_kwargs(cls, config, models or {}))
-    predict = _method(instance, "predict", INJECTABLE)
+    predict = _method(instance, "predict", (*INJECTABLE, "model") if multi_model else INJECTABLE)
     if predict is None and batch_job:
         predict = Method(fn=_no_predict, wants=("payload",), is_async=False)
     if predict is None:
@@ -268,6 +288,8 @@ def load_predictor(
         post_predict=_method(instance, "post_predict", (*INJECTABLE, "response")),
         predict_batch=_method(instance, "predict_batch", ("payloads",)) if batching or batch_job else None,
         on_job_complete=_method(instance, "on_job_complete", ("job",)) if batch_job else None,
+        load_model=instance.load_model if multi_model else None,
+        unload_model=getattr(instance, "unload_model", None) if multi_model else None,
     )
     if loaded.predict_batch is not None and "payloads" not in loaded.predict_batch.wants:
         raise PredictorLoadError(f"{class_name}.predict_batch() must take the list of payloads as `payloads`")

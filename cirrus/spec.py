@@ -179,6 +179,17 @@ class ModelSpec(_Strict):
         return "://" in self.path
 
 
+class MultiModelSpec(_Strict):
+    """One API serving many models: the predictor's `load_model(path)` loads the model a request
+    names (`POST /<api>/<model>` or the `X-Cirrus-Model` header) from the API's `models:`, and
+    each replica keeps the `cache_size` most recently used ones in memory."""
+
+    cache_size: int = Field(4, ge=1, le=1024, description="models held in memory per replica at most")
+    disk_cache_size: int = Field(
+        16, ge=1, le=100_000, description="models kept in the local disk cache at most (not enforced yet)"
+    )
+
+
 class QueueSpec(_Strict):
     """How an async API's requests are delivered to its replicas (at least once)."""
 
@@ -257,6 +268,9 @@ class ApiSpec(_Strict):
     models: list[ModelSpec] = Field(
         default_factory=list, description="models fetched into the disk cache before replicas start"
     )
+    multi_model: MultiModelSpec | None = Field(
+        None, description="serve `models:` by name through the predictor's load_model(path), cached in memory"
+    )
 
     @field_validator("models")
     @classmethod
@@ -279,6 +293,13 @@ class ApiSpec(_Strict):
                 "batching applies to realtime and async APIs; a batch job already calls predict_batch "
                 "with batch_size items: remove `batching`"
             )
+        if self.multi_model is not None:
+            if self.kind == "batch":
+                raise ValueError("multi_model applies to realtime and async APIs, not to batch APIs")
+            if self.batching is not None:
+                raise ValueError("multi_model and batching cannot be combined yet: a batch would mix models")
+            if not self.models:
+                raise ValueError("multi_model serves the API's `models:`; list at least one model")
         return self
 
     @field_validator("name")

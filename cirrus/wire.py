@@ -50,6 +50,7 @@ class InferResponse(msgspec.Struct, tag="res", frozen=True):
     slot_wait_s: float = 0.0  # ready for predict -> its slot (or batch) started
     predict_s: float = 0.0  # the predict (or predict_batch) call that answered this request
     batch_size: int = 0  # requests in that call (1 without batching)
+    held: list[str] | None = None  # a multi-model replica: the models it holds now (None: not reported)
 
 
 class StreamChunk(msgspec.Struct, tag="chunk", frozen=True):
@@ -181,6 +182,7 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     batching: BatchConfig | None = None  # None: every request gets its own predict call
     queue: QueueConfig | None = None  # an async API's replica: pull work from this queue store
     models: dict[str, str] = {}  # the API's models, fetched: name -> local path
+    model_cache_size: int | None = None  # multi_model: models held in memory at most; None: not multi-model
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

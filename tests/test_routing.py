@@ -274,3 +274,42 @@ def test_fail_waiters() -> None:
         assert not r.waiters and r.metrics.queued == 0
 
     run(main())
+
+
+# --- model-aware routing (multi-model APIs) ---------------------------------------------------------
+
+
+def test_choose_replica_prefers_a_replica_holding_the_model() -> None:
+    # the preferred replica wins even when another is less loaded
+    assert choose_replica([0, 3, 1], capacity=4, preferred=[False, True, False]) == 1
+    # among preferred ones, the least loaded (ties rotate with start)
+    assert choose_replica([0, 3, 2, 2], capacity=4, preferred=[False, True, True, True]) == 2
+    assert choose_replica([0, 2, 2], capacity=4, start=2, preferred=[False, True, True]) == 2
+    # a preferred replica without room falls back to the least loaded of all
+    assert choose_replica([2, 4, 1], capacity=4, preferred=[False, True, False]) == 2
+    # no preference (none holds it, or no flags): plain least-loaded
+    assert choose_replica([2, 1, 3], capacity=4, preferred=[False, False, False]) == 1
+    assert choose_replica([2, 1, 3], capacity=4, preferred=None) == 1
+    assert choose_replica([4, 4], capacity=4, preferred=[True, True]) is None
+
+
+def test_try_acquire_sticks_to_the_replica_holding_the_model() -> None:
+    r = route("a", "b", "c", max_concurrency=2)
+    r.multi_model = True
+    r.replicas[1].held = frozenset({"m1"})
+    picks = []
+    for _ in range(4):
+        slot = r.try_acquire("m1")
+        assert slot is not None
+        picks.append(slot.replica_id)
+        r.release(slot)
+    assert picks == ["b"] * 4  # idle replicas: always the one holding m1
+    first, second = r.try_acquire("m1"), r.try_acquire("m1")
+    assert first is not None and second is not None
+    assert [first.replica_id, second.replica_id] == ["b", "b"]
+    third = r.try_acquire("m1")  # b is full: another replica (it will load m1 too)
+    assert third is not None and third.replica_id != "b"
+    # an API that is not multi-model ignores the model
+    plain = route("a", "b", max_concurrency=2)
+    plain.replicas[1].held = frozenset({"m1"})
+    assert {plain.try_acquire("m1").replica_id for _ in range(2)} == {"a", "b"}  # type: ignore[union-attr]

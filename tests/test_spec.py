@@ -378,3 +378,20 @@ def test_api_spec_model_directly() -> None:
     spec = ApiSpec.model_validate({"name": "x", "predictor": {"path": "p.py", "class": "C"}})
     assert spec.predictor.class_name == "C"
     assert spec.model_dump(by_alias=True)["predictor"]["class"] == "C"
+
+
+def test_multi_model() -> None:
+    models = [{"name": "a", "path": "a.bin"}, {"name": "b", "path": "b.bin"}]
+    (spec,) = parse_specs(api(models=models, multi_model={}))
+    assert spec.multi_model is not None
+    assert (spec.multi_model.cache_size, spec.multi_model.disk_cache_size) == (4, 16)
+    assert parse_specs(api())[0].multi_model is None
+    assert "multi_model.cache_size: Input should be greater than or equal to 1" in spec_error(
+        api(models=models, multi_model={"cache_size": 0})
+    )
+    assert "multi_model.size: unknown field; allowed here: cache_size, disk_cache_size" in spec_error(
+        api(models=models, multi_model={"size": 2})
+    )
+    assert "list at least one model" in spec_error(api(multi_model={}))
+    assert "cannot be combined" in spec_error(api(models=models, multi_model={}, batching={}))
+    assert "not to batch APIs" in spec_error(api(kind="batch", models=models, multi_model={}))

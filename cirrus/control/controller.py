@@ -53,7 +53,9 @@ def backoff_s(consecutive_failures: int) -> float:
 class GatewayControl(Protocol):
     """What the controller needs from the gateway (cirrus.gateway.control implements it)."""
 
-    def set_api(self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime") -> None: ...
+    def set_api(
+        self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime", multi_model: bool = False
+    ) -> None: ...
 
     def remove_api(self, name: str) -> None: ...
 
@@ -361,7 +363,8 @@ class Controller:
             state.prepared.add(stored.revision)
             launch, env = self._launch_for(stored, f"{stored.name}-template")
             self._run_in_background(self.runtime.prepare(launch, env))
-        self.gateway.set_api(stored.name, stored.deployment.spec.concurrency, stored.deployment.spec.kind)
+        spec = stored.deployment.spec
+        self.gateway.set_api(stored.name, spec.concurrency, spec.kind, multi_model=spec.multi_model is not None)
 
     def _reconcile(self, state: ApiState) -> None:
         now = self.clock()
@@ -485,6 +488,7 @@ class Controller:
             ),
             queue=queue,
             models=models or {},
+            model_cache_size=None if spec.multi_model is None else spec.multi_model.cache_size,
         )
         return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 

@@ -1,7 +1,8 @@
 """The gateway's HTTP front: a plain ASGI callable (no framework route on the hot path).
 
-`POST /<api>` predicts; `GET /<api>` describes the API; `GET /<api>/openapi.json` and
-`GET /<api>/docs` publish its schema; `GET /healthz` and `GET /metrics` serve operators.
+`POST /<api>` predicts (`POST /<api>/<model>` on a realtime multi-model API); `GET /<api>` describes
+the API; `GET /<api>/openapi.json` and `GET /<api>/docs` publish its schema; `GET /healthz` and
+`GET /metrics` serve operators.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_MODEL_HEADER = b"x-cirrus-model"  # names the model of a multi-model API (or POST /<api>/<model>)
 _SKIP_HEADERS = frozenset({b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding"})
 _RETRY_AFTER_S = 1
 REPLY_GRACE_S = 2.0  # the replica enforces timeout_s; the gateway waits this much longer at most
@@ -80,14 +82,22 @@ class Gateway:
 
     # --- control side -------------------------------------------------------------------
     def set_api(
-        self, name: str, *, max_concurrency: int, max_queue_length: int, timeout_s: float, kind: str = "realtime"
+        self,
+        name: str,
+        *,
+        max_concurrency: int,
+        max_queue_length: int,
+        timeout_s: float,
+        kind: str = "realtime",
+        multi_model: bool = False,
     ) -> ApiRoute:
         route = self.routes.get(name)
         if route is None:
-            route = ApiRoute(name, max_concurrency, max_queue_length, timeout_s, kind)
+            route = ApiRoute(name, max_concurrency, max_queue_length, timeout_s, kind, multi_model=multi_model)
             self.routes[name] = route
         else:
             route.kind = kind
+            route.multi_model = multi_model
             route.max_concurrency = max_concurrency
             route.max_queue_length = max_queue_length
             route.timeout_s = timeout_s
@@ -128,6 +138,9 @@ class Gateway:
                     await send_json(send, 200, self.describe(route))
                 else:
                     await send_json(send, 405, {"error": f"use POST /{name} to predict"})
+                return
+            if method == "POST" and route.multi_model and route.kind == "realtime" and "/" not in rest:
+                await self._predict(route, scope, receive, send, model=rest)
                 return
             if route.kind == "async" and method == "GET" and rest not in ("openapi.json", "docs"):
                 await self._async_status(route, rest, send)
@@ -206,7 +219,10 @@ class Gateway:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _predict(self, route: ApiRoute, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _predict(
+        self, route: ApiRoute, scope: Scope, receive: Receive, send: Send, model: str | None = None
+    ) -> None:
+        """`model`: named in the path (`POST /<api>/<model>`); it overrides an `X-Cirrus-Model` header."""
         started = time.perf_counter()
         content_type = ""
         request_id = ""
@@ -225,10 +241,16 @@ class Gateway:
                 except ValueError:
                     declared = None
                 continue
+            elif key == _MODEL_HEADER and route.multi_model:
+                if model is None:  # a model named in the path wins
+                    model = value.decode("latin-1")
+                continue
             if key not in _SKIP_HEADERS:
                 forwarded.append((key.decode("latin-1"), value.decode("latin-1")))
         if not request_id:
             request_id = uuid.uuid4().hex
+        if model is not None:
+            forwarded.append(("x-cirrus-model", model))  # the replica reads the model's name here
         metrics = route.metrics
         try:
             body = await self._read_body(scope, receive, declared)
@@ -247,7 +269,7 @@ class Gateway:
             return
         metrics.in_flight += 1
         try:
-            await self._forward(route, scope, receive, send, body, content_type, forwarded, request_id, started)
+            await self._forward(route, scope, receive, send, body, content_type, forwarded, request_id, started, model)
         finally:
             metrics.in_flight -= 1
 
@@ -293,16 +315,17 @@ class Gateway:
         forwarded: list[tuple[str, str]],
         request_id: str,
         started: float,
+        model: str | None = None,
     ) -> None:
         timeout_s = route.timeout_s
-        slot: ReplicaSlot | None = route.try_acquire()
+        slot: ReplicaSlot | None = route.try_acquire(model)
         if slot is None:
             if not route.replicas:
                 route.note_cold(started)
                 if self.on_cold is not None:
                     self.on_cold(route.name)
             try:
-                slot = await route.acquire(timeout_s)
+                slot = await route.acquire(timeout_s, model)
             except Overloaded:
                 await self._reply_error(
                     send,
@@ -351,6 +374,8 @@ class Gateway:
                 slot.conn.forget(request_no)
                 raise
             streaming = response.stream
+            if response.held is not None:  # a multi-model replica: what it holds now, for routing
+                slot.held = frozenset(response.held)
         except ReplicaGone as exc:
             slot.errors += 1
             log.warning("request %s to %s failed: %s", request_id, slot.replica_id, exc)

@@ -19,10 +19,13 @@ class GatewayController:
         self.gateway = gateway
         self._slots: dict[str, ReplicaSlot] = {}
 
-    def set_api(self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime") -> None:
+    def set_api(
+        self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime", multi_model: bool = False
+    ) -> None:
         self.gateway.set_api(
             name,
             kind=kind,
+            multi_model=multi_model,
             max_concurrency=concurrency.max_concurrency,
             max_queue_length=concurrency.max_queue_length,
             timeout_s=concurrency.timeout_s,

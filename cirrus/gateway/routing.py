@@ -1,5 +1,7 @@
 """Routing: least-loaded choice among ready replicas, and the bounded per-API FIFO queue.
 
+A multi-model API routes a request for a model to a replica that already holds it when one has
+room (its replies report what it holds), so a model is not loaded on every replica in turn.
 `choose_replica` is the pure decision; `ApiRoute` holds one API's replicas and waiters and hands a
 freed replica straight to the oldest waiter, so queued requests are served in arrival order.
 """
@@ -24,12 +26,21 @@ class QueueTimeout(Exception):
     """A queued request found no free replica before its deadline."""
 
 
-def choose_replica(in_flight: Sequence[int], capacity: int, start: int = 0) -> int | None:
+def choose_replica(
+    in_flight: Sequence[int], capacity: int, start: int = 0, preferred: Sequence[bool] | None = None
+) -> int | None:
     """Index of the least-loaded replica with room (`in_flight < capacity`), or None.
 
     Ties go to the first one at or after `start`, so callers can rotate `start` to spread
-    equal load instead of always picking the first replica.
+    equal load instead of always picking the first replica. With `preferred` (one flag per
+    replica, e.g. "holds the requested model"), the least-loaded preferred replica with room wins
+    over any other; only when no preferred one has room does the choice fall back to all.
     """
+    if preferred is not None and any(preferred):
+        masked = [load if wanted else capacity for load, wanted in zip(in_flight, preferred, strict=True)]
+        index = choose_replica(masked, capacity, start)
+        if index is not None:
+            return index
     count = len(in_flight)
     best: int | None = None
     best_load = capacity
@@ -53,6 +64,7 @@ class ReplicaSlot:
     completed: int = 0
     errors: int = 0
     draining: bool = False
+    held: frozenset[str] = frozenset()  # a multi-model API: the models it reported holding last
 
 
 @dataclass
@@ -63,6 +75,7 @@ class ApiRoute:
     timeout_s: float
     kind: str = "realtime"  # "async": requests go to the queue store, not to a replica
     openapi: dict[str, Any] | None = None
+    multi_model: bool = False  # serves `POST /<api>/<model>`; routes to a replica holding the model
     replicas: list[ReplicaSlot] = field(default_factory=list)
     waiters: deque[asyncio.Future[ReplicaSlot]] = field(default_factory=deque)
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
@@ -71,22 +84,26 @@ class ApiRoute:
     last_cold_start_s: float | None = None
     _turn: int = 0
 
-    def try_acquire(self) -> ReplicaSlot | None:
+    def try_acquire(self, model: str | None = None) -> ReplicaSlot | None:
+        """A replica with room (one holding `model`, if any has room), taken; None when all are full."""
         if self.waiters:  # keep FIFO order: nobody overtakes a queued request
             return None
         replicas = self.replicas
         if not replicas:
             return None
         self._turn += 1
-        index = choose_replica([r.in_flight for r in replicas], self.max_concurrency, self._turn % len(replicas))
+        preferred = [model in r.held for r in replicas] if model is not None and self.multi_model else None
+        index = choose_replica(
+            [r.in_flight for r in replicas], self.max_concurrency, self._turn % len(replicas), preferred
+        )
         if index is None:
             return None
         slot = replicas[index]
         slot.in_flight += 1
         return slot
 
-    async def acquire(self, timeout_s: float) -> ReplicaSlot:
-        slot = self.try_acquire()
+    async def acquire(self, timeout_s: float, model: str | None = None) -> ReplicaSlot:
+        slot = self.try_acquire(model)
         if slot is not None:
             return slot
         if len(self.waiters) >= self.max_queue_length:

@@ -68,6 +68,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             batching=launch.batching is not None,
             batch_job=launch.queue is not None and launch.queue.job is not None,
             models=launch.models,
+            multi_model=launch.model_cache_size is not None,
         )
         openapi = openapi_document(launch.api, predictor)
     except BaseException as exc:
@@ -75,7 +76,12 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
         _report(status_fd, ReplicaFailed(error=f"{type(exc).__name__}: {exc}"))
         return 1
     load_s = time.perf_counter() - started
-    handler = RequestHandler(predictor, launch.inference_slots, launch.batching)
+    models = None
+    if launch.model_cache_size is not None:  # a multi-model API: models load on first use, LRU-evicted
+        from cirrus.models.lru import ModelLRU
+
+        models = ModelLRU(predictor.load_model, launch.models, launch.model_cache_size, predictor.unload_model)
+    handler = RequestHandler(predictor, launch.inference_slots, launch.batching, models)
     connections: set[ReplicaProtocol] = set()
     server, address = await _listen(launch, handler, connections)
     stop = asyncio.Event()

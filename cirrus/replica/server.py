@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cirrus.predictor import (
     Call,
@@ -39,7 +39,11 @@ from cirrus.wire import (
     encode_frame,
 )
 
+if TYPE_CHECKING:
+    from cirrus.models.lru import ModelLRU
+
 log = logging.getLogger("cirrus.replica")
+MODEL_HEADER = "x-cirrus-model"  # names the model of a multi-model API (the gateway sets it from the path)
 
 
 def _error(req: InferRequest, status: int, message: str, **extra: Any) -> InferResponse:
@@ -105,8 +109,15 @@ class Slots:
 class RequestHandler:
     """Turns one `InferRequest` into one `InferResponse` using the loaded predictor."""
 
-    def __init__(self, predictor: LoadedPredictor, inference_slots: int, batching: BatchConfig | None = None) -> None:
+    def __init__(
+        self,
+        predictor: LoadedPredictor,
+        inference_slots: int,
+        batching: BatchConfig | None = None,
+        models: ModelLRU | None = None,
+    ) -> None:
         self.predictor = predictor
+        self.models = models  # a multi-model API: the models by name, loaded on first use
         self.slots = Slots(inference_slots)
         self.background: set[asyncio.Task[None]] = set()
         self.batcher: Batcher | None = None  # with `batching`, predict_batch answers requests in groups
@@ -125,9 +136,18 @@ class RequestHandler:
             )
         except PayloadError as exc:
             return _error(req, 400, str(exc)), None, None
+        model_name = None
+        if self.models is not None:  # a multi-model API: the request must name one of its models
+            model_name = call.headers.get(MODEL_HEADER)
+            if not model_name:
+                message = "this API serves several models: name one as POST /<api>/<model> or in X-Cirrus-Model"
+                return _error(req, 400, message, models=self.models.names), None, None
+            if model_name not in self.models.paths:
+                message = f"no model named {model_name!r}; available models: {', '.join(self.models.names)}"
+                return _error(req, 404, message, models=self.models.names), None, None
         try:
             async with asyncio.timeout(req.timeout_s):
-                result = await self._run(call)
+                result = await self._run(call, model_name)
             if isinstance(result, StreamSource):
                 return result, call, None
             status, content_type, body, headers = encode_result(result)
@@ -151,12 +171,13 @@ class RequestHandler:
                 slot_wait_s=call.slot_wait_s,
                 predict_s=call.predict_s,
                 batch_size=call.batch_size,
+                held=None if self.models is None else self.models.held(),
             ),
             call,
             result,
         )
 
-    async def _run(self, call: Call) -> Any:
+    async def _run(self, call: Call, model_name: str | None = None) -> Any:
         predictor = self.predictor
         pre = predictor.pre_predict
         if pre is not None:
@@ -166,6 +187,8 @@ class RequestHandler:
         predict = predictor.predict
         if predict.payload_model is not None:
             call.payload = _validate(predict.payload_model, call.payload)
+        if self.models is not None and model_name is not None:  # a load can take long: off the event loop
+            call.model = await asyncio.to_thread(self.models.get, model_name)
         if self.batcher is not None:  # server-side batching: answered by predict_batch with other payloads
             result = await self.batcher.submit(call)
             if predict.return_model is not None and not isinstance(result, predict.return_model):

@@ -168,7 +168,9 @@ class FakeGateway:
     )  # API -> (mean batch size, p50 slot wait s, p50 predict s)
     add_error: Exception | None = None
 
-    def set_api(self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime") -> None:
+    def set_api(
+        self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime", multi_model: bool = False
+    ) -> None:
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
 
