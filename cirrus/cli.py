@@ -129,12 +129,19 @@ def deploy(
                     f"{_endpoint(gateway_url, result.name)}"
                 )
         if wait:
-            with err.status("waiting for the APIs to become live") as spinner:
-                client.wait_until_live(
-                    results,
-                    timeout=timeout,
-                    on_poll=lambda statuses: spinner.update(f"waiting: {_progress(statuses)}"),
-                )
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            spinner = Spinner("dots", "waiting for the APIs to become live")
+            with Live(spinner, console=err, refresh_per_second=8) as live:
+
+                def show(statuses: list[ApiStatus]) -> None:
+                    spinner.update(text=f"waiting: {_progress(statuses)}")
+                    live.update(_waiting_view(spinner, statuses))
+
+                client.wait_until_live(results, timeout=timeout, on_poll=show)
+            if not err.is_terminal:
+                err.line()  # the last frame, printed once, ends without a newline
             if output is Output.table:
                 typer.echo("all APIs are live" if len(results) > 1 else f"{results[0].name} is live")
         if output is Output.json:
@@ -557,6 +564,30 @@ def _endpoint(gateway_url: str, name: str) -> str:
 
 def _progress(statuses: list[ApiStatus]) -> str:
     return ", ".join(f"{s.name} {s.status} {s.replicas_ready}/{s.replicas_desired}" for s in statuses)
+
+
+def _waiting_view(spinner: RenderableType, statuses: list[ApiStatus]) -> RenderableType:
+    """The spinner, and under it a progress bar per model fetched from a URL (local models need no fetch)."""
+    from rich.console import Group
+    from rich.filesize import decimal
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    models = [(s.name, m) for s in statuses for m in s.models if "://" in m.source]
+    if not models:
+        return spinner
+    table = Table.grid(padding=(0, 1))
+    for api, model in models:
+        done = model.total_bytes if model.state == "ready" else model.done_bytes
+        percent = 100 * done / model.total_bytes if model.total_bytes else (100 if model.state == "ready" else 0)
+        table.add_row(
+            f"model {model.name} ({api})",
+            ProgressBar(total=max(model.total_bytes, 1), completed=min(done, max(model.total_bytes, 1)), width=30),
+            f"{percent:3.0f}%",
+            f"{decimal(done)}/{decimal(model.total_bytes)}",
+            _styled(model.state),
+        )
+    return Group(spinner, table)
 
 
 _STATUS_STYLE = {

@@ -159,6 +159,13 @@ class ModelSpec(_Strict):
     name: str = Field(description="how the predictor refers to it (`models[name]`)")
     path: str = Field(description="a local file or directory (relative to the spec), or an fsspec URL (s3://...)")
     version: str | None = Field(None, description="a label; a new version is fetched anew")
+    reload_s: float | None = Field(
+        None,
+        ge=1,
+        le=86_400,
+        description="a URL model: list its source this often and, when it changed, roll out a new revision "
+        "that fetches it (off when absent)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -178,6 +185,12 @@ class ModelSpec(_Strict):
     def is_url(self) -> bool:
         return "://" in self.path
 
+    @model_validator(mode="after")
+    def _reload_needs_url(self) -> ModelSpec:
+        if self.reload_s is not None and not self.is_url:
+            raise ValueError("reload_s applies to a model fetched from a URL (s3://...); a local path is read in place")
+        return self
+
 
 class MultiModelSpec(_Strict):
     """One API serving many models: the predictor's `load_model(path)` loads the model a request
@@ -186,7 +199,10 @@ class MultiModelSpec(_Strict):
 
     cache_size: int = Field(4, ge=1, le=1024, description="models held in memory per replica at most")
     disk_cache_size: int = Field(
-        16, ge=1, le=100_000, description="models kept in the local disk cache at most (not enforced yet)"
+        16,
+        ge=1,
+        le=100_000,
+        description="models kept in the local disk cache at most (the daemon keeps the largest value among its APIs)",
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from conftest import Cirrus, write_project
@@ -118,7 +119,11 @@ def test_s3_models_are_fetched_once_into_the_cache(tmp_path: Path) -> None:
                 name="remote",
                 models=[{"name": "minilm", "path": "s3://models/minilm/v1/"}],
             )
-            client.deploy(project)
+            code, _, err = cirrus.cli("deploy", str(project), "--timeout", "60")
+            assert code == 0, err
+            # a progress bar per fetched model; not a tty, so the last frame is printed as plain text
+            last = err.strip().splitlines()[-1]
+            assert "model minilm (remote)" in last and "100%" in last and "ready" in last, err
             answer = client.predict("remote", {}).json()
             assert answer["files"] == {"config.json": '{"dim": 384}', "weights.bin": "w" * 3_000_000}
             cache = cirrus.settings.models_dir
@@ -135,5 +140,98 @@ def test_s3_models_are_fetched_once_into_the_cache(tmp_path: Path) -> None:
             assert status.status is ApiStatusName.ERROR
             assert status.message is not None and "model 'gone' could not be fetched" in status.message
             assert [m.state for m in status.models] == ["failed"]
+        finally:
+            assert cirrus.shutdown() == {}
+
+
+def test_the_deploy_view_shows_a_bar_per_fetched_model() -> None:
+    from rich.console import Console
+    from rich.spinner import Spinner
+
+    from cirrus.cli import _waiting_view
+    from cirrus.types import ApiStatus, ModelStatus
+
+    def render(*models: ModelStatus) -> str:
+        console = Console(width=120, no_color=True, record=True, file=io.StringIO())
+        console.print(
+            _waiting_view(Spinner("dots", "waiting"), [ApiStatus.model_construct(name="api", models=list(models))])
+        )
+        return console.export_text()
+
+    local = ModelStatus(name="tok", source="/models/tok", state="ready")
+    assert render(local).strip().endswith("waiting")  # nothing fetched: the spinner alone
+    half = ModelStatus(name="big", source="s3://b/big/", state="fetching", done_bytes=1_000_000, total_bytes=2_000_000)
+    text = render(local, half)
+    assert "model big (api)" in text and "50%" in text and "1.0 MB/2.0 MB" in text and "fetching" in text
+    assert "tok" not in text
+    done = half.model_copy(update={"state": "ready", "done_bytes": 2_000_000})
+    assert "100%" in render(done) and "ready" in render(done)
+
+
+RELOADED_MODEL = """
+import os
+
+
+class Predictor:
+    def __init__(self, model_path):
+        with open(os.path.join(model_path, "weights.txt")) as f:
+            self.weights = f.read()
+
+    def predict(self, payload):
+        return {"weights": self.weights}
+"""
+
+
+def test_a_new_model_version_in_the_store_is_picked_up_without_dropping_a_request(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from s3_server import s3_server
+
+    with s3_server(tmp_path / "moto") as s3:
+        fs = s3.filesystem()
+        fs.mkdir("live")
+        fs.pipe({"live/model/weights.txt": b"v1"})
+        cirrus = Cirrus(tmp_path / "home", CIRRUS_S3_ENDPOINT_URL=s3.endpoint_url)
+        try:
+            cirrus.up()
+            client = cirrus.client()
+            project = write_project(
+                tmp_path / "project",
+                RELOADED_MODEL,
+                name="live",
+                models=[{"name": "weights", "path": "s3://live/model/", "reload_s": 1}],
+            )
+            client.deploy(project)
+            assert client.predict("live", {}).json() == {"weights": "v1"}
+
+            answers: list[tuple[int, str]] = []
+            stop = threading.Event()
+
+            def load() -> None:
+                requests = cirrus.client()
+                while not stop.is_set():
+                    response = requests.predict("live", {}, timeout=30)
+                    answers.append((response.status_code, response.text))
+
+            loader = threading.Thread(target=load)
+            loader.start()
+            try:
+                time.sleep(0.5)
+                fs.pipe({"live/model/weights.txt": b"v2-new"})
+                deadline = time.monotonic() + 60
+                while not (answers and '"v2-new"' in answers[-1][1]):
+                    assert time.monotonic() < deadline, f"never reloaded: {answers[-1:]}"
+                    time.sleep(0.1)
+                time.sleep(0.5)  # requests go on after the swap
+            finally:
+                stop.set()
+                loader.join(60)
+            assert not loader.is_alive()
+            failed = [answer for answer in answers if answer[0] != 200]
+            assert failed == [] and len(answers) > 10
+            assert {text for _, text in answers} <= {'{"weights":"v1"}', '{"weights":"v2-new"}'}
+            status = client.get("live")
+            assert status.revision == 2 and [m.state for m in status.models] == ["ready"]
         finally:
             assert cirrus.shutdown() == {}

@@ -178,6 +178,18 @@ class Controller:
         self._wake.set()
         return results
 
+    def redeploy(self, name: str, reason: str) -> StoredApi | None:
+        """A new revision of an API's current deployment (e.g. a model changed at its source): the
+        rolling update fetches its models again and replaces the replicas without dropping requests."""
+        state = self.apis.get(name)
+        if state is None or state.deleted:
+            return None
+        stored, _ = self.store.put(state.stored.deployment, force=True)
+        log.info("%s: revision %d (%s)", name, stored.revision, reason)
+        self._install(stored)
+        self._wake.set()
+        return stored
+
     def delete(self, name: str) -> bool:
         state = self.apis.get(name)
         if state is None or state.deleted:  # a deleted API lingers here only until its replicas stop
@@ -254,6 +266,9 @@ class Controller:
             if self.clock() >= next_jobs:
                 self.step_jobs()
                 next_jobs = self.clock() + JOBS_INTERVAL_S
+            current = [(s.name, s.revision) for s in self.apis.values() if not s.deleted]
+            for name, reason in self.models.check_sources(current):
+                self.redeploy(name, reason)
             self.reconcile()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
@@ -449,6 +464,7 @@ class Controller:
             if any(r.revision == revision for r in state.replicas.values()):
                 continue  # an old revision may still need a restart while the new one comes up
             state.prepared.discard(revision)
+            self.models.release((state.name, revision))
             self._run_in_background(self.runtime.release(state.name, revision))
 
     def _launch_for(

@@ -65,12 +65,13 @@ class Store:
     def get(self, name: str) -> StoredApi | None:
         return next((api for api in self.apis() if api.name == name), None)
 
-    def put(self, deployment: Deployment) -> tuple[StoredApi, str]:
-        """Record a deployment; returns the stored API and 'created', 'updated' or 'unchanged'."""
+    def put(self, deployment: Deployment, force: bool = False) -> tuple[StoredApi, str]:
+        """Record a deployment; returns the stored API and 'created', 'updated' or 'unchanged'.
+        `force` makes a new revision of an unchanged deployment too (its models changed at their source)."""
         name = deployment.spec.name
         print_ = fingerprint(deployment)
         current = self.get(name)
-        if current is not None and current.fingerprint == print_:
+        if current is not None and current.fingerprint == print_ and not force:
             return current, "unchanged"
         now = time.time()
         with self._db:

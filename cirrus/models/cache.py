@@ -126,6 +126,10 @@ class ModelCache:
         """List a source (raises `ModelSourceError` with a clear message)."""
         return describe_source(source_url, version, self.storage_options)
 
+    def identity(self, source_url: str, version: str | None = None) -> str:
+        """The cache key of what the source holds now: it changes when the source's content does."""
+        return cache_key(self.describe(source_url, version))
+
     def fetch(
         self,
         source_url: str,
@@ -332,18 +336,22 @@ class ModelCache:
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
 
-    def evict(self, keep_bytes: int, in_use: Iterable[Path] = ()) -> list[CacheEntry]:
-        """Remove least recently used entries until at most `keep_bytes` of models remain.
+    def evict(
+        self, keep_bytes: int | None = None, in_use: Iterable[Path] = (), *, keep_entries: int | None = None
+    ) -> list[CacheEntry]:
+        """Remove least recently used entries until at most `keep_bytes` of models and at most
+        `keep_entries` entries remain (None: no limit of that kind).
 
         Entries holding a path in `in_use` (what `fetch` returned to running replicas) and entries
-        being fetched right now are kept. Returns the removed entries. Partial downloads are not
-        counted or removed."""
+        being fetched right now are kept (and still counted). Returns the removed entries. Partial
+        downloads are not counted or removed."""
         busy = {Path(p).resolve() for p in in_use}
         entries = self.entries()
         total = sum(e.size for e in entries)
+        count = len(entries)
         removed = []
         for entry in entries:
-            if total <= keep_bytes:
+            if (keep_bytes is None or total <= keep_bytes) and (keep_entries is None or count <= keep_entries):
                 break
             directory = entry.directory.resolve()
             if any(p == directory or p.is_relative_to(directory) for p in busy):
@@ -353,6 +361,7 @@ class ModelCache:
                     continue
                 self._remove_entry(entry.key)
             total -= entry.size
+            count -= 1
             removed.append(entry)
         return removed
 
