@@ -71,6 +71,7 @@ class Call:
     headers: dict[str, str]
     request_id: str
     model: Any = None  # a multi-model API: the loaded model the request named (`predict(model)`)
+    get_model: Any = None  # a multi-model API: `get_model(name, version=None)` for any of its models
     # What the replica measured around predict, reported to the gateway with the reply.
     slot_wait_s: float = 0.0  # ready for predict -> predict (or its batch) started on a slot
     predict_s: float = 0.0  # the predict (or predict_batch) call
@@ -95,6 +96,7 @@ class Method:
             "request_id": call.request_id,
             "response": response,
             "model": call.model,
+            "get_model": call.get_model,
         }
         return {name: values[name] for name in self.wants}
 
@@ -276,7 +278,7 @@ def load_predictor(
             "for `model`), or remove `multi_model` from the spec"
         )
     instance = cls(**_init_kwargs(cls, config, models or {}))
-    predict = _method(instance, "predict", (*INJECTABLE, "model") if multi_model else INJECTABLE)
+    predict = _method(instance, "predict", (*INJECTABLE, "model", "get_model") if multi_model else INJECTABLE)
     if predict is None and batch_job:
         predict = Method(fn=_no_predict, wants=("payload",), is_async=False)
     if predict is None:

@@ -183,6 +183,7 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     queue: QueueConfig | None = None  # an async API's replica: pull work from this queue store
     models: dict[str, str] = {}  # the API's models, fetched: name -> local path
     model_cache_size: int | None = None  # multi_model: models held in memory at most; None: not multi-model
+    model_versions: dict[str, str] = {}  # the version label of each model that has one
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

@@ -124,3 +124,33 @@ def test_multi_model_needs_load_model(daemon: Cirrus, tmp_path: Path) -> None:
     assert code == 1
     status = daemon.client().get("noload")
     assert status.message is not None and "has no load_model method" in status.message, status.message
+
+
+GET_MODEL = """
+class Predictor:
+    def load_model(self, path):
+        with open(path) as f:
+            return f.read().strip()
+
+    def predict(self, payload, model, get_model):
+        other = get_model(payload["other"], payload.get("version"))
+        return {"named": model, "other": other}
+"""
+
+
+def test_get_model_reaches_any_model_by_name_and_version(daemon: Cirrus, tmp_path: Path) -> None:
+    project = write_project(
+        tmp_path / "project",
+        GET_MODEL,
+        name="lookup",
+        models=[{"name": "a", "path": "a.txt", "version": "2024-06"}, {"name": "b", "path": "b.txt"}],
+        multi_model={"cache_size": 2},
+    )
+    (project / "a.txt").write_text("weights-a")
+    (project / "b.txt").write_text("weights-b")
+    daemon.client().deploy(project)
+    url = daemon.url("lookup")
+    answer = httpx.post(f"{url}/b", json={"other": "a", "version": "2024-06"}, timeout=30)
+    assert answer.json() == {"named": "weights-b", "other": "weights-a"}
+    wrong = httpx.post(f"{url}/b", json={"other": "a", "version": "1999"}, timeout=30)
+    assert wrong.status_code == 500 and "1999" in wrong.json()["error"]

@@ -505,6 +505,7 @@ class Controller:
             queue=queue,
             models=models or {},
             model_cache_size=None if spec.multi_model is None else spec.multi_model.cache_size,
+            model_versions={m.name: m.version for m in spec.models if m.version is not None},
         )
         return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 

@@ -80,7 +80,13 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
     if launch.model_cache_size is not None:  # a multi-model API: models load on first use, LRU-evicted
         from cirrus.models.lru import ModelLRU
 
-        models = ModelLRU(predictor.load_model, launch.models, launch.model_cache_size, predictor.unload_model)
+        models = ModelLRU(
+            predictor.load_model,
+            launch.models,
+            launch.model_cache_size,
+            predictor.unload_model,
+            versions=launch.model_versions,
+        )
     handler = RequestHandler(predictor, launch.inference_slots, launch.batching, models)
     connections: set[ReplicaProtocol] = set()
     server, address = await _listen(launch, handler, connections)

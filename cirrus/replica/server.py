@@ -189,6 +189,7 @@ class RequestHandler:
             call.payload = _validate(predict.payload_model, call.payload)
         if self.models is not None and model_name is not None:  # a load can take long: off the event loop
             call.model = await asyncio.to_thread(self.models.get, model_name)
+            call.get_model = self.models.get  # any other model, by name and version (loads on the caller's thread)
         if self.batcher is not None:  # server-side batching: answered by predict_batch with other payloads
             result = await self.batcher.submit(call)
             if predict.return_model is not None and not isinstance(result, predict.return_model):
