@@ -32,6 +32,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _MODEL_HEADER = b"x-cirrus-model"  # names the model of a multi-model API (or POST /<api>/<model>)
 _SKIP_HEADERS = frozenset({b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding"})
 _RETRY_AFTER_S = 1
+_RETRY_AFTER = [(b"retry-after", str(_RETRY_AFTER_S).encode())]
 REPLY_GRACE_S = 2.0  # the replica enforces timeout_s; the gateway waits this much longer at most
 
 
@@ -326,32 +327,13 @@ class Gateway:
                     self.on_cold(route.name)
             try:
                 slot = await route.acquire(timeout_s, model)
-            except Overloaded:
-                await self._reply_error(
-                    send,
-                    route,
-                    started,
-                    503,
-                    f"API {route.name!r} is at capacity and its queue is full; retry later",
-                    request_id,
-                    [(b"retry-after", str(_RETRY_AFTER_S).encode())],
-                )
-                return
-            except QueueTimeout:
-                why = (
-                    f"no replica of {route.name!r} became ready within {timeout_s:g}s"
-                    if not route.replicas
-                    else f"no replica of {route.name!r} became free within {timeout_s:g}s"
-                )
-                await self._reply_error(
-                    send,
-                    route,
-                    started,
-                    503,
-                    why,
-                    request_id,
-                    [(b"retry-after", str(_RETRY_AFTER_S).encode())],
-                )
+            except (Overloaded, QueueTimeout) as exc:
+                if isinstance(exc, Overloaded):
+                    why = f"API {route.name!r} is at capacity and its queue is full; retry later"
+                else:
+                    became = "free" if route.replicas else "ready"
+                    why = f"no replica of {route.name!r} became {became} within {timeout_s:g}s"
+                await self._reply_error(send, route, started, 503, why, request_id, _RETRY_AFTER)
                 return
             except ReplicaGone as exc:
                 await self._reply_error(send, route, started, 404, str(exc), request_id)
@@ -368,7 +350,7 @@ class Gateway:
                 timeout_s=remaining,
             )
             try:
-                async with _deadline(remaining + REPLY_GRACE_S):
+                async with asyncio.timeout(remaining + REPLY_GRACE_S):
                     response = await future
             except BaseException:
                 slot.conn.forget(request_no)
@@ -404,8 +386,9 @@ class Gateway:
             headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
-        route.metrics.observe(status, time.perf_counter() - started, time.time())
-        route.metrics.observe_replica(response, time.time())  # slot wait, predict time, batch size
+        now = time.time()
+        route.metrics.observe(status, time.perf_counter() - started, now)
+        route.metrics.observe_replica(response, now)  # slot wait, predict time, batch size
         if status >= 500:
             log.warning("request %s to %s/%s answered %d", request_id, route.name, slot.replica_id, status)
 
@@ -512,7 +495,3 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID_RE.match(candidate):
                 return candidate
     return uuid.uuid4().hex
-
-
-def _deadline(seconds: float) -> Any:
-    return asyncio.timeout(seconds)
