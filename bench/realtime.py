@@ -13,7 +13,8 @@ For each server it waits for the first HTTP 200 on ``POST {"x": 1}`` (cold start
 warms up with wrk, then runs ``wrk -t1 -cN -dDs --latency`` (closed loop, keep-alive) per
 concurrency and records req/s, p50/p99, non-2xx responses, socket errors and the CPU time of the
 server's whole process tree (from /proc), then stops it (SIGINT to its process group, then
-SIGTERM/SIGKILL to every process of its tree). The method follows /work/shared/peers/bench.py.
+SIGTERM/SIGKILL to every process of its tree). The method follows the peer harness's bench.py
+(../shared/peers/ beside a checkout).
 
     python bench/realtime.py                                   # ~2-3 minutes
     python bench/realtime.py --conns 1,16,64 --duration 15 --warmup 5 --asgi --json /tmp/rt.json

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import backends
 import pytest
 import yaml
 
@@ -27,6 +28,31 @@ from cirrus.types import ApiStatus, DaemonInfo
 
 CLI_TIMEOUT_S = 60.0
 EXIT_GRACE_S = 10.0
+
+
+# --- the backends a session did not test ---------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """A loud section listing every backend whose tests were skipped (see tests/backends.py)."""
+    skipped: dict[str, tuple[int, str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _, found, rest = reason.partition(f"{backends.MARK}: ")
+        if not found:
+            continue
+        backend, _, why = rest.partition(": ")
+        count, _ = skipped.get(backend, (0, why))
+        skipped[backend] = (count + 1, why)
+    if not skipped:
+        return
+    terminalreporter.section("BACKENDS NOT TESTED", sep="!", red=True, bold=True)
+    for backend, (count, why) in sorted(skipped.items()):
+        terminalreporter.line(f"{backend}: {count} test(s) skipped: {why}", red=True, bold=True)
+    terminalreporter.line(
+        f"Install them ({backends.INSTALL}); {backends.REQUIRE_ENV}=1 (as .ci/run sets) makes these failures.",
+        red=True,
+    )
 
 
 # --- processes -------------------------------------------------------------------------

