@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cirrus.control.controller import Controller
 from cirrus.control.jobs import JobNotFound
 from cirrus.jobs import JobError, parse_request
-from cirrus.logs import follow_logs, log_files, tail_lines
+from cirrus.snapshots import ARCHIVE_OVERHEAD_BYTES, SnapshotError, SnapshotStore
 from cirrus.spec import Deployment, SpecError, check_model_paths, check_predictor_path
 from cirrus.store.files import FileError
 from cirrus.store.view import describe
@@ -48,27 +48,31 @@ class TokenAuth:
         await self.app(scope, receive, send)
 
 
-def build_admin_app(
-    controller: Controller,
-    token: str,
-    info: Callable[[], DaemonInfo],
-    logs_dir: Path,
-    shutdown: Callable[[], None],
-) -> ASGIApp:
-    async def health(request: Request) -> Response:
-        return JSONResponse(info().model_dump(mode="json"))
+class AdminApi:
+    """The admin API's handlers, over the controller (and through it, the runtime and the stores)."""
 
-    async def list_apis(request: Request) -> Response:
-        return JSONResponse({"apis": [s.model_dump(mode="json") for s in controller.statuses()]})
+    def __init__(self, controller: Controller, info: Callable[[], DaemonInfo], shutdown: Callable[[], None]) -> None:
+        if controller.snapshots is None:
+            raise ValueError("the admin API needs a controller with a snapshot store")
+        self.controller = controller
+        self.snapshots: SnapshotStore = controller.snapshots
+        self.info = info
+        self.shutdown = shutdown
 
-    async def get_api(request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
+        return JSONResponse(self.info().model_dump(mode="json"))
+
+    async def list_apis(self, request: Request) -> Response:
+        return JSONResponse({"apis": [s.model_dump(mode="json") for s in self.controller.statuses()]})
+
+    async def get_api(self, request: Request) -> Response:
         name = request.path_params["name"]
-        status = controller.status(name)
+        status = self.controller.status(name)
         if status is None:
             return error(404, f"no API named {name!r}")
         return JSONResponse(status.model_dump(mode="json"))
 
-    async def deploy(request: Request) -> Response:
+    async def deploy(self, request: Request) -> Response:
         try:
             body: Any = await request.json()
         except ValueError:
@@ -87,37 +91,104 @@ def build_admin_app(
         names = [d.spec.name for d in deployments]
         if len(set(names)) != len(names):
             return error(400, "an API name appears twice in one deploy")
-        results = controller.deploy(deployments)
+        try:
+            deployments = await asyncio.get_running_loop().run_in_executor(None, self.with_snapshots, deployments)
+        except (SnapshotError, SpecError) as exc:
+            return error(400, str(exc))
+        results = self.controller.deploy(deployments, force=body.get("force") is True)
         return JSONResponse({"results": [r.model_dump(mode="json") for r in results]})
 
-    async def delete_api(request: Request) -> Response:
+    def with_snapshots(self, deployments: list[Deployment]) -> list[Deployment]:
+        """Each deployment with a stored snapshot (packed here when the client sent none), whose
+        tree holds the predictor file."""
+        out = []
+        for deployment in deployments:
+            digest = deployment.snapshot
+            if digest is None:
+                digest = self.snapshots.add(Path(deployment.project_dir)).digest
+            elif not self.snapshots.has(digest):
+                raise SnapshotError(
+                    f"API {deployment.spec.name!r}: snapshot {digest} was not uploaded (POST /v1/snapshots)"
+                )
+            tree = self.snapshots.unpacked(digest)
+            if not (tree / deployment.spec.predictor.path).is_file():
+                raise SpecError(
+                    f"API {deployment.spec.name!r}: predictor.path {deployment.spec.predictor.path!r} is not in the "
+                    f"deployed snapshot of {deployment.project_dir} (is it listed in .cirrusignore?)"
+                )
+            out.append(deployment.model_copy(update={"snapshot": digest}))
+        return out
+
+    async def upload_snapshot(self, request: Request) -> Response:
+        limit = self.snapshots.max_bytes + ARCHIVE_OVERHEAD_BYTES
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return error(413, f"a snapshot archive may hold at most {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return error(413, f"a snapshot archive may hold at most {limit} bytes")
+            chunks.append(chunk)
+        try:
+            snapshot = await asyncio.get_running_loop().run_in_executor(None, self.snapshots.put, b"".join(chunks))
+        except SnapshotError as exc:
+            return error(400, str(exc))
+        return JSONResponse(
+            {"digest": snapshot.digest, "size": snapshot.size, "files": snapshot.files}, status_code=201
+        )
+
+    async def list_revisions(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if not controller.delete(name):
+        state = self.controller.apis.get(name)
+        if state is None or state.deleted:
+            return error(404, f"no API named {name!r}")
+        return JSONResponse({"revisions": [r.model_dump(mode="json") for r in self.controller.revisions(name)]})
+
+    async def rollback(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            body: Any = await request.json() if await request.body() else {}
+        except ValueError:
+            return error(400, 'the body must be JSON: {"to": N} or empty')
+        to = body.get("to") if isinstance(body, dict) else None
+        if to is not None and (not isinstance(to, int) or isinstance(to, bool) or to < 1):
+            return error(400, "to must be a revision number (a positive integer)")
+        try:
+            result = self.controller.rollback(name, to)
+        except KeyError as exc:
+            return error(404, str(exc.args[0]))
+        except ValueError as exc:
+            return error(409, str(exc))
+        return JSONResponse(result.model_dump(mode="json"))
+
+    async def delete_api(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not self.controller.delete(name):
             return error(404, f"no API named {name!r}")
         return JSONResponse({"deleted": name})
 
-    async def logs(request: Request) -> Response:
+    async def logs(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if controller.status(name) is None and not (logs_dir / name).is_dir():
+        runtime = self.controller.runtime
+        if self.controller.status(name) is None and not runtime.has_logs(name):
             return error(404, f"no API named {name!r}")
         try:
             lines = int(request.query_params.get("lines", "100"))
         except ValueError:
             return error(400, "lines must be an integer")
         lines = max(0, min(lines, MAX_LOG_LINES))
+        replica = request.query_params.get("replica") or None
         if request.query_params.get("follow", "false").lower() in ("1", "true", "yes"):
-            return StreamingResponse(follow_logs(logs_dir, name, lines), media_type="text/plain; charset=utf-8")
-        out: list[str] = []
-        for path in log_files(logs_dir, name):
-            out.extend(f"[{path.stem}] {line}" for line in tail_lines(path, lines))
-        text = "\n".join(out[-lines:]) + ("\n" if out and lines else "")
+            return StreamingResponse(runtime.logs(name, replica, lines, True), media_type="text/plain; charset=utf-8")
+        text = b"".join([chunk async for chunk in runtime.logs(name, replica, lines, False)])
         return Response(text, media_type="text/plain; charset=utf-8")
 
-    async def dead_letters(request: Request) -> Response:
+    async def dead_letters(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if controller.status(name) is None:
+        if self.controller.status(name) is None:
             return error(404, f"no API named {name!r}")
-        store = controller.queue_store
+        store = self.controller.queue_store
         if store is None:
             return JSONResponse({"dead_letters": []})
         try:
@@ -127,12 +198,12 @@ def build_admin_app(
         records = await asyncio.get_running_loop().run_in_executor(None, store.dead_letters, name, limit)
         return JSONResponse({"dead_letters": [describe(r) for r in records]})
 
-    async def submit_job(request: Request) -> Response:
+    async def submit_job(self, request: Request) -> Response:
         name = request.path_params["name"]
-        state = controller.apis.get(name)
+        state = self.controller.apis.get(name)
         if state is None or state.deleted:
             return error(404, f"no API named {name!r}")
-        if controller.jobs is None:
+        if self.controller.jobs is None:
             return error(503, "this daemon runs no jobs")
         try:
             body: Any = await request.json()
@@ -141,56 +212,63 @@ def build_admin_app(
         try:
             job_request = parse_request(body)
             job = await asyncio.get_running_loop().run_in_executor(
-                None, controller.jobs.submit, state.stored.deployment.spec, job_request
+                None, self.controller.jobs.submit, state.stored.deployment.spec, job_request
             )
         except (JobError, FileError) as exc:
             return error(400, str(exc))
-        controller.jobs.track(job)
+        self.controller.jobs.track(job)
         return JSONResponse(job.model_dump(mode="json"), status_code=201)
 
-    async def list_jobs(request: Request) -> Response:
-        jobs = [] if controller.jobs is None else controller.jobs.recent(request.query_params.get("api"))
+    async def list_jobs(self, request: Request) -> Response:
+        jobs = [] if self.controller.jobs is None else self.controller.jobs.recent(request.query_params.get("api"))
         return JSONResponse({"jobs": [job.model_dump(mode="json") for job in jobs]})
 
-    async def get_job(request: Request) -> Response:
+    async def get_job(self, request: Request) -> Response:
         try:
-            if controller.jobs is None:
+            if self.controller.jobs is None:
                 raise JobNotFound("this daemon runs no jobs")
-            job = controller.jobs.get(request.path_params["id"])
+            job = self.controller.jobs.get(request.path_params["id"])
         except JobNotFound as exc:
             return error(404, str(exc))
         return JSONResponse(job.model_dump(mode="json"))
 
-    async def cancel_job(request: Request) -> Response:
+    async def cancel_job(self, request: Request) -> Response:
         try:
-            if controller.jobs is None:
+            if self.controller.jobs is None:
                 raise JobNotFound("this daemon runs no jobs")
-            job = controller.jobs.cancel(request.path_params["id"])
+            job = self.controller.jobs.cancel(request.path_params["id"])
         except JobNotFound as exc:
             return error(404, str(exc))
         except JobError as exc:
             return error(409, str(exc))
         return JSONResponse(job.model_dump(mode="json"))
 
-    async def stop(request: Request) -> Response:
-        asyncio.get_running_loop().call_later(0.05, shutdown)
+    async def stop(self, request: Request) -> Response:
+        asyncio.get_running_loop().call_later(0.05, self.shutdown)
         return JSONResponse({"stopping": True})
 
-    app = Starlette(
+
+def build_admin_app(
+    controller: Controller, *, token: str, info: Callable[[], DaemonInfo], shutdown: Callable[[], None]
+) -> ASGIApp:
+    api = AdminApi(controller, info, shutdown)
+    return Starlette(
         routes=[
-            Route("/v1/health", health),
-            Route("/v1/apis", list_apis),
-            Route("/v1/apis", deploy, methods=["POST"]),
-            Route("/v1/apis/{name}", get_api),
-            Route("/v1/apis/{name}", delete_api, methods=["DELETE"]),
-            Route("/v1/apis/{name}/logs", logs),
-            Route("/v1/apis/{name}/dead-letters", dead_letters),
-            Route("/v1/apis/{name}/jobs", submit_job, methods=["POST"]),
-            Route("/v1/jobs", list_jobs),
-            Route("/v1/jobs/{id}", get_job),
-            Route("/v1/jobs/{id}/cancel", cancel_job, methods=["POST"]),
-            Route("/v1/shutdown", stop, methods=["POST"]),
+            Route("/v1/health", api.health),
+            Route("/v1/apis", api.list_apis),
+            Route("/v1/apis", api.deploy, methods=["POST"]),
+            Route("/v1/apis/{name}", api.get_api),
+            Route("/v1/apis/{name}", api.delete_api, methods=["DELETE"]),
+            Route("/v1/apis/{name}/logs", api.logs),
+            Route("/v1/apis/{name}/revisions", api.list_revisions),
+            Route("/v1/apis/{name}/rollback", api.rollback, methods=["POST"]),
+            Route("/v1/snapshots", api.upload_snapshot, methods=["POST"]),
+            Route("/v1/apis/{name}/dead-letters", api.dead_letters),
+            Route("/v1/apis/{name}/jobs", api.submit_job, methods=["POST"]),
+            Route("/v1/jobs", api.list_jobs),
+            Route("/v1/jobs/{id}", api.get_job),
+            Route("/v1/jobs/{id}/cancel", api.cancel_job, methods=["POST"]),
+            Route("/v1/shutdown", api.stop, methods=["POST"]),
         ],
         middleware=[Middleware(TokenAuth, token=token)],
     )
-    return app

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from cirrus.client import Client
     from cirrus.jobs import Job
-    from cirrus.types import ApiStatus
+    from cirrus.types import ApiStatus, DeployResult
 
 app = typer.Typer(
     name="cirrus",
@@ -109,43 +109,90 @@ def deploy(
     path: Annotated[Path, typer.Argument(help="a spec file, or a directory holding cirrus.yaml")] = Path("."),
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every API is live")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the APIs to become live")] = 300,
+    force: Annotated[bool, typer.Option("--force", help="a new revision even if nothing changed")] = False,
     home: HomeOption = None,
     host: HostOption = None,
     port: PortOption = None,
     admin_port: AdminPortOption = None,
     output: OutputOption = Output.table,
 ) -> None:
-    """Deploy (or update) the APIs of a spec, starting the daemon if needed."""
+    """Deploy (or update) the APIs of a spec, starting the daemon if needed.
+
+    The spec's directory is packed into an immutable snapshot (minus what `.cirrusignore` lists):
+    replicas run that snapshot, so later edits change nothing until the next deploy."""
     with _errors():
         client = _client(home, host, port, admin_port)
         err = _stderr()
         with err.status("deploying"):
-            results = client.deploy(path, wait=False)
-        gateway_url = client.daemon_info().gateway_url
-        if output is Output.table:
-            for result in results:
-                typer.echo(
-                    f"{result.action:<9} {result.name}  revision {result.revision}  "
-                    f"{_endpoint(gateway_url, result.name)}"
-                )
-        if wait:
-            from rich.live import Live
-            from rich.spinner import Spinner
+            results = client.deploy(path, wait=False, force=force)
+        _wait_for(client, results, wait, timeout, output)
 
-            spinner = Spinner("dots", "waiting for the APIs to become live")
-            with Live(spinner, console=err, refresh_per_second=8) as live:
 
-                def show(statuses: list[ApiStatus]) -> None:
-                    spinner.update(text=f"waiting: {_progress(statuses)}")
-                    live.update(_waiting_view(spinner, statuses))
-
-                client.wait_until_live(results, timeout=timeout, on_poll=show)
-            if not err.is_terminal:
-                err.line()  # the last frame, printed once, ends without a newline
-            if output is Output.table:
-                typer.echo("all APIs are live" if len(results) > 1 else f"{results[0].name} is live")
+@app.command()
+def revisions(
+    api: Annotated[str, typer.Argument(help="the API")],
+    home: HomeOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """List an API's revisions (immutable snapshots), marking the one serving and the one rolling out."""
+    with _errors():
+        found = _client(home).revisions(api)
         if output is Output.json:
-            _print_json([result.model_dump(mode="json") for result in results])
+            _print_json([r.model_dump(mode="json") for r in found])
+            return
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for column in ("REVISION", "CREATED", "SNAPSHOT", "FROM", "ROLE"):
+            table.add_column(column)
+        for r in found:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+            table.add_row(str(r.revision), created, (r.snapshot or "-")[:12], r.note or "-", r.role or "-")
+        _stdout().print(table)
+
+
+@app.command()
+def rollback(
+    api: Annotated[str, typer.Argument(help="the API")],
+    to: Annotated[int | None, typer.Option("--to", help="the revision to serve again (default: the previous)")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until it is live")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the API to become live")] = 300,
+    home: HomeOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Serve an older revision's snapshot again, as a new revision, through a rolling update."""
+    with _errors():
+        client = _client(home)
+        _wait_for(client, [client.rollback(api, to)], wait, timeout, output)
+
+
+def _wait_for(client: Client, results: list[DeployResult], wait: bool, timeout: float, output: Output) -> None:
+    """Print what a deploy (or rollback) did and, with `wait`, wait until every API is live."""
+    err = _stderr()
+    gateway_url = client.daemon_info().gateway_url
+    if output is Output.table:
+        for result in results:
+            typer.echo(
+                f"{result.action:<9} {result.name}  revision {result.revision}  {_endpoint(gateway_url, result.name)}"
+            )
+    if wait:
+        from rich.live import Live
+        from rich.spinner import Spinner
+
+        spinner = Spinner("dots", "waiting for the APIs to become live")
+        with Live(spinner, console=err, refresh_per_second=8) as live:
+
+            def show(statuses: list[ApiStatus]) -> None:
+                spinner.update(text=f"waiting: {_progress(statuses)}")
+                live.update(_waiting_view(spinner, statuses))
+
+            client.wait_until_live(results, timeout=timeout, on_poll=show)
+        if not err.is_terminal:
+            err.line()  # the last frame, printed once, ends without a newline
+        if output is Output.table:
+            typer.echo("all APIs are live" if len(results) > 1 else f"{results[0].name} is live")
+    if output is Output.json:
+        _print_json([result.model_dump(mode="json") for result in results])
 
 
 @app.command()

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from cirrus.jobs import Job, JobError, JobRequest, parse_request
 from cirrus.settings import Settings
 from cirrus.spec import load_deployments
-from cirrus.types import ApiStatus, ApiStatusName, DaemonInfo, DeployResult
+from cirrus.types import ApiStatus, ApiStatusName, DaemonInfo, DeployResult, RevisionInfo
 
 NOT_RUNNING = "the Cirrus daemon is not running; start it with `cirrus up`"
 ADMIN_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
@@ -154,11 +154,23 @@ class Client:
         wait: bool = True,
         timeout: float = 300,
         on_poll: Callable[[list[ApiStatus]], None] | None = None,
+        force: bool = False,
     ) -> list[DeployResult]:
-        """Validate the spec at `path`, start the daemon if needed, deploy, and if `wait` wait until live."""
+        """Validate the spec at `path`, snapshot its directory, start the daemon if needed, deploy,
+        and if `wait` wait until live. `force`: a new revision even if nothing changed."""
+        from cirrus.snapshots import pack
+
         deployments = load_deployments(path)
+        archives = {d.project_dir: pack(Path(d.project_dir)) for d in deployments}  # SnapshotError: too large...
         self.up()
-        body = {"deployments": [d.model_dump(mode="json", by_alias=True) for d in deployments]}
+        digests = {}
+        for project_dir, (data, snapshot) in archives.items():
+            headers = {"content-type": "application/gzip"}
+            digests[project_dir] = self._admin("POST", "/v1/snapshots", content=data, headers=headers).json()["digest"]
+            if digests[project_dir] != snapshot.digest:
+                raise CirrusError(f"the daemon stored the snapshot of {project_dir} under another digest")
+        deployments = [d.model_copy(update={"snapshot": digests[d.project_dir]}) for d in deployments]
+        body = {"deployments": [d.model_dump(mode="json", by_alias=True) for d in deployments], "force": force}
         data = self._admin("POST", "/v1/apis", json=body).json()
         results = _parse_list(DeployResult, data, "results")
         if wait:
@@ -191,6 +203,16 @@ class Client:
                 waiting = "; ".join(_describe(status) for status in pending)
                 raise CirrusError(f"timed out after {timeout:g}s waiting for APIs to become live: {waiting}")
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+
+    def revisions(self, name: str) -> list[RevisionInfo]:
+        """Every revision of an API, oldest first, with the one serving and the one rolling out marked."""
+        return _parse_list(RevisionInfo, self._admin("GET", f"/v1/apis/{name}/revisions").json(), "revisions")
+
+    def rollback(self, name: str, to: int | None = None) -> DeployResult:
+        """Serve an older revision's snapshot again (default: the one before the revision serving now),
+        as a new revision, through the ordinary rolling update; `wait_until_live` waits for it."""
+        data = self._admin("POST", f"/v1/apis/{name}/rollback", json={} if to is None else {"to": to}).json()
+        return DeployResult.model_validate(data)
 
     @overload
     def get(self, name: None = None) -> list[ApiStatus]: ...
@@ -313,12 +335,24 @@ class Client:
     # Plumbing.
 
     def _admin(
-        self, method: str, path: str, *, json: Any = None, params: Mapping[str, str | int] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         info = self.daemon_info()
         with _translate_errors(info.admin_url, f"{method} {path}"):
             response = self._http.request(
-                method, _join(info.admin_url, path), json=json, params=params, headers=self._auth()
+                method,
+                _join(info.admin_url, path),
+                json=json,
+                params=params,
+                content=content,
+                headers={**self._auth(), **(headers or {})},
             )
         _raise_for_error(response)
         return response

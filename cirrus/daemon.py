@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,10 @@ from cirrus.settings import Settings
 from cirrus.types import DaemonInfo
 
 if TYPE_CHECKING:
+    from cirrus.control.controller import Controller
+    from cirrus.control.statedb import StateDB
+    from cirrus.gateway.app import Gateway
+    from cirrus.runtimes.local import LocalRuntime
     from cirrus.store.base import QueueStore
 
 log = logging.getLogger("cirrus.daemon")
@@ -112,6 +117,60 @@ def _server(app: Any, sock: socket.socket) -> Any:
     return _Server(config)
 
 
+@dataclass
+class _Parts:
+    """What one daemon runs: the control plane over its state, the gateway, the admin API."""
+
+    state_db: StateDB
+    queue_store: QueueStore
+    runtime: LocalRuntime
+    gateway: Gateway
+    controller: Controller
+    admin: Any
+
+
+def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo], stop: Callable[[], None]) -> _Parts:
+    from cirrus.admin import build_admin_app
+    from cirrus.control.controller import Controller
+    from cirrus.control.jobs import JobManager, JobStore
+    from cirrus.control.models import ModelFetcher
+    from cirrus.control.statedb import StateDB
+    from cirrus.control.store import Store
+    from cirrus.gateway.app import Gateway
+    from cirrus.gateway.async_api import AsyncFront
+    from cirrus.gateway.control import GatewayController
+    from cirrus.gateway.prometheus import render
+    from cirrus.runtimes.local import LocalRuntime
+    from cirrus.runtimes.resources import describe, discover
+    from cirrus.snapshots import SnapshotStore
+    from cirrus.store import open_store
+
+    inventory = discover({**os.environ, "CIRRUS_HOME": str(settings.home)})  # reads $CIRRUS_HOME/node.yaml if any
+    log.info("node capacity: %s", describe(inventory))
+    state_db = StateDB(settings.db_file)
+    queue_store = open_store(settings.store_url)
+    runtime = LocalRuntime(
+        settings.logs_dir, python=settings.python, inventory=inventory, models_dir=settings.models_dir
+    )
+    gateway = Gateway(settings.max_body_bytes)
+    gateway.metrics_app = lambda: render(gateway)
+    controller = Controller(
+        Store(state_db),
+        runtime,
+        GatewayController(gateway),
+        endpoint=lambda name: f"{gateway_url}/{name}",
+        queue_store=queue_store,
+        queue_url=settings.store_url,
+        jobs=JobManager(JobStore(state_db), queue_store, settings.home / "jobs"),
+        models=ModelFetcher(lambda: _model_cache(settings, runtime.model_cache_dir()), time.monotonic),
+        snapshots=SnapshotStore(settings.home / "snapshots"),
+    )
+    gateway.on_cold = controller.demand
+    gateway.async_front = AsyncFront(queue_store, max_attempts=controller.max_attempts)
+    admin = build_admin_app(controller, token=ensure_token(settings), info=info, shutdown=stop)
+    return _Parts(state_db, queue_store, runtime, gateway, controller, admin)
+
+
 async def run(
     settings: Settings,
     *,
@@ -120,68 +179,31 @@ async def run(
     stream_logs: bool = False,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT or an admin shutdown."""
-    from cirrus.admin import build_admin_app
-    from cirrus.control.controller import Controller
-    from cirrus.control.jobs import JobManager, JobStore
-    from cirrus.control.models import ModelFetcher
-    from cirrus.control.store import Store
-    from cirrus.gateway.app import Gateway
-    from cirrus.gateway.async_api import AsyncFront
-    from cirrus.gateway.control import GatewayController
-    from cirrus.gateway.prometheus import render
-    from cirrus.runtimes.local import LocalRuntime
-    from cirrus.runtimes.resources import describe, discover
     from cirrus.spec import load_deployments
-    from cirrus.store import open_store
 
     deployments = load_deployments(deploy_path) if deploy_path else []
-    token = ensure_token(settings)
     gateway_sock = _bind(settings.host, settings.gateway_port)
     admin_sock = _bind("127.0.0.1", settings.admin_port)
     gateway_url, admin_url = _url(gateway_sock), _url(admin_sock)
     info = DaemonInfo(
         pid=os.getpid(), version=VERSION, gateway_url=gateway_url, admin_url=admin_url, started_at=time.time()
     )
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    inventory = discover({**os.environ, "CIRRUS_HOME": str(settings.home)})  # reads $CIRRUS_HOME/node.yaml if any
-    log.info("node capacity: %s", describe(inventory))
-    store = Store(settings.db_file)
-    queue_url = settings.store_url
-    queue_store = open_store(queue_url)
-    job_store = JobStore(settings.db_file)
-    jobs = JobManager(job_store, queue_store, settings.home / "jobs")
-    runtime = LocalRuntime(settings.logs_dir, python=settings.python)
-    gateway = Gateway(settings.max_body_bytes)
-    gateway.metrics_app = lambda: render(gateway)
-    controller = Controller(
-        store,
-        runtime,
-        GatewayController(gateway),
-        endpoint=lambda name: f"{gateway_url}/{name}",
-        inventory=inventory,
-        queue_store=queue_store,
-        queue_url=queue_url,
-        jobs=jobs,
-        models=ModelFetcher(lambda: _model_cache(settings), time.monotonic),
-    )
-    gateway.on_cold = controller.demand
-    gateway.async_front = AsyncFront(queue_store, max_attempts=controller.max_attempts)
-    admin = build_admin_app(controller, token, lambda: info, settings.logs_dir, stop.set)
-    servers = [_server(gateway, gateway_sock), _server(admin, admin_sock)]
-    tasks = [
-        loop.create_task(s.serve(sockets=[sock])) for s, sock in zip(servers, (gateway_sock, admin_sock), strict=True)
-    ]
-    controller.restore()
+    parts = _build(settings, gateway_url, lambda: info, stop.set)
+    servers = [_server(parts.gateway, gateway_sock), _server(parts.admin, admin_sock)]
+    tasks = [loop.create_task(s.serve(sockets=[k])) for s, k in zip(servers, (gateway_sock, admin_sock), strict=True)]
+    parts.controller.restore()
     if deployments:
-        controller.deploy(deployments)
-    reconcile = loop.create_task(controller.run())
-    purger = loop.create_task(_purge_results(queue_store, settings.result_ttl_s))
-    follower = loop.create_task(_print_logs(settings)) if stream_logs else None
+        parts.controller.deploy([parts.controller.snapshot(d) for d in deployments])
+    background = [
+        loop.create_task(parts.controller.run()),
+        loop.create_task(_purge_results(parts.queue_store, settings.result_ttl_s)),
+    ]
+    if stream_logs:
+        background.append(loop.create_task(_print_logs(parts.runtime)))
     settings.daemon_file.write_text(info.model_dump_json())
     log.info("Cirrus daemon %s: gateway %s, admin %s, state %s", VERSION, gateway_url, admin_url, settings.home)
     if on_ready is not None:
@@ -189,31 +211,39 @@ async def run(
     try:
         await stop.wait()
     finally:
-        log.info("stopping")
-        with contextlib.suppress(FileNotFoundError):
-            settings.daemon_file.unlink()
-        for server in servers:
-            server.should_exit = True
-        # Requests in flight finish first (async accepts need the acceptor still running).
-        await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S + 1)
-        await gateway.async_front.close()
-        await controller.shutdown()
-        reconcile.cancel()
-        purger.cancel()
-        if follower is not None:
-            follower.cancel()
-        await asyncio.gather(*tasks, reconcile, purger, return_exceptions=True)
-        store.close()
-        job_store.close()
-        queue_store.close()
+        await _stop(settings, parts, servers, tasks, background)
 
 
-def _model_cache(settings: Settings) -> Any:
-    """The disk cache of fetched models (created on the first model that needs fetching)."""
+async def _stop(
+    settings: Settings,
+    parts: _Parts,
+    servers: list[Any],
+    tasks: list[asyncio.Task[Any]],
+    background: list[asyncio.Task[Any]],
+) -> None:
+    log.info("stopping")
+    with contextlib.suppress(FileNotFoundError):
+        settings.daemon_file.unlink()
+    for server in servers:
+        server.should_exit = True
+    # Requests in flight finish first (async accepts need the acceptor still running).
+    await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S + 1)
+    if parts.gateway.async_front is not None:
+        await parts.gateway.async_front.close()
+    await parts.controller.shutdown()
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*tasks, *background, return_exceptions=True)
+    parts.state_db.close()
+    parts.queue_store.close()
+
+
+def _model_cache(settings: Settings, directory: Path | None) -> Any:
+    """The node's disk cache of fetched models (created on the first model that needs fetching)."""
     from cirrus.models.cache import ModelCache
 
     options = {"s3": {"endpoint_url": settings.s3_endpoint_url}} if settings.s3_endpoint_url else None
-    return ModelCache(settings.models_dir, storage_options=options)
+    return ModelCache(directory or settings.models_dir, storage_options=options)
 
 
 async def _purge_results(queue_store: QueueStore, ttl_s: int, every_s: float = 600.0) -> None:
@@ -229,10 +259,8 @@ async def _purge_results(queue_store: QueueStore, ttl_s: int, every_s: float = 6
         await asyncio.sleep(every_s)
 
 
-async def _print_logs(settings: Settings) -> None:
-    from cirrus.logs import follow_logs
-
-    async for line in follow_logs(settings.logs_dir, None, 0):
+async def _print_logs(runtime: LocalRuntime) -> None:
+    async for line in runtime.logs(None, None, 0, True):
         sys.stdout.write(line.decode("utf-8", "replace"))
         sys.stdout.flush()
 

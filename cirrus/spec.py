@@ -338,6 +338,9 @@ class Deployment(_Strict):
 
     spec: ApiSpec
     project_dir: str
+    snapshot: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="digest of the project directory's snapshot (cirrus/snapshots.py)"
+    )
 
     @property
     def predictor_file(self) -> Path:

@@ -82,9 +82,19 @@ class ApiStatus(_Record):
 
 class DeployResult(_Record):
     name: str
-    action: str  # created | updated | unchanged
+    action: str  # created | updated (a new revision) | scaled (scale settings, in place) | unchanged
     revision: int
     endpoint: str
+
+
+class RevisionInfo(_Record):
+    """One revision of an API, as `cirrus revisions API` lists it."""
+
+    revision: int
+    created_at: float
+    note: str | None  # deploy, a model changed, rollback to N
+    snapshot: str | None  # the digest of its code snapshot
+    role: str  # "serving", "rolling out", "serving, rolling out" ... or "" for history
 
 
 class DaemonInfo(_Record):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -225,6 +226,8 @@ def mock_client(home: Path, api_states: list[dict[str, object]]) -> Client:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/health":
             return httpx.Response(200, json=info.model_dump(mode="json"))
+        if request.method == "POST" and request.url.path == "/v1/snapshots":
+            return httpx.Response(201, json={"digest": hashlib.sha256(request.content).hexdigest()})
         if request.method == "POST" and request.url.path == "/v1/apis":
             names = [d["spec"]["name"] for d in json.loads(request.content)["deployments"]]
             return httpx.Response(

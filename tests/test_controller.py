@@ -11,6 +11,7 @@ import pytest
 
 from cirrus.control.controller import BACKOFF_MAX_S, Controller, backoff_s
 from cirrus.control.store import Store
+from cirrus.snapshots import SnapshotStore
 from cirrus.spec import Deployment, parse_specs
 from cirrus.testing import FakeGateway, FakeRuntime
 from cirrus.types import ApiStatusName, ReplicaState
@@ -42,8 +43,14 @@ class World:
         self.runtime = FakeRuntime(tmp_path / "logs")
         self.gateway = FakeGateway()
         self.store = Store(db or tmp_path / "state.db")
+        self.snapshots = SnapshotStore(tmp_path / "snapshots")
         self.controller = Controller(
-            self.store, self.runtime, self.gateway, endpoint=lambda name: f"http://test/{name}", clock=self.clock
+            self.store,
+            self.runtime,
+            self.gateway,
+            endpoint=lambda name: f"http://test/{name}",
+            clock=self.clock,
+            snapshots=self.snapshots,
         )
 
     def deployment(self, name: str = "api", code: str = "v1", **fields: Any) -> Deployment:
@@ -53,7 +60,7 @@ class World:
             f"class Predictor:\n    def predict(self, payload):\n        return {code!r}\n"
         )
         [spec] = parse_specs({"name": name, "predictor": {"path": "predictor.py"}, **fields})
-        return Deployment(spec=spec, project_dir=str(project))
+        return Deployment(spec=spec, project_dir=str(project), snapshot=self.snapshots.add(project).digest)
 
     async def settle(self) -> None:
         """Let every task the controller spawned run to its next wait (the fakes never block)."""
@@ -144,6 +151,12 @@ def test_deploy_starts_init_replicas_and_goes_live(world: World) -> None:
 def test_zero_replicas_is_live_with_nothing_running(world: World) -> None:
     async def main() -> None:
         world.controller.deploy([world.deployment(**scaled(0))])
+        await world.reconcile()
+        # A new revision proves it loads first (one replica), then goes to zero (issue: a broken
+        # predictor used to look live at min_replicas 0).
+        [proof] = world.runtime.running()
+        world.runtime.make_ready(proof)
+        await world.reconcile()
         await world.reconcile()
         assert world.runtime.running() == []
         assert world.status() is ApiStatusName.LIVE
@@ -574,6 +587,10 @@ def test_runtime_prepares_each_revision_and_releases_retired_ones(world: World) 
 def test_scale_to_zero_keeps_the_template_for_a_fast_cold_start(world: World) -> None:
     async def main() -> None:
         world.controller.deploy([world.deployment(autoscaling={"min_replicas": 0, "max_replicas": 2})])
+        await world.reconcile()
+        [proof] = world.runtime.running()  # the deploy proves the revision loads, then goes to zero
+        world.runtime.make_ready(proof)
+        await world.reconcile()
         await world.reconcile()
         assert world.runtime.running() == []
         assert world.runtime.templates == {("api", 1)}

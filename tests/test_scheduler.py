@@ -1,4 +1,5 @@
-"""Placement (pure): cpu/mem limits, GPU packing and whole devices, accelerators, reasons, env()."""
+"""Placement (pure, `cirrus.runtimes.placement`): cpu/mem limits, GPU packing and whole devices, accelerators,
+reasons, env(), devices()."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cirrus.control.scheduler import EPSILON, Assignment, Inventory, Unplaceable, free_capacity, place
+from cirrus.runtimes.placement import EPSILON, Assignment, Inventory, Unplaceable, free_capacity, place
 from cirrus.spec import ComputeSpec
 
 GI = 2**30
@@ -234,6 +235,24 @@ def test_env_of_an_accelerator_held_with_no_units() -> None:
         "CUDA_VISIBLE_DEVICES": "",
         "CIRRUS_ACCELERATOR_NEURON": "",
     }
+
+
+# --- devices (what `cirrus get` shows) -----------------------------------------------------------
+
+
+def test_devices_of_whole_and_shared_devices() -> None:
+    inventory = node(gpus=3, neuron=4, tpu=2)
+    held: list[Assignment] = []
+    whole = placed(spec(gpu=2, accelerators={"neuron": 2, "tpu": 0.5}), inventory, held)
+    assert whole.devices() == {"gpu": "0,1", "neuron": "0,1", "tpu": "0:0.5"}
+    half = placed(spec(gpu=0.5), inventory, held)
+    assert half.devices() == {"gpu": "2:0.5"}
+    assert placed(spec(gpu=0.25), inventory, held).devices() == {"gpu": "2:0.25"}
+
+
+def test_devices_of_an_assignment_without_devices_is_empty() -> None:
+    assert Assignment(cpu=1, mem=GI).devices() == {}
+    assert Assignment(accelerators={"neuron": ()}).devices() == {}
 
 
 # --- property: placements never overcommit -------------------------------------------------------

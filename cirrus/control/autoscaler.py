@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cirrus.spec import AutoscalingSpec
 
@@ -101,88 +101,25 @@ def decide(
     recent = [s for s in samples if s.at > now - spec.window_s]
     still_panic_until = state.panic_until if state.panic_until is not None and now < state.panic_until else None
     if not recent:
-        desired = _clamp(current, spec)
-        kept = PolicyState(_prune(state.recommendations, now, spec), still_panic_until, state.idle_since)
-        reason = f"no metrics in the last {spec.window_s:g} s; holding {desired}"
-        return Decision(desired, kept, reason, still_panic_until is not None)
+        return _hold_without_metrics(spec, current, state, still_panic_until, now)
 
-    latest = max(recent, key=lambda s: s.at)
-    panic_samples = [s for s in recent if s.at > now - spec.panic_window_s]
-    stable_avg = _mean(recent)
-    panic_avg = _mean(panic_samples)
-    stable_rec = _recommend(stable_avg, target_concurrency)
-    panic_rec = _recommend(panic_avg, target_concurrency)
-    idle_since = _idle_since(recent, latest, state.idle_since)
-
+    demand = _measure(spec, target_concurrency, recent, now)
+    idle_since = _idle_since(recent, demand.latest, state.idle_since)
     if current == 0:
-        busy = max(0.0, latest.in_flight) > 0 or panic_avg > 0
-        wanted = max(1, stable_rec, panic_rec) if busy else 0
-        desired = _clamp(wanted, spec)
-        reason = (
-            f"scale from zero: {max(0.0, latest.in_flight):g} in flight; 0 -> {desired}"
-            if busy
-            else f"idle at zero; {desired} (min_replicas {spec.min_replicas})"
-            if desired
-            else "idle at zero"
-        )
-        recs = _remember(state.recommendations, now, wanted, spec)
-        return Decision(desired, PolicyState(recs, still_panic_until, idle_since), reason, False)
+        return _scale_from_zero(spec, demand, state.recommendations, still_panic_until, idle_since, now)
 
-    capacity = current * target_concurrency
-    tolerated = stable_rec != current and abs(stable_avg / capacity - 1) <= spec.tolerance + _EPSILON
-    if tolerated:
-        stable_rec = current
+    demand, tolerated = _apply_tolerance(spec, demand, current)
     up_cap = max(current + 1, _ceil(current * spec.max_upscale_factor))
-
-    # The trigger compares the unrounded demand: ceil() would make 1.1 requests "2 replicas", a panic at 1.
-    if panic_avg / capacity >= spec.panic_threshold:
-        panic_until: float | None = now + spec.window_s
-    else:
-        panic_until = still_panic_until
+    panic_until = _panic_until(spec, demand, current, still_panic_until, now)
     if panic_until is not None:
-        wanted = max(current, panic_rec)
-        desired = _clamp(min(wanted, up_cap), spec)
-        why = f"panic: {panic_avg:.1f} in flight over {spec.panic_window_s:g} s needs {panic_rec}"
-        reason = _describe(why, current, desired, wanted, spec)
-        # Remember what panic decided, not the lagging stable recommendation: leaving panic then hands
-        # over to downscale stabilization instead of dropping at once to the 30-s average.
-        recs = _remember(state.recommendations, now, max(stable_rec, desired), spec)
-        return Decision(desired, PolicyState(recs, panic_until, idle_since), reason, True)
+        return _panic(spec, demand, current, up_cap, state.recommendations, panic_until, idle_since, now)
 
-    recs = _remember(state.recommendations, now, stable_rec, spec)
-
+    recs = _remember(state.recommendations, now, demand.stable_rec, spec)
     new_state = PolicyState(recs, None, idle_since)
     if spec.min_replicas == 0 and idle_since is not None and now - idle_since >= spec.scale_to_zero_after_s:
         return Decision(0, new_state, f"scale to zero: idle for {now - idle_since:g} s; {current} -> 0", False)
 
-    lowest = min(r for t, r in recs if t > now - spec.upscale_stabilization_s or t == now)
-    highest = max(r for t, r in recs if t > now - spec.downscale_stabilization_s or t == now)
-    avg_text = f"{spec.window_s:g}-s average {stable_avg:.1f}"
-    if lowest > current:
-        wanted = lowest
-        desired = min(lowest, up_cap)
-        why = f"{avg_text} needs {stable_rec}" + (
-            f", lowest over {spec.upscale_stabilization_s:g} s {lowest}" if lowest != stable_rec else ""
-        )
-    elif highest < current:
-        wanted = highest
-        desired = max(highest, min(current - 1, _floor(current * spec.max_downscale_factor)))
-        why = f"{avg_text} needs {stable_rec}" + (
-            f", highest over {spec.downscale_stabilization_s:g} s {highest}" if highest != stable_rec else ""
-        )
-    else:
-        wanted = desired = current
-        if tolerated:
-            why = f"{avg_text} is within tolerance of {current} x {target_concurrency:g}"
-        elif stable_rec == current:
-            why = f"{avg_text} needs {current}"
-        elif stable_rec > current:
-            why = f"{avg_text} needs {stable_rec}; upscale stabilization holds (lowest over "
-            why += f"{spec.upscale_stabilization_s:g} s {lowest})"
-        else:
-            why = f"{avg_text} needs {stable_rec}; downscale stabilization holds (highest over "
-            why += f"{spec.downscale_stabilization_s:g} s {highest})"
-
+    wanted, desired, why = _stabilize(spec, demand, current, tolerated, up_cap, recs, now)
     if desired == 0:
         # Only the idle timer takes an API to zero; until it fires, one replica stays.
         desired = 1
@@ -191,6 +128,150 @@ def decide(
         why += f"; idle {idle_for:g} of {spec.scale_to_zero_after_s:g} s before zero"
     clamped = _clamp(desired, spec)
     return Decision(clamped, new_state, _describe(why, current, clamped, wanted, spec), False)
+
+
+@dataclass(frozen=True)
+class _Demand:
+    """What the samples in the window ask for (step 1); `stable_rec` may be replaced by tolerance (step 3)."""
+
+    latest: Sample
+    stable_avg: float
+    panic_avg: float
+    stable_rec: int
+    panic_rec: int
+    target_concurrency: float
+
+
+def _measure(spec: AutoscalingSpec, target_concurrency: float, recent: Sequence[Sample], now: float) -> _Demand:
+    """Step 1: the stable and panic window averages and the replicas each recommends."""
+    panic_samples = [s for s in recent if s.at > now - spec.panic_window_s]
+    stable_avg = _mean(recent)
+    panic_avg = _mean(panic_samples)
+    return _Demand(
+        latest=max(recent, key=lambda s: s.at),
+        stable_avg=stable_avg,
+        panic_avg=panic_avg,
+        stable_rec=_recommend(stable_avg, target_concurrency),
+        panic_rec=_recommend(panic_avg, target_concurrency),
+        target_concurrency=target_concurrency,
+    )
+
+
+def _hold_without_metrics(
+    spec: AutoscalingSpec, current: int, state: PolicyState, still_panic_until: float | None, now: float
+) -> Decision:
+    """Step 1, no sample in the window: hold `current` (within bounds)."""
+    desired = _clamp(current, spec)
+    kept = PolicyState(_prune(state.recommendations, now, spec), still_panic_until, state.idle_since)
+    reason = f"no metrics in the last {spec.window_s:g} s; holding {desired}"
+    return Decision(desired, kept, reason, still_panic_until is not None)
+
+
+def _scale_from_zero(
+    spec: AutoscalingSpec,
+    demand: _Demand,
+    recs: tuple[tuple[float, int], ...],
+    still_panic_until: float | None,
+    idle_since: float | None,
+    now: float,
+) -> Decision:
+    """Step 2: at zero replicas, anything in flight goes straight to what the windows recommend."""
+    in_flight = max(0.0, demand.latest.in_flight)
+    busy = in_flight > 0 or demand.panic_avg > 0
+    wanted = max(1, demand.stable_rec, demand.panic_rec) if busy else 0
+    desired = _clamp(wanted, spec)
+    reason = (
+        f"scale from zero: {in_flight:g} in flight; 0 -> {desired}"
+        if busy
+        else f"idle at zero; {desired} (min_replicas {spec.min_replicas})"
+        if desired
+        else "idle at zero"
+    )
+    remembered = _remember(recs, now, wanted, spec)
+    return Decision(desired, PolicyState(remembered, still_panic_until, idle_since), reason, False)
+
+
+def _apply_tolerance(spec: AutoscalingSpec, demand: _Demand, current: int) -> tuple[_Demand, bool]:
+    """Step 3: an average within `tolerance` of the current capacity recommends `current`."""
+    capacity = current * demand.target_concurrency
+    tolerated = demand.stable_rec != current and abs(demand.stable_avg / capacity - 1) <= spec.tolerance + _EPSILON
+    if tolerated:
+        demand = replace(demand, stable_rec=current)
+    return demand, tolerated
+
+
+def _panic_until(
+    spec: AutoscalingSpec, demand: _Demand, current: int, still_panic_until: float | None, now: float
+) -> float | None:
+    """Step 4: when panic mode ends, (re)started by a panic-window demand over the threshold; None: no panic."""
+    # The trigger compares the unrounded demand: ceil() would make 1.1 requests "2 replicas", a panic at 1.
+    if demand.panic_avg / (current * demand.target_concurrency) >= spec.panic_threshold:
+        return now + spec.window_s
+    return still_panic_until
+
+
+def _panic(
+    spec: AutoscalingSpec,
+    demand: _Demand,
+    current: int,
+    up_cap: int,
+    recs: tuple[tuple[float, int], ...],
+    panic_until: float,
+    idle_since: float | None,
+    now: float,
+) -> Decision:
+    """Step 4, in panic: never down, up to the panic recommendation (factor and bounds still apply)."""
+    wanted = max(current, demand.panic_rec)
+    desired = _clamp(min(wanted, up_cap), spec)
+    why = f"panic: {demand.panic_avg:.1f} in flight over {spec.panic_window_s:g} s needs {demand.panic_rec}"
+    reason = _describe(why, current, desired, wanted, spec)
+    # Remember what panic decided, not the lagging stable recommendation: leaving panic then hands
+    # over to downscale stabilization instead of dropping at once to the 30-s average.
+    remembered = _remember(recs, now, max(demand.stable_rec, desired), spec)
+    return Decision(desired, PolicyState(remembered, panic_until, idle_since), reason, True)
+
+
+def _stabilize(
+    spec: AutoscalingSpec,
+    demand: _Demand,
+    current: int,
+    tolerated: bool,
+    up_cap: int,
+    recs: tuple[tuple[float, int], ...],
+    now: float,
+) -> tuple[int, int, str]:
+    """Steps 5 and 6: (wanted, desired, why) from the stabilization windows, within the per-decision factors."""
+    stable_rec = demand.stable_rec
+    lowest = min(r for t, r in recs if t > now - spec.upscale_stabilization_s or t == now)
+    highest = max(r for t, r in recs if t > now - spec.downscale_stabilization_s or t == now)
+    avg_text = f"{spec.window_s:g}-s average {demand.stable_avg:.1f}"
+    if lowest > current:
+        why = f"{avg_text} needs {stable_rec}" + (
+            f", lowest over {spec.upscale_stabilization_s:g} s {lowest}" if lowest != stable_rec else ""
+        )
+        return lowest, min(lowest, up_cap), why
+    if highest < current:
+        why = f"{avg_text} needs {stable_rec}" + (
+            f", highest over {spec.downscale_stabilization_s:g} s {highest}" if highest != stable_rec else ""
+        )
+        return highest, max(highest, min(current - 1, _floor(current * spec.max_downscale_factor))), why
+    return current, current, _hold_reason(spec, demand, current, tolerated, lowest, highest, avg_text)
+
+
+def _hold_reason(
+    spec: AutoscalingSpec, demand: _Demand, current: int, tolerated: bool, lowest: int, highest: int, avg_text: str
+) -> str:
+    """Step 5, replicas stay put: why (tolerance, an exact match, or a stabilization window)."""
+    stable_rec = demand.stable_rec
+    if tolerated:
+        return f"{avg_text} is within tolerance of {current} x {demand.target_concurrency:g}"
+    if stable_rec == current:
+        return f"{avg_text} needs {current}"
+    if stable_rec > current:
+        why = f"{avg_text} needs {stable_rec}; upscale stabilization holds (lowest over "
+        return why + f"{spec.upscale_stabilization_s:g} s {lowest})"
+    why = f"{avg_text} needs {stable_rec}; downscale stabilization holds (highest over "
+    return why + f"{spec.downscale_stabilization_s:g} s {highest})"
 
 
 def _mean(samples: Sequence[Sample]) -> float:

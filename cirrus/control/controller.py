@@ -16,21 +16,22 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cirrus.control.models import ModelFetcher
 from cirrus.control.scaling import ApiScaler
-from cirrus.control.scheduler import Assignment, Inventory, Unplaceable, place
 from cirrus.control.status import api_status
-from cirrus.control.store import Store, StoredApi
-from cirrus.runtimes.base import ReplicaExit, Runtime
+from cirrus.control.store import Action, Store, StoredApi
+from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
 from cirrus.spec import ConcurrencySpec, Deployment
 from cirrus.store.base import QueueStore
-from cirrus.types import ApiStatus, DeployResult, ReplicaState
+from cirrus.types import ApiStatus, DeployResult, ReplicaState, RevisionInfo
 from cirrus.wire import BatchConfig, QueueConfig, ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
     from cirrus.control.jobs import JobManager
+    from cirrus.snapshots import SnapshotStore
 
 log = logging.getLogger("cirrus.controller")
 
@@ -58,6 +59,10 @@ class GatewayControl(Protocol):
     ) -> None: ...
 
     def remove_api(self, name: str) -> None: ...
+
+    def set_unavailable(self, name: str, reason: str | None) -> None:
+        """While `reason` is set, requests to the API get 503 with it at once instead of waiting."""
+        ...
 
     async def add_replica(self, api: str, replica_id: str, report: ReplicaReady) -> None: ...
 
@@ -97,18 +102,22 @@ class Replica:
     next_start_at: float = 0.0
     task: asyncio.Task[None] | None = None
     stored: StoredApi | None = None  # the revision it runs (None: the API's current one)
-    assignment: Assignment | None = None  # the compute it holds while it runs
+    reservation: Reservation | None = None  # the compute the runtime holds for it while it runs
     reason: str | None = None  # why it is pending
     job: str | None = None  # a batch API's worker: the id of the job it runs
 
 
 @dataclass
 class ApiState:
-    stored: StoredApi
+    stored: StoredApi  # the revision the API rolls to
     scaler: ApiScaler
     replicas: dict[str, Replica] = field(default_factory=dict)
     deleted: bool = False
     prepared: set[int] = field(default_factory=set)  # revisions the runtime was asked to prepare
+    serving: StoredApi | None = None  # the last revision that served in full, while `stored` is not there yet
+    loaded: set[int] = field(default_factory=set)  # revisions a replica of which became ready
+    unavailable: str | None = None  # why requests get 503 at once (no revision can serve), as told the gateway
+    saved: int | None = None  # the serving revision the store records
 
     @property
     def name(self) -> str:
@@ -119,8 +128,15 @@ class ApiState:
         return self.stored.revision
 
     @property
+    def proven(self) -> bool:
+        """Whether the revision rolled to has shown it loads (a batch API's workers prove it with a job)."""
+        return self.revision in self.loaded or self.stored.deployment.spec.kind == "batch"
+
+    @property
     def desired(self) -> int:
-        return self.scaler.desired
+        """Replicas of the revision rolled to: the autoscaler's answer, and at least one until it has
+        loaded once, so a deploy at `min_replicas: 0` proves its code before it reports live."""
+        return self.scaler.desired if self.proven else max(1, self.scaler.desired)
 
 
 class Controller:
@@ -131,22 +147,22 @@ class Controller:
         gateway: GatewayControl,
         endpoint: Callable[[str], str],
         clock: Callable[[], float] = time.monotonic,
-        inventory: Inventory | None = None,
         queue_store: QueueStore | None = None,
         queue_url: str | None = None,
         jobs: JobManager | None = None,
         models: ModelFetcher | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
         self.gateway = gateway
         self.endpoint = endpoint
         self.clock = clock
-        self.inventory = inventory  # None: place without limits
         self.queue_store = queue_store  # async APIs' requests; its backlog drives their autoscaling
         self.queue_url = queue_url  # how their replicas reach it
         self.jobs = jobs  # batch APIs' jobs: they decide how many workers a batch API runs
         self.models = models or ModelFetcher(None, clock)  # each revision's models, fetched before it starts
+        self.snapshots = snapshots  # where revisions' code lives (None: run from project_dir, as tests may)
         self.apis: dict[str, ApiState] = {}
         self._by_replica: dict[str, Replica] = {}
         self._wake = asyncio.Event()
@@ -156,27 +172,85 @@ class Controller:
 
     # --- public operations --------------------------------------------------------------
     def restore(self) -> None:
-        """Bring back every API recorded in the store (after a daemon restart)."""
+        """Bring back every API recorded in the store (after a daemon restart): the revision that
+        served last serves again, while the one rolled to (if newer) is tried beside it."""
         for stored in self.store.apis():
+            serving = self.store.serving(stored.name)
             self._install(stored)
+            state = self.apis[stored.name]
+            state.saved = serving
+            if serving == stored.revision:
+                state.loaded.add(serving)
+            elif serving is not None:
+                state.serving = self.store.revision(stored.name, serving)
+                if state.serving is not None:
+                    state.loaded.add(serving)
+                    self._prepare(state, state.serving)
         self._wake.set()
 
-    def deploy(self, deployments: list[Deployment]) -> list[DeployResult]:
+    def deploy(self, deployments: list[Deployment], force: bool = False) -> list[DeployResult]:
+        """Record and roll out each deployment (`force`: a new revision even if nothing changed)."""
         results = []
         for deployment in deployments:
-            stored, action = self.store.put(deployment)
-            if action != "unchanged" or stored.name not in self.apis:
-                self._install(stored)
+            stored, action = self.store.put(deployment, force=force)
+            self._apply(stored, action)
             results.append(
                 DeployResult(
-                    name=stored.name,
-                    action=action,
-                    revision=stored.revision,
-                    endpoint=self.endpoint(stored.name),
+                    name=stored.name, action=action, revision=stored.revision, endpoint=self.endpoint(stored.name)
                 )
             )
         self._wake.set()
         return results
+
+    def rollback(self, name: str, to: int | None = None) -> DeployResult:
+        """Serve revision `to` (default: the one before the revision serving now) again, as a new
+        revision with today's scale settings, through the ordinary rolling update."""
+        state = self.apis.get(name)
+        if state is None or state.deleted:
+            raise KeyError(f"no API named {name!r}")
+        if to is None:
+            now = state.serving.revision if state.serving is not None else state.revision
+            earlier = [r.api.revision for r in self.store.revisions(name) if r.api.revision < now]
+            if not earlier:
+                raise ValueError(f"API {name!r} has no revision before {now} to roll back to")
+            to = earlier[-1]
+        stored = self.store.rollback(name, to)
+        log.info("%s: revision %d rolls back to revision %d", name, stored.revision, to)
+        self._apply(stored, "updated")
+        self._wake.set()
+        return DeployResult(name=name, action="updated", revision=stored.revision, endpoint=self.endpoint(name))
+
+    def revisions(self, name: str) -> list[RevisionInfo]:
+        state = self.apis.get(name)
+        serving = None if state is None else (state.serving.revision if state.serving else state.saved)
+        target = None if state is None else state.revision
+        out = []
+        for record in self.store.revisions(name):
+            revision = record.api.revision
+            role = ", ".join(
+                word
+                for word, holds in (("serving", revision == serving), ("rolling out", revision == target != serving))
+                if holds
+            )
+            out.append(
+                RevisionInfo(
+                    revision=revision,
+                    created_at=record.created_at,
+                    note=record.note,
+                    snapshot=record.api.deployment.snapshot,
+                    role=role,
+                )
+            )
+        return out
+
+    def _apply(self, stored: StoredApi, action: Action) -> None:
+        state = self.apis.get(stored.name)
+        if action == "scaled" and state is not None and not state.deleted:
+            state.stored = stored  # same revision, new scale settings: no replica restarts
+            state.scaler.update_spec(stored.deployment.spec)
+            self._set_route(stored)
+        elif action != "unchanged" or state is None or state.deleted:
+            self._install(stored)
 
     def redeploy(self, name: str, reason: str) -> StoredApi | None:
         """A new revision of an API's current deployment (e.g. a model changed at its source): the
@@ -184,7 +258,7 @@ class Controller:
         state = self.apis.get(name)
         if state is None or state.deleted:
             return None
-        stored, _ = self.store.put(state.stored.deployment, force=True)
+        stored, _ = self.store.put(state.stored.deployment, force=True, note=reason)
         log.info("%s: revision %d (%s)", name, stored.revision, reason)
         self._install(stored)
         self._wake.set()
@@ -326,6 +400,9 @@ class Controller:
         else:
             replica.state = ReplicaState.READY
             replica.consecutive_failures = 0
+            state = self.apis.get(replica.api)
+            if state is not None:
+                state.loaded.add(replica.revision)
             log.info(
                 "replica %s of %s is ready (pid %s, loaded in %.2fs)",
                 replica.id,
@@ -341,7 +418,7 @@ class Controller:
             return
         self.gateway.drain_replica(replica.api, replica.id)
         replica.pid = None
-        replica.assignment = None
+        replica.reservation = None
         stop_reason, replica.stop_reason = replica.stop_reason, None
         if replica.state in (ReplicaState.DRAINING, ReplicaState.STOPPED) or self._stopping:
             replica.state = ReplicaState.STOPPED
@@ -367,22 +444,30 @@ class Controller:
         if state is None or state.deleted:
             old = state.replicas if state is not None else {}
             prepared = state.prepared if state is not None else set()
-            state = ApiState(stored=stored, scaler=ApiScaler(stored.deployment.spec), replicas=old, prepared=prepared)
+            scaler = ApiScaler(stored.deployment.spec, self.clock())
+            state = ApiState(stored=stored, scaler=scaler, replicas=old, prepared=prepared)
             self.apis[stored.name] = state
         else:
+            if state.revision in state.loaded:
+                state.serving = state.stored  # it serves (or scales from zero) until the new revision can
             state.stored = stored
             state.scaler.update_spec(stored.deployment.spec)
+        self._prepare(state, stored)
+        self._set_route(stored)
+
+    def _prepare(self, state: ApiState, stored: StoredApi) -> None:
         if stored.revision not in state.prepared:
             # A template process imports the predictor's module now, so replicas (even the first,
             # from zero) start by forking instead of importing everything again.
             state.prepared.add(stored.revision)
             launch, env = self._launch_for(stored, f"{stored.name}-template")
             self._run_in_background(self.runtime.prepare(launch, env))
+
+    def _set_route(self, stored: StoredApi) -> None:
         spec = stored.deployment.spec
         self.gateway.set_api(stored.name, spec.concurrency, spec.kind, multi_model=spec.multi_model is not None)
 
     def _reconcile(self, state: ApiState) -> None:
-        now = self.clock()
         self._release_templates(state)
         if state.deleted:
             for replica in list(state.replicas.values()):
@@ -390,50 +475,87 @@ class Controller:
             if not state.replicas and self.apis.get(state.name) is state:
                 del self.apis[state.name]
             return
-        job = None  # a batch API runs workers of its running job only
-        if state.stored.deployment.spec.kind == "batch":
-            running = self.jobs.running(state.name) if self.jobs is not None else None
-            job = None if running is None else running.id
-            state.scaler.desired = 0 if running is None else min(running.workers, running.total_batches)
-            state.scaler.reason = "no job running" if running is None else f"job {job}: {state.desired} workers"
-        current = [
+        job = self._batch_job(state)
+        current = self._fleet(state, state.stored, state.desired, job)
+        ready = sum(1 for r in current if r.state is ReplicaState.READY)
+        if state.proven and ready >= state.desired:
+            self._promote(state)
+        fallback = state.serving
+        if fallback is not None:  # the last revision that served keeps serving until the new one can
+            self._fleet(state, fallback, state.desired, job)
+        keep = {state.revision} | ({fallback.revision} if fallback is not None else set())
+        for replica in [r for r in state.replicas.values() if r.revision not in keep or r.job != job]:
+            self._retire(replica)
+        self._tell_gateway(state)
+
+    def _batch_job(self, state: ApiState) -> str | None:
+        """A batch API runs workers of its running job only; its job decides how many."""
+        if state.stored.deployment.spec.kind != "batch":
+            return None
+        running = self.jobs.running(state.name) if self.jobs is not None else None
+        job = None if running is None else running.id
+        state.scaler.desired = 0 if running is None else min(running.workers, running.total_batches)
+        state.scaler.reason = "no job running" if running is None else f"job {job}: {state.desired} workers"
+        return job
+
+    def _fleet(self, state: ApiState, stored: StoredApi, wanted: int, job: str | None) -> list[Replica]:
+        """Keep `wanted` replicas of revision `stored` (restarting those whose backoff is over); returns them."""
+        now = self.clock()
+        fleet = [
             r
             for r in state.replicas.values()
-            if r.revision == state.revision and r.job == job and r.state is not ReplicaState.DRAINING
+            if r.revision == stored.revision and r.job == job and r.state is not ReplicaState.DRAINING
         ]
-        for replica in current:
+        for replica in fleet:
             if replica.state is ReplicaState.BACKOFF and now >= replica.next_start_at:
-                replica.state = ReplicaState.PENDING  # placed again, below
-        missing = state.desired - len(current)
+                replica.state = ReplicaState.PENDING  # placed again, by _place_pending
+        missing = max(0, wanted) - len(fleet)
         for _ in range(missing):
             replica = Replica(
                 id=f"{state.name}-{secrets.token_hex(3)}",
                 api=state.name,
-                revision=state.revision,
+                revision=stored.revision,
                 state=ReplicaState.PENDING,
-                stored=state.stored,
+                stored=stored,
                 job=job,
             )
             state.replicas[replica.id] = replica
             self._by_replica[replica.id] = replica
+            fleet.append(replica)
         if missing < 0:
             # Too many: retire the least useful first: pending, then starting, then the least loaded.
             load = self.gateway.api_metrics(state.name, time.time())[5]
             order = {ReplicaState.PENDING: 0, ReplicaState.BACKOFF: 0, ReplicaState.STARTING: 1}
-            surplus = sorted(current, key=lambda r: (order.get(r.state, 2), load.get(r.id, 0)))[:-missing]
+            surplus = sorted(fleet, key=lambda r: (order.get(r.state, 2), load.get(r.id, 0)))[:-missing]
             for replica in surplus:
                 self._retire(replica)
-        ready = sum(1 for r in current if r.state is ReplicaState.READY)
-        older = [r for r in state.replicas.values() if r.revision != state.revision or r.job != job]
-        for replica in older:
-            if ready >= state.desired or replica.job != job:
-                self._retire(replica)
-            elif replica.state is ReplicaState.BACKOFF and now >= replica.next_start_at:
-                replica.state = ReplicaState.PENDING  # the old revision keeps serving until the new one can
+                fleet.remove(replica)
+        return fleet
+
+    def _promote(self, state: ApiState) -> None:
+        """The revision rolled to serves in full: it is the one a restart restores."""
+        state.serving = None
+        if state.saved != state.revision:
+            state.saved = state.revision
+            self.store.set_serving(state.name, state.revision)
+            log.info("%s: revision %d serves", state.name, state.revision)
+
+    def _tell_gateway(self, state: ApiState) -> None:
+        """Requests get 503 at once, naming the load error, while no revision of the API can serve."""
+        reason = None
+        live = [r for r in state.replicas.values() if r.state is not ReplicaState.DRAINING]
+        if not any(r.state in (ReplicaState.READY, ReplicaState.STARTING) for r in live):
+            failing = [r for r in live if r.consecutive_failures > 0 and r.last_error]
+            fetch = self.models.failure((state.name, state.revision))
+            if state.serving is None and (failing or fetch):
+                error = fetch or failing[0].last_error
+                reason = f"API {state.name!r} cannot serve: revision {state.revision} does not load: {error}"
+        if reason != state.unavailable:
+            state.unavailable = reason
+            self.gateway.set_unavailable(state.name, reason)
 
     def _place_pending(self) -> None:
         """Start pending replicas, oldest API first, as far as the node's capacity allows."""
-        held = [r.assignment for r in self._by_replica.values() if r.assignment is not None]
         for state in list(self.apis.values()):
             for replica in list(state.replicas.values()):
                 if replica.state is not ReplicaState.PENDING:
@@ -443,23 +565,19 @@ class Controller:
                 if paths is None:  # its models are being fetched (or failed and will be retried)
                     replica.reason = self.models.waiting_reason((state.name, replica.revision))
                     continue
-                if self.inventory is None:
-                    assignment = Assignment(cpu=0.0, mem=0, gpus=(), accelerators={})
-                else:
-                    placed = place(stored.deployment.spec.compute, self.inventory, held)
-                    if isinstance(placed, Unplaceable):
-                        replica.reason = placed.reason
-                        continue
-                    assignment = placed
-                replica.assignment = assignment
+                placed = self.runtime.reserve(replica.id, stored.deployment.spec.compute)
+                if isinstance(placed, Unplaceable):
+                    replica.reason = placed.reason
+                    continue
+                replica.reservation = placed
                 replica.reason = None
-                held.append(assignment)
                 self._start(state, replica, paths)
 
     def _release_templates(self, state: ApiState) -> None:
         """Release the runtime's preparation of revisions that will start no more replicas."""
         for revision in list(state.prepared):
-            if revision == state.revision and not state.deleted:
+            serving = state.serving.revision if state.serving is not None else None
+            if revision in (state.revision, serving) and not state.deleted:
                 continue
             if any(r.revision == revision for r in state.replicas.values()):
                 continue  # an old revision may still need a restart while the new one comes up
@@ -489,7 +607,7 @@ class Controller:
             api=stored.name,
             replica_id=replica_id,
             revision=stored.revision,
-            project_dir=stored.deployment.project_dir,
+            project_dir=self.code_dir(stored),
             predictor_path=spec.predictor.path,
             class_name=spec.predictor.class_name,
             config=config,
@@ -509,12 +627,23 @@ class Controller:
         )
         return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 
+    def snapshot(self, deployment: Deployment) -> Deployment:
+        """The deployment with a snapshot of its project directory (packed here, on this node)."""
+        if deployment.snapshot is not None or self.snapshots is None:
+            return deployment
+        return deployment.model_copy(update={"snapshot": self.snapshots.add(Path(deployment.project_dir)).digest})
+
+    def code_dir(self, stored: StoredApi) -> str:
+        """Where a revision's replicas run from: its unpacked snapshot, never the user's working tree."""
+        digest = stored.deployment.snapshot
+        if digest is None or self.snapshots is None:
+            return stored.deployment.project_dir
+        return str(self.snapshots.unpacked(digest))
+
     def _start(self, state: ApiState, replica: Replica, models: dict[str, str]) -> None:
         replica.state = ReplicaState.STARTING
         replica.started_at = time.time()
         launch, env = self._launch_for(replica.stored or state.stored, replica.id, replica.job, models)
-        if replica.assignment is not None and self.inventory is not None:
-            env.update(replica.assignment.env())
         self._spawn(replica, self._launch(replica, launch, env))
 
     async def _launch(self, replica: Replica, launch: ReplicaLaunch, env: dict[str, str]) -> None:
@@ -545,7 +674,8 @@ class Controller:
         await self.runtime.stop(replica.id, STOP_GRACE_S)
 
     def _forget(self, replica: Replica) -> None:
-        replica.assignment = None
+        replica.reservation = None
+        self.runtime.unreserve(replica.id)
         self._by_replica.pop(replica.id, None)
         state = self.apis.get(replica.api)
         if state is not None:

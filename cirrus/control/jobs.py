@@ -20,13 +20,12 @@ import json
 import logging
 import secrets
 import shutil
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cirrus.control.statedb import StateDB
 from cirrus.jobs import (
     HOOK_ID,
     MAX_FAILED_LISTED,
@@ -74,49 +73,41 @@ class JobNotFound(LookupError):
 
 
 class JobStore:
-    """Job records in the control plane's SQLite file (beside the APIs and revisions)."""
+    """Job records in the control plane's state database (beside the APIs and revisions)."""
 
-    def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+    def __init__(self, db: StateDB | Path | str) -> None:
+        self._owned = not isinstance(db, StateDB)
+        self._db = StateDB(db) if not isinstance(db, StateDB) else db
+        self._db.schema(_SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        if self._owned:
+            self._db.close()
 
     def save(self, job: Job) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO jobs (id, api, status, created_at, data) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
-                (job.id, job.api, job.status.value, job.created_at, job.model_dump_json()),
-            )
+        self._db.execute(
+            "INSERT INTO jobs (id, api, status, created_at, data) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
+            (job.id, job.api, job.status.value, job.created_at, job.model_dump_json()),
+        )
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else Job.model_validate_json(row[0])
+        rows = self._db.fetchall("SELECT data FROM jobs WHERE id = ?", (job_id,))
+        return None if not rows else Job.model_validate_json(str(rows[0][0]))
 
     def recent(self, api: str | None = None, limit: int = 1000) -> list[Job]:
         """Newest first."""
-        with self._lock:
-            if api is None:
-                rows = self._db.execute("SELECT data FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
-            else:
-                rows = self._db.execute(
-                    "SELECT data FROM jobs WHERE api = ? ORDER BY created_at DESC LIMIT ?", (api, limit)
-                )
-            found = rows.fetchall()
-        return [Job.model_validate_json(data) for (data,) in found]
+        if api is None:
+            rows = self._db.fetchall("SELECT data FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        else:
+            rows = self._db.fetchall(
+                "SELECT data FROM jobs WHERE api = ? ORDER BY created_at DESC LIMIT ?", (api, limit)
+            )
+        return [Job.model_validate_json(str(data)) for (data,) in rows]
 
     def unfinished(self) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT data FROM jobs WHERE status IN ('pending', 'running') ORDER BY created_at"
-            ).fetchall()
-        return [Job.model_validate_json(data) for (data,) in rows]
+        rows = self._db.fetchall("SELECT data FROM jobs WHERE status IN ('pending', 'running') ORDER BY created_at")
+        return [Job.model_validate_json(str(data)) for (data,) in rows]
 
 
 def new_job_id() -> str:

@@ -13,9 +13,12 @@ from cirrus.spec import ApiSpec
 
 
 class ApiScaler:
-    def __init__(self, spec: ApiSpec) -> None:
+    def __init__(self, spec: ApiSpec, now: float) -> None:
         self.spec = spec
         self.desired = spec.autoscaling.initial
+        # The initial count holds for the downscale stabilization window, as if it had been
+        # recommended all along (a deploy's `init_replicas` is not cut a second later).
+        self.hold_initial_until = now + spec.autoscaling.downscale_stabilization_s
         self.samples: deque[Sample] = deque()
         self.policy = PolicyState()
         self.reason = "initial replicas"
@@ -41,5 +44,9 @@ class ApiScaler:
         self.policy = decision.state
         self.desired = decision.desired
         self.reason = decision.reason
+        initial = self.spec.autoscaling.initial
+        if now < self.hold_initial_until and self.desired < initial:
+            self.desired = initial
+            self.reason = f"holding the initial {initial} replica(s) for the stabilization window"
         self.panic = decision.panic
         return decision.desired

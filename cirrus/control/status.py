@@ -13,18 +13,7 @@ if TYPE_CHECKING:
 
 
 def _devices(replica: Replica) -> dict[str, str]:
-    assignment = replica.assignment
-    if assignment is None:
-        return {}
-    devices = {}
-    if assignment.gpus:
-        devices["gpu"] = ",".join(
-            f"{index}" if share >= 1 else f"{index}:{share:g}" for index, share in assignment.gpus
-        )
-    for name, units in assignment.accelerators.items():
-        if units:
-            devices[name] = ",".join(f"{index}" if share >= 1 else f"{index}:{share:g}" for index, share in units)
-    return devices
+    return dict(replica.reservation.devices) if replica.reservation is not None else {}
 
 
 def api_status(

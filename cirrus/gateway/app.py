@@ -17,7 +17,7 @@ from typing import Any
 
 from cirrus.gateway.async_api import AsyncFront
 from cirrus.gateway.docs import docs_page
-from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot
+from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
 from cirrus.gateway.transport import ReplicaGone
 from cirrus.predictor import encode_json
 from cirrus.wire import InferResponse
@@ -130,59 +130,58 @@ class Gateway:
         route = self.routes.get(name)
         if route is not None:
             if not rest:
-                if method == "POST" and route.kind == "batch":
-                    message = f"{name} is a batch API: submit a job: cirrus jobs submit {name}"
-                    await send_json(send, 405, {"error": message})
-                elif method == "POST":
+                if method == "POST" and route.kind != "batch":
                     await self._predict(route, scope, receive, send)
-                elif method == "GET":
-                    await send_json(send, 200, self.describe(route))
                 else:
-                    await send_json(send, 405, {"error": f"use POST /{name} to predict"})
+                    await self._api_root(route, method, send)
                 return
             if method == "POST" and route.multi_model and route.kind == "realtime" and "/" not in rest:
                 await self._predict(route, scope, receive, send, model=rest)
                 return
-            if route.kind == "async" and method == "GET" and rest not in ("openapi.json", "docs"):
-                await self._async_status(route, rest, send)
+            if await self._api_page(route, rest, method, send):
                 return
-            if method == "GET" and rest == "openapi.json":
-                await send_json(send, 200, route.openapi or {"openapi": "3.1.0", "paths": {}})
-                return
-            if method == "GET" and rest == "docs":
-                page = docs_page(name).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", b"text/html; charset=utf-8"),
-                            (b"content-length", str(len(page)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": page})
-                return
-        elif path == "/healthz":
+        elif await self._operator_page(path, method, send):
+            return
+        await self._not_found(scope, path, send)
+
+    async def _api_root(self, route: ApiRoute, method: str, send: Send) -> None:
+        """`/<api>` other than a prediction: describe it, or say how to use it."""
+        name = route.name
+        if method == "POST":  # a batch API
+            message = f"{name} is a batch API: submit a job: cirrus jobs submit {name}"
+            await send_json(send, 405, {"error": message})
+        elif method == "GET":
+            await send_json(send, 200, self.describe(route))
+        else:
+            await send_json(send, 405, {"error": f"use POST /{name} to predict"})
+
+    async def _api_page(self, route: ApiRoute, rest: str, method: str, send: Send) -> bool:
+        """`GET /<api>/<rest>`: an async request's status, the OpenAPI schema or the docs page; False: none."""
+        if route.kind == "async" and method == "GET" and rest not in ("openapi.json", "docs"):
+            await self._async_status(route, rest, send)
+            return True
+        if method == "GET" and rest == "openapi.json":
+            await send_json(send, 200, route.openapi or {"openapi": "3.1.0", "paths": {}})
+            return True
+        if method == "GET" and rest == "docs":
+            await _send_text(send, docs_page(route.name).encode(), b"text/html; charset=utf-8")
+            return True
+        return False
+
+    async def _operator_page(self, path: str, method: str, send: Send) -> bool:
+        """`/healthz`, `/metrics` and `GET /` (the list of APIs); False: none of them."""
+        if path == "/healthz":
             await send_json(send, 200, {"status": "ok", "apis": sorted(self.routes)})
-            return
-        elif path == "/metrics" and self.metrics_app is not None:
-            body = self.metrics_app()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/plain; version=0.0.4"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
-        elif path == "/" and method == "GET":
+            return True
+        if path == "/metrics" and self.metrics_app is not None:
+            await _send_text(send, self.metrics_app(), b"text/plain; version=0.0.4")
+            return True
+        if path == "/" and method == "GET":
             await send_json(send, 200, {"apis": sorted(self.routes)})
-            return
+            return True
+        return False
+
+    async def _not_found(self, scope: Scope, path: str, send: Send) -> None:
         request_id = _request_id(scope)
         await send_json(
             send,
@@ -286,8 +285,9 @@ class Gateway:
         started: float,
     ) -> None:
         """An async API: store the request durably, answer 202 with its id at once."""
-        if self.async_front is None:
-            await self._reply_error(send, route, started, 503, "this gateway has no queue store", request_id)
+        if self.async_front is None or (route.unavailable is not None and not route.replicas):
+            why = route.unavailable or "this gateway has no queue store"
+            await self._reply_error(send, route, started, 503, why, request_id)
             return
         status, answer = await self.async_front.accept(
             route.name, body, content_type, forwarded, scope.get("query_string", b"")
@@ -321,22 +321,11 @@ class Gateway:
         timeout_s = route.timeout_s
         slot: ReplicaSlot | None = route.try_acquire(model)
         if slot is None:
-            if not route.replicas:
-                route.note_cold(started)
-                if self.on_cold is not None:
-                    self.on_cold(route.name)
+            self._note_waiting(route, started)
             try:
                 slot = await route.acquire(timeout_s, model)
-            except (Overloaded, QueueTimeout) as exc:
-                if isinstance(exc, Overloaded):
-                    why = f"API {route.name!r} is at capacity and its queue is full; retry later"
-                else:
-                    became = "free" if route.replicas else "ready"
-                    why = f"no replica of {route.name!r} became {became} within {timeout_s:g}s"
-                await self._reply_error(send, route, started, 503, why, request_id, _RETRY_AFTER)
-                return
-            except ReplicaGone as exc:
-                await self._reply_error(send, route, started, 404, str(exc), request_id)
+            except (Overloaded, QueueTimeout, ReplicaGone, Unavailable) as exc:
+                await self._reply_no_replica(send, route, started, exc, timeout_s, request_id)
                 return
         remaining = max(0.001, timeout_s - (time.perf_counter() - started))
         streaming = False
@@ -359,9 +348,7 @@ class Gateway:
             if response.held is not None:  # a multi-model replica: what it holds now, for routing
                 slot.held = frozenset(response.held)
         except ReplicaGone as exc:
-            slot.errors += 1
-            log.warning("request %s to %s failed: %s", request_id, slot.replica_id, exc)
-            await self._reply_error(send, route, started, 502, f"replica {slot.replica_id} failed: {exc}", request_id)
+            await self._reply_replica_failed(send, route, slot, started, exc, request_id)
             return
         except TimeoutError:
             await self._reply_error(send, route, started, 504, f"no answer within {timeout_s:g}s", request_id)
@@ -376,16 +363,46 @@ class Gateway:
                 route.release(slot)
             return
         slot.completed += 1
-        status = response.status
-        headers = [
-            (b"content-type", response.content_type.encode("latin-1")),
-            (b"content-length", str(len(response.body)).encode()),
-            (b"x-request-id", request_id.encode()),
-        ]
-        for key, value in response.headers:
-            headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        headers = _reply_headers(response, request_id)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
+        self._observe_reply(route, slot, response, request_id, started)
+
+    def _note_waiting(self, route: ApiRoute, started: float) -> None:
+        """No replica free: at zero replicas this is a cold start, so ask for one now, not at the next tick."""
+        if not route.replicas:
+            route.note_cold(started)
+            if self.on_cold is not None:
+                self.on_cold(route.name)
+
+    async def _reply_no_replica(
+        self, send: Send, route: ApiRoute, started: float, exc: Exception, timeout_s: float, request_id: str
+    ) -> None:
+        """Waiting for a replica failed: 503 (retry later) when overloaded or timed out, 404 when the API went."""
+        if isinstance(exc, Overloaded):
+            why = f"API {route.name!r} is at capacity and its queue is full; retry later"
+        elif isinstance(exc, QueueTimeout):
+            became = "free" if route.replicas else "ready"
+            why = f"no replica of {route.name!r} became {became} within {timeout_s:g}s"
+        elif isinstance(exc, Unavailable):
+            why = str(exc)
+        else:
+            await self._reply_error(send, route, started, 404, str(exc), request_id)
+            return
+        await self._reply_error(send, route, started, 503, why, request_id, _RETRY_AFTER)
+
+    async def _reply_replica_failed(
+        self, send: Send, route: ApiRoute, slot: ReplicaSlot, started: float, exc: ReplicaGone, request_id: str
+    ) -> None:
+        slot.errors += 1
+        log.warning("request %s to %s failed: %s", request_id, slot.replica_id, exc)
+        await self._reply_error(send, route, started, 502, f"replica {slot.replica_id} failed: {exc}", request_id)
+
+    def _observe_reply(
+        self, route: ApiRoute, slot: ReplicaSlot, response: InferResponse, request_id: str, started: float
+    ) -> None:
+        """Metrics (and a warning on a 5xx) for a relayed, non-streamed reply."""
+        status = response.status
         now = time.time()
         route.metrics.observe(status, time.perf_counter() - started, now)
         route.metrics.observe_replica(response, now)  # slot wait, predict time, batch size
@@ -409,11 +426,7 @@ class Gateway:
         that goes away cancels the stream in the replica."""
         conn = slot.conn
         sse = any(k == "accept" and "text/event-stream" in v for k, v in forwarded)
-        content_type = "text/event-stream; charset=utf-8" if sse else head.content_type
-        headers = [(b"content-type", content_type.encode("latin-1")), (b"x-request-id", request_id.encode())]
-        if sse:
-            headers.append((b"cache-control", b"no-cache"))
-        headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in head.headers)
+        headers = _stream_headers(head, request_id, sse)
         await send({"type": "http.response.start", "status": head.status, "headers": headers})
         queue = conn.stream(request_no)
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
@@ -454,12 +467,7 @@ class Gateway:
                 conn.credit(request_no)
         finally:
             disconnect.cancel()
-            if completed:
-                conn.end_stream(request_no)
-                slot.completed += 1
-            else:
-                conn.forget(request_no)  # tells the replica to stop generating
-            route.metrics.observe(head.status if completed else 499, time.perf_counter() - started, time.time())
+            _end_stream(route, slot, request_no, head.status, completed, started)
 
     async def _reply_error(
         self,
@@ -475,6 +483,52 @@ class Gateway:
         route.metrics.observe(status, time.perf_counter() - started, time.time())
         if status >= 500:
             log.warning("request %s to %s answered %d: %s", request_id, route.name, status, message)
+
+
+async def _send_text(send: Send, body: bytes, content_type: bytes) -> None:
+    """A 200 whose body is already encoded: the docs page, the Prometheus metrics."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _reply_headers(response: InferResponse, request_id: str) -> list[tuple[bytes, bytes]]:
+    """The headers of a relayed, non-streamed reply: the replica's own, after ours."""
+    headers = [
+        (b"content-type", response.content_type.encode("latin-1")),
+        (b"content-length", str(len(response.body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    for key, value in response.headers:
+        headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
+    return headers
+
+
+def _stream_headers(head: InferResponse, request_id: str, sse: bool) -> list[tuple[bytes, bytes]]:
+    """The headers of a streamed reply (no content-length); SSE replaces the replica's content type."""
+    content_type = "text/event-stream; charset=utf-8" if sse else head.content_type
+    headers = [(b"content-type", content_type.encode("latin-1")), (b"x-request-id", request_id.encode())]
+    if sse:
+        headers.append((b"cache-control", b"no-cache"))
+    headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in head.headers)
+    return headers
+
+
+def _end_stream(
+    route: ApiRoute, slot: ReplicaSlot, request_no: int, status: int, completed: bool, started: float
+) -> None:
+    """Close a stream on the connection (a client gone or an error stops the replica) and record it."""
+    if completed:
+        slot.conn.end_stream(request_no)
+        slot.completed += 1
+    else:
+        slot.conn.forget(request_no)  # tells the replica to stop generating
+    route.metrics.observe(status if completed else 499, time.perf_counter() - started, time.time())
 
 
 async def _wait_disconnect(receive: Receive) -> None:

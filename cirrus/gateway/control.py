@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from cirrus.gateway.app import Gateway
-from cirrus.gateway.routing import ReplicaSlot
+from cirrus.gateway.routing import ReplicaSlot, Unavailable
 from cirrus.gateway.transport import ReplicaConnection
 from cirrus.spec import ConcurrencySpec
 from cirrus.wire import ReplicaReady
@@ -33,6 +33,14 @@ class GatewayController:
 
     def remove_api(self, name: str) -> None:
         self.gateway.remove_api(name)
+
+    def set_unavailable(self, name: str, reason: str | None) -> None:
+        route = self.gateway.routes.get(name)
+        if route is None:
+            return
+        route.unavailable = reason
+        if reason is not None and not route.replicas:
+            route.fail_waiters(Unavailable(reason))  # those already waiting hear it now too
 
     async def add_replica(self, api: str, replica_id: str, report: ReplicaReady) -> None:
         conn = await ReplicaConnection.open(report.address)

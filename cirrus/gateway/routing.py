@@ -26,6 +26,10 @@ class QueueTimeout(Exception):
     """A queued request found no free replica before its deadline."""
 
 
+class Unavailable(Exception):
+    """The API has no revision that can serve (its code does not load); the message says why."""
+
+
 def choose_replica(
     in_flight: Sequence[int], capacity: int, start: int = 0, preferred: Sequence[bool] | None = None
 ) -> int | None:
@@ -82,6 +86,7 @@ class ApiRoute:
     cold_since: float | None = None  # when a request first waited on zero replicas (perf_counter)
     cold_starts: int = 0
     last_cold_start_s: float | None = None
+    unavailable: str | None = None  # set by the controller while no revision can serve: 503 at once
     _turn: int = 0
 
     def try_acquire(self, model: str | None = None) -> ReplicaSlot | None:
@@ -106,6 +111,8 @@ class ApiRoute:
         slot = self.try_acquire(model)
         if slot is not None:
             return slot
+        if self.unavailable is not None and not self.replicas:
+            raise Unavailable(self.unavailable)
         if len(self.waiters) >= self.max_queue_length:
             raise Overloaded(self.name)
         waiter: asyncio.Future[ReplicaSlot] = asyncio.get_running_loop().create_future()

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cirrus.runtimes.placement import Unplaceable
+from cirrus.spec import ComputeSpec
 from cirrus.wire import ReplicaLaunch, ReplicaReady
+
+__all__ = ["ReplicaExit", "Reservation", "Runtime", "RuntimeEvents", "Unplaceable"]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a runtime set aside for one replica (`Runtime.reserve`), held until it exits.
+
+    `devices` is what `cirrus get` shows, e.g. {"gpu": "0,1"} or {"gpu": "0:0.5"} (a share of
+    device 0); empty when it holds none. `detail` is the runtime's own record (the local runtime's
+    `Assignment`); nothing outside the runtime reads it.
+    """
+
+    devices: dict[str, str] = field(default_factory=dict)
+    detail: object = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +74,45 @@ class Runtime(Protocol):
         """Undo `prepare` for a retired revision; replicas already started keep running until stopped."""
         ...
 
+    def reserve(self, replica_id: str, compute: ComputeSpec) -> Reservation | Unplaceable:
+        """Set aside `compute` for a replica about to start, or say why it does not fit now
+        (`Unplaceable.never_fits`: nor ever, on this node). The reservation is held until the
+        replica started with that id stops or exits, or `unreserve`; reserving again for an id
+        that is not running replaces its reservation."""
+        ...
+
+    def unreserve(self, replica_id: str) -> None:
+        """Drop the reservation of a replica that was never started; no effect on a running one
+        (its reservation goes when it exits) or on an id holding none."""
+        ...
+
     async def start(self, launch: ReplicaLaunch, env: dict[str, str]) -> int | None:
-        """Start a replica; returns its pid if it has one. Readiness and exit come as events."""
+        """Start a replica; returns its pid if it has one. Readiness and exit come as events.
+        The replica gets `env` plus the device environment of its reservation (CUDA_VISIBLE_DEVICES
+        and the like; none without one). A start that raises frees the reservation."""
         ...
 
     async def stop(self, replica_id: str, grace_s: float) -> None:
-        """Ask a replica to finish and exit (SIGTERM); kill it after `grace_s`."""
+        """Ask a replica to finish and exit (SIGTERM); kill it after `grace_s`. Frees its reservation."""
+        ...
+
+    def address(self, replica_id: str) -> str | None:
+        """Where a running replica listens (its `ReplicaReady.address`); None before it is ready or after it exits."""
+        ...
+
+    def logs(self, api: str | None, replica_id: str | None, lines: int, follow: bool) -> AsyncIterator[bytes]:
+        """The newest `lines` log lines of one replica of `api` (every replica of it when
+        `replica_id` is None; of every API when `api` is None too), oldest first, each as
+        b"[<replica id>] <text>\\n"; then, when `follow`, each new line as it is written, until
+        the caller stops iterating."""
+        ...
+
+    def has_logs(self, api: str) -> bool:
+        """Whether any replica of `api` has left logs (an API deleted since still has)."""
+        ...
+
+    def model_cache_dir(self) -> Path | None:
+        """Where this node's model cache lives; None where the runtime has none."""
         ...
 
     def log_path(self, api: str, replica_id: str) -> Path: ...

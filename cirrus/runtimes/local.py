@@ -5,6 +5,10 @@ A replica is forked from its revision's *template* when one is ready (`prepare` 
 with `CIRRUS_FORK_REPLICAS=0`, it is a fresh `python -m cirrus.replica` process. Either way the
 replica reports `ReplicaReady`/`ReplicaFailed` on a status pipe, logs to the same file, and its
 end comes back as the same `replica_exited` event.
+
+Placement is the runtime's too: `reserve` places a replica on the node's `Inventory` (the pure
+`cirrus.runtimes.placement.place` over the reservations held), and `start` gives the replica the
+device environment of its reservation (CUDA_VISIBLE_DEVICES and the like).
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cirrus.logs import tail_lines
-from cirrus.runtimes.base import ReplicaExit, RuntimeEvents
+from cirrus.logs import FOLLOW_POLL_S, read_logs, tail_lines
+from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
+from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
+from cirrus.spec import ComputeSpec
 from cirrus.wire import (
     TEMPLATE_MESSAGE_MAX_BYTES,
     ChildExited,
@@ -57,6 +63,7 @@ class _Replica:
     send_signal: Callable[[int], None]
     watcher: asyncio.Task[None]
     stopping: bool = False
+    address: str | None = None  # from its ReplicaReady
 
 
 class TemplateUnavailable(Exception):
@@ -64,21 +71,78 @@ class TemplateUnavailable(Exception):
 
 
 class LocalRuntime:
-    def __init__(self, logs_dir: Path, python: str = sys.executable, env: Mapping[str, str] | None = None) -> None:
+    """Replicas as processes of this node.
+
+    `inventory` is what the node offers replicas (None: no limits, and no device environment);
+    `models_dir` is where its model cache lives; `log_poll_s` is how often followed logs are read.
+    """
+
+    def __init__(
+        self,
+        logs_dir: Path,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        inventory: Inventory | None = None,
+        models_dir: Path | None = None,
+        log_poll_s: float = FOLLOW_POLL_S,
+    ) -> None:
         self.logs_dir = logs_dir
         self.python = python
+        self.inventory = inventory
+        self.models_dir = models_dir
+        self.log_poll_s = log_poll_s
         environ = os.environ if env is None else env
         self.fork_replicas = environ.get(FORK_REPLICAS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self._events: RuntimeEvents | None = None
         self._processes: dict[str, _Replica] = {}
         self._templates: dict[tuple[str, int], _Template] = {}
         self._retired: set[_Template] = set()  # released, reaping the replicas they forked
+        self._reservations: dict[str, Reservation] = {}  # replica id -> what it holds (started or not)
+        self._starting: set[str] = set()  # replica ids whose start is in flight
 
     def subscribe(self, events: RuntimeEvents) -> None:
         self._events = events
 
+    def model_cache_dir(self) -> Path | None:
+        return self.models_dir
+
+    # --- placement -------------------------------------------------------------------------
+
+    def _live(self, replica_id: str) -> bool:
+        return replica_id in self._processes or replica_id in self._starting
+
+    def reserve(self, replica_id: str, compute: ComputeSpec) -> Reservation | Unplaceable:
+        if self._live(replica_id):
+            raise RuntimeError(f"replica {replica_id} is running; its reservation cannot change")
+        self._reservations.pop(replica_id, None)
+        if self.inventory is None:
+            reservation = Reservation()
+        else:
+            placed = place(compute, self.inventory, self.held())
+            if isinstance(placed, Unplaceable):
+                return placed
+            reservation = Reservation(devices=placed.devices(), detail=placed)
+        self._reservations[replica_id] = reservation
+        return reservation
+
+    def unreserve(self, replica_id: str) -> None:
+        if not self._live(replica_id):
+            self._reservations.pop(replica_id, None)
+
+    def held(self) -> list[Assignment]:
+        """The assignments reserved now, started or not."""
+        return [r.detail for r in self._reservations.values() if isinstance(r.detail, Assignment)]
+
+    # --- logs ------------------------------------------------------------------------------
+
     def log_path(self, api: str, replica_id: str) -> Path:
         return self.logs_dir / api / f"{replica_id}.log"
+
+    def logs(self, api: str | None, replica_id: str | None, lines: int, follow: bool) -> AsyncIterator[bytes]:
+        return read_logs(self.logs_dir, api, replica_id, lines, follow, self.log_poll_s)
+
+    def has_logs(self, api: str) -> bool:
+        return (self.logs_dir / api).is_dir()
 
     def template_log_path(self, api: str, revision: int) -> Path:
         return self.logs_dir / api / "templates" / f"revision-{revision}.log"
@@ -118,15 +182,30 @@ class LocalRuntime:
     # --- replicas --------------------------------------------------------------------------
 
     async def start(self, launch: ReplicaLaunch, env: dict[str, str]) -> int | None:
-        if launch.replica_id in self._processes:
+        if self._live(launch.replica_id):
             raise RuntimeError(f"replica {launch.replica_id} is already running")
-        template = self._templates.get((launch.api, launch.revision)) if self.fork_replicas else None
-        if template is not None:
-            try:
-                return await self._fork(template, launch, env)
-            except TemplateUnavailable as exc:
-                log.info("replica %s of %s starts as a fresh process: %s", launch.replica_id, launch.api, exc)
-        return await self._spawn(launch, env)
+        reservation = self._reservations.get(launch.replica_id)
+        if reservation is not None and isinstance(reservation.detail, Assignment):
+            env = {**env, **reservation.detail.env()}
+        self._starting.add(launch.replica_id)  # its reservation stays held while it starts
+        try:
+            template = self._templates.get((launch.api, launch.revision)) if self.fork_replicas else None
+            if template is not None:
+                try:
+                    return await self._fork(template, launch, env)
+                except TemplateUnavailable as exc:
+                    log.info("replica %s of %s starts as a fresh process: %s", launch.replica_id, launch.api, exc)
+            return await self._spawn(launch, env)
+        except BaseException:
+            self._starting.discard(launch.replica_id)
+            self.unreserve(launch.replica_id)
+            raise
+        finally:
+            self._starting.discard(launch.replica_id)
+
+    def address(self, replica_id: str) -> str | None:
+        entry = self._processes.get(replica_id)
+        return entry.address if entry is not None else None
 
     def _full_env(self, env: dict[str, str]) -> dict[str, str]:
         return {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -201,12 +280,16 @@ class LocalRuntime:
         report = await _read_report(read_fd)
         error = None
         if isinstance(report, ReplicaReady):
+            running = self._processes.get(launch.replica_id)
+            if running is not None:
+                running.address = report.address
             if self._events is not None:
                 self._events.replica_ready(launch.replica_id, report)
         elif isinstance(report, ReplicaFailed):
             error = report.error
         code = await exited
         entry = self._processes.pop(launch.replica_id, None)
+        self._reservations.pop(launch.replica_id, None)  # freed before anyone hears of the exit
         exit = ReplicaExit(
             code=code if code is not None and code >= 0 else None,
             signal=-code if code is not None and code < 0 else None,
@@ -221,6 +304,7 @@ class LocalRuntime:
     async def stop(self, replica_id: str, grace_s: float) -> None:
         entry = self._processes.get(replica_id)
         if entry is None:
+            self.unreserve(replica_id)  # not while a start is in flight: that replica will hold it
             return
         entry.stopping = True
         with contextlib.suppress(ProcessLookupError):
@@ -235,6 +319,7 @@ class LocalRuntime:
     async def close(self) -> None:
         """Stop every replica, then every template."""
         await asyncio.gather(*(self.stop(rid, 10.0) for rid in list(self._processes)), return_exceptions=True)
+        self._reservations.clear()
         templates = [*self._templates.values(), *self._retired]
         self._templates.clear()
         self._retired.clear()

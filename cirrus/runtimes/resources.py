@@ -1,9 +1,9 @@
 """What a node has to give: CPU, memory, GPUs and named accelerators, discovered or configured.
 
 This module owns the side effects of resource discovery (reading `/proc/meminfo`, asking NVML or
-`nvidia-smi`, reading the node config); the scheduler (`cirrus.control.scheduler`) only computes
-with the `Inventory` returned here. `Inventory` is defined here, not in the scheduler, because a
-runtime may not import the control layer (tests/test_layers.py); the scheduler re-exports it.
+`nvidia-smi`, reading the node config); placement (`cirrus.runtimes.placement`, pure) only computes
+with the `Inventory` returned here, which the daemon hands to the local runtime. Placement
+re-exports `Inventory`.
 
 Discovered values can be overridden, in increasing priority, by a node config file
 (`$CIRRUS_HOME/node.yaml` by default) and by the `CIRRUS_NODE_RESOURCES` environment variable
@@ -39,7 +39,7 @@ _KI, _MI, _GI = 2**10, 2**20, 2**30
 class Inventory:
     """A node's capacity (or, from `free_capacity`, what of it is free).
 
-    `mem` is in bytes; None means unknown, which the scheduler treats as unlimited. `gpus` and each
+    `mem` is in bytes; None means unknown, which placement treats as unlimited. `gpus` and each
     entry of `accelerators` hold one capacity per device, indexed by device number (normally 1.0
     each; a free inventory holds the unused share of each device).
     """

@@ -1,19 +1,24 @@
 """In-memory stand-ins for the runtime and the gateway's control side (no processes, no sockets).
 
 `FakeRuntime` implements `cirrus.runtimes.base.Runtime`; a test drives each replica's life with
-`make_ready`, `crash` and `fail_load`, which deliver the same events a real runtime would.
+`make_ready`, `crash` and `fail_load`, which deliver the same events a real runtime would. It
+reserves with the local runtime's placement over an optional `inventory` (None: everything fits)
+and serves the log lines a test wrote with `write_log`.
 `FakeGateway` implements `cirrus.control.controller.GatewayControl` and records every call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal as signals
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cirrus.runtimes.base import ReplicaExit, RuntimeEvents
-from cirrus.spec import ConcurrencySpec
+from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
+from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
+from cirrus.spec import ComputeSpec, ConcurrencySpec
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
@@ -36,8 +41,18 @@ class FakeReplica:
 class FakeRuntime:
     """A `Runtime` without processes: records launches and stops; tests decide what happens next."""
 
-    def __init__(self, logs_dir: Path | str = "fake-logs") -> None:
+    def __init__(
+        self,
+        logs_dir: Path | str = "fake-logs",
+        inventory: Inventory | None = None,
+        models_dir: Path | None = None,
+    ) -> None:
         self.logs_dir = Path(logs_dir)
+        self.inventory = inventory  # None: every reservation fits, and carries no devices
+        self.models_dir = models_dir
+        self.reservations: dict[str, Reservation] = {}  # replica id -> its reservation, while held
+        self.reserved: list[str] = []  # replica ids of every reservation made, in order
+        self.log_lines: list[tuple[str, str, str]] = []  # (API, replica id, line) as `write_log` got them
         self.launches: list[ReplicaLaunch] = []  # every start, in order (a restart appears again)
         self.envs: dict[str, dict[str, str]] = {}  # replica id -> environment of its latest start
         self.stops: list[str] = []  # replica ids passed to stop(), in order
@@ -49,6 +64,7 @@ class FakeRuntime:
         self._events: RuntimeEvents | None = None
         self._live: dict[str, FakeReplica] = {}
         self._next_pid = FIRST_FAKE_PID
+        self._log_written: asyncio.Event | None = None  # set by the next write_log
 
     # --- the Runtime protocol ------------------------------------------------------------
     def subscribe(self, events: RuntimeEvents) -> None:
@@ -63,11 +79,35 @@ class FakeRuntime:
         self.released.append((api, revision))
         self.templates.discard((api, revision))
 
+    def reserve(self, replica_id: str, compute: ComputeSpec) -> Reservation | Unplaceable:
+        if replica_id in self._live:
+            raise RuntimeError(f"replica {replica_id} is running; its reservation cannot change")
+        self.reservations.pop(replica_id, None)
+        if self.inventory is None:
+            reservation = Reservation()
+        else:
+            held = [r.detail for r in self.reservations.values() if isinstance(r.detail, Assignment)]
+            placed = place(compute, self.inventory, held)
+            if isinstance(placed, Unplaceable):
+                return placed
+            reservation = Reservation(devices=placed.devices(), detail=placed)
+        self.reservations[replica_id] = reservation
+        self.reserved.append(replica_id)
+        return reservation
+
+    def unreserve(self, replica_id: str) -> None:
+        if replica_id not in self._live:
+            self.reservations.pop(replica_id, None)
+
     async def start(self, launch: ReplicaLaunch, env: dict[str, str]) -> int | None:
         if self.start_error is not None:
+            self.unreserve(launch.replica_id)
             raise self.start_error
         if launch.replica_id in self._live:
             raise RuntimeError(f"replica {launch.replica_id} is already running")
+        reservation = self.reservations.get(launch.replica_id)
+        if reservation is not None and isinstance(reservation.detail, Assignment):
+            env = {**env, **reservation.detail.env()}
         pid = self._next_pid
         self._next_pid += 1
         self.launches.append(launch)
@@ -79,17 +119,57 @@ class FakeRuntime:
         self.stops.append(replica_id)
         if replica_id in self._live:
             self._exit(replica_id, ReplicaExit(signal=int(signals.SIGTERM)))
+        else:
+            self.unreserve(replica_id)
+
+    def address(self, replica_id: str) -> str | None:
+        replica = self._live.get(replica_id)
+        return f"fake:{replica_id}" if replica is not None and replica.ready else None
+
+    def model_cache_dir(self) -> Path | None:
+        return self.models_dir
 
     def log_path(self, api: str, replica_id: str) -> Path:
         return self.logs_dir / api / f"{replica_id}.log"
+
+    def has_logs(self, api: str) -> bool:
+        return any(logged_api == api for logged_api, _, _ in self.log_lines)
+
+    async def logs(self, api: str | None, replica_id: str | None, lines: int, follow: bool) -> AsyncIterator[bytes]:
+        def chosen(start: int) -> list[bytes]:
+            return [
+                f"[{rid}] {line}\n".encode()
+                for logged_api, rid, line in self.log_lines[start:]
+                if api in (None, logged_api) and replica_id in (None, rid)
+            ]
+
+        seen = len(self.log_lines)
+        for chunk in chosen(0)[-lines:] if lines > 0 else []:
+            yield chunk
+        while follow:
+            if len(self.log_lines) == seen:  # nothing new since: wait for the next write_log
+                if self._log_written is None:
+                    self._log_written = asyncio.Event()
+                await self._log_written.wait()
+            new, seen = chosen(seen), len(self.log_lines)
+            for chunk in new:
+                yield chunk
 
     async def close(self) -> None:
         self.closed = True
         for replica_id in list(self._live):
             await self.stop(replica_id, 0.0)
         self.templates.clear()
+        self.reservations.clear()
 
     # --- driving it from a test ----------------------------------------------------------
+    def write_log(self, api: str, replica_id: str, line: str) -> None:
+        """A replica of `api` logged `line` (without its newline); followers of its logs get it."""
+        self.log_lines.append((api, replica_id, line))
+        if self._log_written is not None:
+            self._log_written.set()
+            self._log_written = None
+
     def running(self) -> list[str]:
         """Ids of the replicas started and not yet exited, in start order."""
         return list(self._live)
@@ -146,6 +226,7 @@ class FakeRuntime:
 
     def _exit(self, replica_id: str, exit: ReplicaExit) -> None:
         del self._live[replica_id]
+        self.reservations.pop(replica_id, None)
         if self._events is not None:
             self._events.replica_exited(replica_id, exit)
 
@@ -167,12 +248,16 @@ class FakeGateway:
         default_factory=dict
     )  # API -> (mean batch size, p50 slot wait s, p50 predict s)
     add_error: Exception | None = None
+    unavailable: dict[str, str | None] = field(default_factory=dict)  # API -> why requests get 503 at once
 
     def set_api(
         self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime", multi_model: bool = False
     ) -> None:
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
+
+    def set_unavailable(self, name: str, reason: str | None) -> None:
+        self.unavailable[name] = reason
 
     def remove_api(self, name: str) -> None:
         self.removed_apis.append(name)

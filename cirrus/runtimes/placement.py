@@ -2,7 +2,8 @@
 
 `place(request, inventory, held)` is a function of the replica's `ComputeSpec`, the node's
 `Inventory` and the `Assignment`s its running replicas hold; nothing is remembered between calls,
-so releasing a replica's resources is passing one fewer held assignment.
+so releasing a replica's resources is passing one fewer held assignment. The local runtime keeps
+the held assignments (`LocalRuntime.reserve`); other runtimes may place with their own scheduler.
 
 Rules (docs/resources.md says more):
 
@@ -63,6 +64,15 @@ class Assignment:
                 env["NEURON_RT_VISIBLE_CORES"] = _indices(shares)
         return env
 
+    def devices(self) -> dict[str, str]:
+        """The devices held, as `cirrus get` shows them: {"gpu": "0,1"}, {"gpu": "0:0.5"} (a share
+        of device 0), one entry per kind held (GPUs first, then accelerators by name)."""
+        devices = {"gpu": _describe(self.gpus)} if self.gpus else {}
+        for name, shares in sorted(self.accelerators.items()):
+            if shares:
+                devices[name] = _describe(shares)
+        return devices
+
 
 @dataclass(frozen=True)
 class Unplaceable:
@@ -77,6 +87,10 @@ class Unplaceable:
 
 def _indices(shares: Shares) -> str:
     return ",".join(str(index) for index, _ in shares)
+
+
+def _describe(shares: Shares) -> str:
+    return ",".join(f"{index}" if share >= 1 else f"{index}:{share:g}" for index, share in shares)
 
 
 # --- free capacity -------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""The control plane's durable state, one SQLite file (`$CIRRUS_HOME/state.db`) opened one way.
+
+APIs and revisions (`control/store.py`) and batch jobs (`control/jobs.py`) keep their tables here,
+on one connection: WAL, `synchronous=NORMAL`, a busy timeout, and a file only its owner can read.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BUSY_TIMEOUT_S = 30.0
+
+
+class StateDB:
+    """One connection shared by the stores of the control plane (thread-safe through one lock)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(self.path, 0o600)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self.lock = threading.RLock()
+        self._closed = False
+
+    def schema(self, script: str, columns: dict[str, dict[str, str]] | None = None) -> None:
+        """Create tables (`CREATE ... IF NOT EXISTS` script), then add `columns` ({table: {name: type}})
+        missing from a state file written by an older version."""
+        with self.lock:
+            self._db.executescript(script)
+            for table, wanted in (columns or {}).items():
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in wanted.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        with self.lock:
+            return self._db.execute(sql, params)
+
+    def fetchall(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self.lock:
+            return self._db.execute(sql, params).fetchall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """`BEGIN IMMEDIATE` ... `COMMIT` (or `ROLLBACK` on an exception), holding the lock."""
+        with self.lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self.lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
