@@ -10,11 +10,16 @@ default 2) in a temporary directory, then two parts:
   mapping, every page read in `__init__`) and ``copy`` (`np.fromfile`: the whole file in the
   process's own memory, as pickle / `torch.load` / `np.load` hold it). Each is deployed at 1
   replica, with a cold page cache (``echo 3 > /proc/sys/vm/drop_caches`` after a `sync`, when
-  permitted), then redeployed at 4 (a new revision: 4 replicas forked from its template, the file
-  now in the page cache). After each, one request, then the PSS and RSS of every replica and of the
-  template from ``/proc/PID/smaps_rollup``. Targets: summed PSS of 4 shared replicas (with their
-  template) <= 1.3x that of 1; a further replica (warm cache) ready < 1 s, from the controller
-  starting it to its ready report.
+  permitted), then redeployed with only its autoscaling bounds raised to 4 (a scale-only change,
+  applied in place: action `scaled`, the same revision, the first replica untouched, 3 replicas
+  forked from the revision's running template, the file now in the page cache; the weights live
+  outside the project directory, so its snapshot differs by `cirrus.yaml` alone). The script polls
+  `cirrus get` every 20 ms from the deploy call until 4 replicas are ready. After each step, one
+  request, then the PSS and RSS of every replica and of the template from
+  ``/proc/PID/smaps_rollup``. Targets: summed PSS of 4 shared replicas (with their template) <= 1.3x
+  that of 1; a further replica (warm cache) ready < 1 s, from the controller starting it to its
+  ready report; the scale-only change: 4 ready < 3 s after the deploy call, action `scaled`, the
+  revision and the first replica's pid unchanged.
 * **loaders**: on a smaller file (``--loader-mb``, default 512), two plain processes load it the same
   way at once (and touch every value); their summed PSS vs the file size, per loader: this module,
   `safetensors.numpy.load_file`, `safetensors.torch.load_file`, `torch.load` of the same weights
@@ -64,12 +69,17 @@ VARIANTS = ("shared", "copy")
 
 TARGET_PSS_RATIO = 1.3  # summed PSS, 4 replicas vs 1 (with the template)
 TARGET_WARM_READY_S = 1.0  # a further replica, page cache warm: started -> ready
+TARGET_SCALE_READY_S = 3.0  # autoscaling bounds 1 -> 4 (scale-only): the deploy call -> 4 replicas ready
 
 
 @dataclass(frozen=True)
 class Targets:
     pss_4_vs_1: float = TARGET_PSS_RATIO
     warm_replica_ready_s: float = TARGET_WARM_READY_S
+    scale_only_ready_s: float = TARGET_SCALE_READY_S
+    scale_only_action: str = "scaled"
+    scale_only_revision_unchanged: bool = True
+    scale_only_first_pid_unchanged: bool = True
 
 
 log = procs.logger("models")
@@ -247,48 +257,127 @@ def deploy_step(
     t0 = time.monotonic()
     result = daemon.client.deploy(project, wait=False)[0]
     daemon.wait("live", only_revision(result.revision), api, args.timeout)
-    live_s = time.monotonic() - t0
+    step = {
+        "replicas": replicas,
+        "revision": result.revision,
+        "action": result.action,
+        "page_cache": cache,
+        "deploy_to_live_s": round(time.monotonic() - t0, 3),
+    }
+    step.update(after_deploy(daemon, api, result.revision, since, args))
+    del step["last_ready_at"]
+    log_step(api, step)
+    return step
+
+
+def scale_step(
+    daemon: procs.Daemon, project: Path, api: str, first: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Redeploy `project`, whose autoscaling bounds alone were raised to 4 (a scale-only change), polling
+    `cirrus get` every 20 ms from the deploy call until 4 replicas are ready; then whether it was applied in
+    place: action `scaled`, the same revision, and the first replica still serving under the same pid."""
+    since = time.time()
+    t0 = time.monotonic()
+    result = daemon.client.deploy(project, wait=False)[0]
+    all_ready_s, seen = wait_ready(daemon, api, result.revision, 4, t0, args.timeout)
+    step: dict[str, Any] = {
+        "replicas": 4,
+        "revision": result.revision,
+        "action": result.action,
+        "page_cache": "warm",
+        "deploy_to_live_s": round(all_ready_s, 3),
+        "ready_polled_s": seen,
+    }
+    step.update(after_deploy(daemon, api, result.revision, since, args))
+    first_id, first_pid = next(iter(first["replica_pids"].items()))
+    last_ready_at = step.pop("last_ready_at")
+    step["scale_only"] = {
+        "action": result.action,
+        "revision_before": first["revision"],
+        "revision_after": result.revision,
+        "revision_unchanged": result.revision == first["revision"],
+        "first_replica": first_id,
+        "first_pid_before": first_pid,
+        "first_pid_after": step["replica_pids"].get(first_id),
+        "first_pid_unchanged": step["replica_pids"].get(first_id) == first_pid,
+        "all_ready_s": round(all_ready_s, 3),
+        "all_ready_log_s": round(last_ready_at - since, 3) if last_ready_at else None,
+    }
+    log_step(api, step)
+    if result.action != "scaled" or not step["scale_only"]["first_pid_unchanged"]:
+        log(f"{api}: the scale-only change was NOT applied in place: {step['scale_only']}")
+    return step
+
+
+def wait_ready(
+    daemon: procs.Daemon, api: str, revision: int, count: int, t0: float, timeout: float
+) -> tuple[float, dict[str, float]]:
+    """Poll `cirrus get` every 20 ms until `count` replicas of `revision` are ready: the seconds since `t0`
+    (monotonic), and per replica when it was first seen ready; BenchError after `timeout` s."""
+    seen: dict[str, float] = {}
+    while True:
+        status = daemon.client.get(api)
+        now = time.monotonic()
+        ready = [r for r in status.replicas if r.revision == revision and r.state is ReplicaState.READY]
+        for r in ready:
+            seen.setdefault(r.id, round(now - t0, 3))
+        if len(ready) >= count:
+            return now - t0, seen
+        if now - t0 > timeout:
+            raise procs.BenchError(
+                f"{api}: {len(ready)}/{count} replicas of revision {revision} ready after {timeout:g} s; "
+                f"{status.status}, {status.message or ''}; logs: {daemon.logdir / daemon.label}"
+            )
+        time.sleep(0.02)
+
+
+def after_deploy(
+    daemon: procs.Daemon, api: str, revision: int, since: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Once `revision` serves: a first request, the replicas' start times from daemon.log (those ready after
+    `since`), their pids, then (after `--settle` s and 3 more requests) the memory of the replicas."""
     first_request_s = ask(daemon, api)
     status = daemon.client.get(api)
     ready, imports = log_events(daemon, api, since)
-    started = {r.id: r.started_at for r in status.replicas if r.revision == result.revision}
+    started = {r.id: r.started_at for r in status.replicas if r.revision == revision}
     starts = [
         {
             "replica": rid,
             "load_s": load_s,
-            "start_to_ready_s": round(at - started[rid], 3) if started.get(rid) else None,
+            "start_to_ready_s": round(at - begun, 3) if (begun := started.get(rid)) else None,
         }
         for rid, (at, load_s) in ready.items()
         if rid in started
     ]
+    pids = {r.id: r.pid for r in status.replicas if r.revision == revision and r.state is ReplicaState.READY and r.pid}
     time.sleep(args.settle)
     for _ in range(3):
         ask(daemon, api)
-    memory = measure(daemon, api, result.revision)
-    step = {
-        "replicas": replicas,
-        "revision": result.revision,
-        "page_cache": cache,
-        "deploy_to_live_s": round(live_s, 3),
+    return {
         "template_import_s": imports[-1] if imports else None,
         "starts": starts,
+        "last_ready_at": max((at for rid, (at, _) in ready.items() if rid in started), default=None),
+        "replica_pids": pids,
         "first_request_s": first_request_s,
-        **memory,
+        **measure(daemon, api, revision),
     }
-    loads = ", ".join(f"{s['load_s']:.2f}" for s in starts)
+
+
+def log_step(api: str, step: dict[str, Any]) -> None:
+    loads = ", ".join(f"{s['load_s']:.2f}" for s in step["starts"])
     log(
-        f"{api} x{replicas} ({cache} cache): live in {live_s:.2f} s (replica load {loads} s), "
-        f"PSS replicas {memory['replicas_pss_mb']:.0f} MB + template {memory['template_pss_mb']:.0f} MB, "
-        f"RSS per replica {memory['rss_per_replica_mb']} MB"
+        f"{api} x{step['replicas']} ({step['page_cache']} cache, {step['action']}, revision {step['revision']}): "
+        f"ready in {step['deploy_to_live_s']:.2f} s (replica load {loads} s), PSS replicas "
+        f"{step['replicas_pss_mb']:.0f} MB + template {step['template_pss_mb']:.0f} MB, "
+        f"RSS per replica {step['rss_per_replica_mb']} MB"
     )
-    return step
 
 
 def run_variant(
     daemon: procs.Daemon, variant: str, weights: Path, tmp: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     api = f"big-{variant}"
-    project = tmp / f"project-{variant}"
+    project = tmp / f"project-{variant}"  # the weights stay outside it: only cirrus.yaml changes between steps
     out: dict[str, Any] = {"variant": variant, "api": api, "steps": []}
     cache = "warm"
     if not args.no_drop_caches:
@@ -304,8 +393,8 @@ def run_variant(
         out["skipped_4"] = f"{mem_available() / GB:.1f} GB available, 4 copies need ~{needed / GB:.1f} GB"
         log(f"{api}: not scaling to 4: {out['skipped_4']}")
     else:
-        write_project(project, variant, weights, 4, populate=True)
-        out["steps"].append(deploy_step(daemon, project, api, 4, args, "warm"))
+        write_project(project, variant, weights, 4, populate=True)  # the autoscaling bounds, nothing else
+        out["steps"].append(scale_step(daemon, project, api, out["steps"][0], args))
     daemon.client.delete(api)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(
@@ -458,13 +547,50 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         warm = [s["start_to_ready_s"] for s in four["starts"] if s["start_to_ready_s"] is not None]
         if warm:
             found["warm_replica_ready_s"] = report.at_most(max(warm), TARGET_WARM_READY_S, note=" s")
+        scale = four["scale_only"]
+        found["scale_only_ready_s"] = report.at_most(scale["all_ready_s"], TARGET_SCALE_READY_S, note=" s")
+        found["scale_only_action"] = {"value": scale["action"], "target": "scaled", "met": scale["action"] == "scaled"}
+        found["scale_only_revision_unchanged"] = holds(scale["revision_unchanged"])
+        found["scale_only_first_pid_unchanged"] = holds(scale["first_pid_unchanged"])
     return found
+
+
+def holds(value: bool) -> dict[str, Any]:
+    return {"value": yes(value), "target": "yes", "met": value}
+
+
+def yes(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 NAMES = {
     "pss_4_vs_1": "shared: summed PSS, 4 replicas vs 1 (with the template)",
-    "warm_replica_ready_s": "shared: a further replica, warm cache, started -> ready (slowest of 4), s",
+    "warm_replica_ready_s": "shared: a further replica, warm cache, started -> ready (slowest of 3), s",
+    "scale_only_ready_s": "shared: autoscaling 1 -> 4 only: deploy call -> 4 replicas ready, s",
+    "scale_only_action": "shared: autoscaling 1 -> 4 only: the deploy's action",
+    "scale_only_revision_unchanged": "shared: autoscaling 1 -> 4 only: revision unchanged",
+    "scale_only_first_pid_unchanged": "shared: autoscaling 1 -> 4 only: the first replica's pid unchanged",
 }
+
+
+def scale_only_lines(variants: list[dict[str, Any]]) -> list[str]:
+    """One line per variant on the redeploy that raised only the autoscaling bounds, 1 -> 4."""
+    lines = ["", "### Scale-only change: the autoscaling bounds alone raised from 1 to 4", ""]
+    for v in variants:
+        if len(v["steps"]) < 2:
+            continue
+        scale = v["steps"][1]["scale_only"]
+        ready = f"{scale['all_ready_s']:.2f} s (target < {TARGET_SCALE_READY_S:g} s)"
+        pid = f"{scale['first_pid_before']} -> {fmt(scale['first_pid_after'])}"
+        revision = f"{scale['revision_before']} -> {scale['revision_after']}"
+        lines.append(
+            f"- {v['variant']}: 3 more replicas ready after a scale-only change: {ready}; "
+            f"pid of the first replica unchanged: {yes(scale['first_pid_unchanged'])} ({pid}); "
+            f"revision unchanged: {yes(scale['revision_unchanged'])} ({revision}); action `{scale['action']}`; "
+            f"last ready report in daemon.log {fmt(scale['all_ready_log_s'])} s after the deploy call"
+        )
+    lines.append("")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -498,9 +624,9 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {v['variant']} | 4 | skipped: {v['skipped_4']} | | | | | |")
         lines += [
             "",
-            "### Start (s): deploy -> live, and per replica its load (`__init__`) and started -> ready",
+            "### Start (s): deploy -> all ready, and per replica its load (`__init__`) and started -> ready",
             "",
-            "| loading | replicas | page cache | deploy -> live | template import | replica load | "
+            "| loading | replicas | page cache | deploy -> all ready | template import | replica load | "
             "started -> ready | first request |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -512,6 +638,7 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {v['variant']} | {s['replicas']} | {s['page_cache']} | {s['deploy_to_live_s']:.2f} "
                     f"| {fmt(s['template_import_s'])} | {loads} | {readies} | {s['first_request_s']:.3f} |"
                 )
+        lines += scale_only_lines(variants)
         notes = {v["drop_caches"] for v in variants if v.get("drop_caches")}
         lines += [f"Note: {n}" for n in sorted(notes)]
         lines.append("")

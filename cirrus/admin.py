@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -105,7 +104,8 @@ class AdminApi:
         for deployment in deployments:
             digest = deployment.snapshot
             if digest is None:
-                digest = self.snapshots.add(Path(deployment.project_dir)).digest
+                digest = self.controller.snapshot(deployment).snapshot
+                assert digest is not None
             elif not self.snapshots.has(digest):
                 raise SnapshotError(
                     f"API {deployment.spec.name!r}: snapshot {digest} was not uploaded (POST /v1/snapshots)"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from cirrus.jobs import Job, JobError, JobRequest, parse_request
 from cirrus.settings import Settings
-from cirrus.spec import load_deployments
+from cirrus.spec import find_spec_file, load_deployments
 from cirrus.types import ApiStatus, ApiStatusName, DaemonInfo, DeployResult, RevisionInfo
 
 NOT_RUNNING = "the Cirrus daemon is not running; start it with `cirrus up`"
@@ -161,7 +161,8 @@ class Client:
         from cirrus.snapshots import pack
 
         deployments = load_deployments(path)
-        archives = {d.project_dir: pack(Path(d.project_dir)) for d in deployments}  # SnapshotError: too large...
+        spec_file = find_spec_file(path).resolve().name  # the revision records the spec itself
+        archives = {d.project_dir: pack(Path(d.project_dir), leave_out=(spec_file,)) for d in deployments}
         self.up()
         digests = {}
         for project_dir, (data, snapshot) in archives.items():

@@ -179,7 +179,7 @@ async def run(
     stream_logs: bool = False,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT or an admin shutdown."""
-    from cirrus.spec import load_deployments
+    from cirrus.spec import find_spec_file, load_deployments
 
     deployments = load_deployments(deploy_path) if deploy_path else []
     gateway_sock = _bind(settings.host, settings.gateway_port)
@@ -197,7 +197,8 @@ async def run(
     tasks = [loop.create_task(s.serve(sockets=[k])) for s, k in zip(servers, (gateway_sock, admin_sock), strict=True)]
     parts.controller.restore()
     if deployments:
-        parts.controller.deploy([parts.controller.snapshot(d) for d in deployments])
+        spec_file = find_spec_file(deploy_path or ".").resolve().name
+        parts.controller.deploy([parts.controller.snapshot(d, spec_file) for d in deployments])
     background = [
         loop.create_task(parts.controller.run()),
         loop.create_task(_purge_results(parts.queue_store, settings.result_ttl_s)),

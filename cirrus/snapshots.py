@@ -27,7 +27,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,12 +70,15 @@ class _Entry:
     executable: bool
 
 
-def pack(directory: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, Snapshot]:
-    """The canonical archive of `directory` (minus ignored files) and its snapshot record."""
+def pack(
+    directory: Path, max_bytes: int = DEFAULT_MAX_BYTES, leave_out: Collection[str] = ()
+) -> tuple[bytes, Snapshot]:
+    """The canonical archive of `directory` (minus ignored files, and the root-relative paths in
+    `leave_out`, e.g. the spec file, whose content the revision records itself) and its record."""
     root = directory.resolve()
     if not root.is_dir():
         raise SnapshotError(f"{directory} is not a directory; give the API's project directory")
-    entries = _walk(root, _ignore_spec(root), max_bytes)
+    entries = _walk(root, _ignore_spec(root), max_bytes, frozenset(leave_out))
     if not entries:
         raise SnapshotError(f"{directory} has no files to pack (all are ignored?); check {IGNORE_FILE}")
     buffer, total = io.BytesIO(), 0
@@ -104,7 +107,7 @@ def _ignore_spec(root: Path) -> GitIgnoreSpec:
     return GitIgnoreSpec.from_lines(lines)
 
 
-def _walk(root: Path, ignore: GitIgnoreSpec, max_bytes: int) -> list[_Entry]:
+def _walk(root: Path, ignore: GitIgnoreSpec, max_bytes: int, leave_out: frozenset[str]) -> list[_Entry]:
     """The files to pack, sorted by name; stops as soon as their sizes pass `max_bytes`."""
     entries: list[_Entry] = []
     total, pending = 0, [root]
@@ -120,7 +123,7 @@ def _walk(root: Path, ignore: GitIgnoreSpec, max_bytes: int) -> list[_Entry]:
             if item.is_dir(follow_symlinks=False):
                 if not ignore.match_file(name + "/"):
                     pending.append(path)
-            elif not ignore.match_file(name):
+            elif name not in leave_out and not ignore.match_file(name):
                 entries.append(_entry(root, path, name))
                 total += entries[-1].size
                 if total > max_bytes:
@@ -252,9 +255,9 @@ class SnapshotStore:
                 Path(tmp).unlink(missing_ok=True)
         return snapshot
 
-    def add(self, directory: Path) -> Snapshot:
-        """Pack `directory` and store it."""
-        return self.put(pack(directory, self.max_bytes)[0])
+    def add(self, directory: Path, leave_out: Collection[str] = ()) -> Snapshot:
+        """Pack `directory` (without `leave_out`) and store it."""
+        return self.put(pack(directory, self.max_bytes, leave_out)[0])
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()

@@ -134,6 +134,10 @@ RULES: dict[str, tuple[list[str], list[str] | None]] = {
     "cirrus.control": (["cirrus.gateway"], None),
     "cirrus.runtimes": (["cirrus.control", "cirrus.gateway"], None),
     "cirrus.wire": ([], ["cirrus.types"]),
+    # The kinds are shared vocabulary of the gateway and the control plane: neither may they import.
+    "cirrus.kinds": ([], ["cirrus.wire", "cirrus.types", "cirrus.spec"]),
+    # Snapshots are packed by the client and stored by the daemon: plain files, nothing above them.
+    "cirrus.snapshots": ([], ["cirrus.models"]),
     "cirrus.types": ([], []),
 }
 
@@ -175,3 +179,23 @@ def test_import_cirrus_loads_nothing_heavy() -> None:
     """`import cirrus` at module level imports no other cirrus module (the rest loads lazily)."""
     eager = [imp for imp in imports_of(PACKAGE / "__init__.py") if imp.imported.startswith("cirrus.")]
     assert all(imp.type_checking_only for imp in eager), [str(i) for i in eager]
+
+
+# --- small rooms ----------------------------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 80
+SMALL_FUNCTION_ROOMS = ("control", "gateway", "runtimes", "kinds", "admin.py", "daemon.py")
+
+
+def test_no_long_functions_where_the_control_and_data_paths_live() -> None:
+    """STYLE.md 'small rooms': a function of the control plane or the gateway reads in one screen."""
+    long = []
+    for room in SMALL_FUNCTION_ROOMS:
+        paths = [PACKAGE / room] if room.endswith(".py") else sorted((PACKAGE / room).rglob("*.py"))
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if length > MAX_FUNCTION_LINES:
+                        long.append(f"{module_name(path)}.{node.name}: {length} lines")
+    assert long == [], "\n".join(long)

@@ -390,3 +390,15 @@ def test_an_invalid_digest_is_refused(tmp_path: Path, digest: str) -> None:
     for method in (store.unpacked, store.has, store.path, store.read, store.remove):
         with pytest.raises(SnapshotError, match="not a snapshot digest"):
             method(digest)
+
+
+def test_the_spec_file_left_out_does_not_change_the_digest(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "predictor.py").write_text("class Predictor: ...\n")
+    (project / "cirrus.yaml").write_text("- name: a\n  autoscaling: {max_replicas: 1}\n")
+    _, before = pack(project, leave_out=("cirrus.yaml",))
+    (project / "cirrus.yaml").write_text("- name: a\n  autoscaling: {max_replicas: 4}\n")
+    _, after = pack(project, leave_out=("cirrus.yaml",))
+    assert before.digest == after.digest and before.files == 1
+    assert pack(project)[1].digest != before.digest  # packed when not left out

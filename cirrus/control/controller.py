@@ -23,11 +23,12 @@ from cirrus.control.models import ModelFetcher
 from cirrus.control.scaling import ApiScaler
 from cirrus.control.status import api_status
 from cirrus.control.store import Action, Store, StoredApi
+from cirrus.kinds import Kind, kind_of
 from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
-from cirrus.spec import ConcurrencySpec, Deployment
+from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, Deployment
 from cirrus.store.base import QueueStore
 from cirrus.types import ApiStatus, DeployResult, ReplicaState, RevisionInfo
-from cirrus.wire import BatchConfig, QueueConfig, ReplicaLaunch, ReplicaReady
+from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
     from cirrus.control.jobs import JobManager
@@ -128,9 +129,13 @@ class ApiState:
         return self.stored.revision
 
     @property
+    def kind(self) -> Kind:
+        return kind_of(self.stored.deployment.spec.kind)
+
+    @property
     def proven(self) -> bool:
-        """Whether the revision rolled to has shown it loads (a batch API's workers prove it with a job)."""
-        return self.revision in self.loaded or self.stored.deployment.spec.kind == "batch"
+        """Whether the revision rolled to has shown it loads (or its kind needs no proof)."""
+        return self.revision in self.loaded or not self.kind.proves_load
 
     @property
     def desired(self) -> int:
@@ -305,9 +310,9 @@ class Controller:
         """Sample every API's load and apply the policy once."""
         now = self.clock()
         for state in self.apis.values():
-            if state.deleted or state.stored.deployment.spec.kind == "batch":  # its job decides
+            if state.deleted or not state.kind.autoscaled:
                 continue
-            state.scaler.observe(self._load(state), now)
+            state.scaler.observe(state.kind.load(self, state.name, state.desired), now)
             before = state.desired
             state.scaler.decide(now)
             if state.desired != before:
@@ -318,16 +323,23 @@ class Controller:
         state = self.apis.get(name)
         return 3 if state is None else state.stored.deployment.spec.queue.max_attempts
 
-    def _load(self, state: ApiState) -> float:
-        """In flight for the autoscaler: gateway in-flight (realtime) or the queue's backlog (async)."""
-        if state.stored.deployment.spec.kind != "async" or self.queue_store is None:
-            return self.gateway.load(state.name)
+    # --- what kinds may ask (KindHost) ----------------------------------------------------
+    def gateway_load(self, api: str) -> float:
+        return self.gateway.load(api)
+
+    def queue_backlog(self, api: str) -> float | None:
+        if self.queue_store is None:
+            return self.gateway.load(api)
         try:
-            backlog = self.queue_store.backlog(state.name, time.time())
+            backlog = self.queue_store.backlog(api, time.time())
         except Exception:
-            log.exception("%s: reading the queue backlog failed", state.name)
-            return float(state.desired)
+            log.exception("%s: reading the queue backlog failed", api)
+            return None
         return float(backlog.in_queue + backlog.in_progress)
+
+    def running_job(self, api: str) -> tuple[str, int] | None:
+        running = self.jobs.running(api) if self.jobs is not None else None
+        return None if running is None else (running.id, min(running.workers, running.total_batches))
 
     async def run(self) -> None:
         """Autoscale every AUTOSCALE_INTERVAL_S; reconcile on every change and at least every TICK_S."""
@@ -353,11 +365,7 @@ class Controller:
         """Advance the batch jobs; fail a job whose workers all keep failing to start."""
         if self.jobs is None:
             return
-        batch = {
-            s.name: s.stored.deployment.spec
-            for s in self.apis.values()
-            if not s.deleted and s.stored.deployment.spec.kind == "batch"
-        }
+        batch = {s.name: s.stored.deployment.spec for s in self.apis.values() if not s.deleted and s.kind.runs_jobs}
         self.jobs.step(batch)
         for name in batch:
             job = self.jobs.running(name)
@@ -475,7 +483,7 @@ class Controller:
             if not state.replicas and self.apis.get(state.name) is state:
                 del self.apis[state.name]
             return
-        job = self._batch_job(state)
+        job = self._wanted(state)
         current = self._fleet(state, state.stored, state.desired, job)
         ready = sum(1 for r in current if r.state is ReplicaState.READY)
         if state.proven and ready >= state.desired:
@@ -488,15 +496,13 @@ class Controller:
             self._retire(replica)
         self._tell_gateway(state)
 
-    def _batch_job(self, state: ApiState) -> str | None:
-        """A batch API runs workers of its running job only; its job decides how many."""
-        if state.stored.deployment.spec.kind != "batch":
+    def _wanted(self, state: ApiState) -> str | None:
+        """Ask the kind how many replicas to run (a batch API: its running job's workers); returns the job."""
+        if state.kind.autoscaled:
             return None
-        running = self.jobs.running(state.name) if self.jobs is not None else None
-        job = None if running is None else running.id
-        state.scaler.desired = 0 if running is None else min(running.workers, running.total_batches)
-        state.scaler.reason = "no job running" if running is None else f"job {job}: {state.desired} workers"
-        return job
+        wanted = state.kind.wanted(self, state.name, state.scaler.desired, state.scaler.reason)
+        state.scaler.desired, state.scaler.reason = wanted.replicas, wanted.reason
+        return wanted.job
 
     def _fleet(self, state: ApiState, stored: StoredApi, wanted: int, job: str | None) -> list[Replica]:
         """Keep `wanted` replicas of revision `stored` (restarting those whose backoff is over); returns them."""
@@ -594,15 +600,8 @@ class Controller:
         if job is not None and self.jobs is not None and self.queue_url is not None:
             queue, job_config = self.jobs.launch(job, spec, self.queue_url)
             config.update(job_config)
-        elif spec.kind == "async":
-            if self.queue_url is None:
-                raise RuntimeError("async APIs need a queue store; the controller has none")
-            queue = QueueConfig(
-                store_url=self.queue_url,
-                lease_s=spec.queue.lease_s,
-                timeout_s=spec.concurrency.timeout_s,
-                max_concurrency=spec.concurrency.max_concurrency,
-            )
+        else:
+            queue = kind_of(spec.kind).queue(spec, self.queue_url)
         launch = ReplicaLaunch(
             api=stored.name,
             replica_id=replica_id,
@@ -627,11 +626,14 @@ class Controller:
         )
         return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 
-    def snapshot(self, deployment: Deployment) -> Deployment:
-        """The deployment with a snapshot of its project directory (packed here, on this node)."""
+    def snapshot(self, deployment: Deployment, spec_file: str | None = None) -> Deployment:
+        """The deployment with a snapshot of its project directory (packed here, on this node), which
+        leaves out the spec file (`spec_file`, else cirrus.yaml / cirrus.yml): the revision records the spec."""
         if deployment.snapshot is not None or self.snapshots is None:
             return deployment
-        return deployment.model_copy(update={"snapshot": self.snapshots.add(Path(deployment.project_dir)).digest})
+        leave_out = (spec_file,) if spec_file else SPEC_FILENAMES
+        snapshot = self.snapshots.add(Path(deployment.project_dir), leave_out)
+        return deployment.model_copy(update={"snapshot": snapshot.digest})
 
     def code_dir(self, stored: StoredApi) -> str:
         """Where a revision's replicas run from: its unpacked snapshot, never the user's working tree."""

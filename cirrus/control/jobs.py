@@ -45,6 +45,7 @@ from cirrus.jobs import (
     start,
     to_start,
 )
+from cirrus.kinds import kind_of
 from cirrus.spec import ApiSpec
 from cirrus.store.base import NewRequest, QueueStore, Status
 from cirrus.store.files import prepare_dir, read_bytes, remove_temporaries
@@ -152,7 +153,7 @@ class JobManager:
         """Validate, read and split the items, write every batch at once, then record the job.
         Blocking (it reads files and writes the stores): call it off the event loop. JobError or
         FileError on bad input, with nothing written."""
-        if spec.kind != "batch":
+        if not kind_of(spec.kind).runs_jobs:
             raise JobError(f"API {spec.name!r} is kind {spec.kind}: jobs run on `kind: batch` APIs")
         if request.items is not None:
             items = check_items(request.items)

@@ -16,10 +16,8 @@ def _devices(replica: Replica) -> dict[str, str]:
     return dict(replica.reservation.devices) if replica.reservation is not None else {}
 
 
-def api_status(
-    state: ApiState, gateway: GatewayControl, endpoint: str, models: list[ModelFetch] | None = None
-) -> ApiStatus:
-    models = models or []
+def _health(state: ApiState, models: list[ModelFetch]) -> tuple[ApiStatusName, str | None, int]:
+    """(status, message, pending replicas) of the revision the API rolls to."""
     model_failure = next((m.describe() for m in models if m.state == "failed"), None)
     current = [r for r in state.replicas.values() if r.revision == state.revision]
     ready = sum(1 for r in current if r.state is ReplicaState.READY)
@@ -29,10 +27,8 @@ def api_status(
     message = None
     if ready >= state.desired and not old_serving:
         status = ApiStatusName.LIVE
-        if state.desired == 0 and state.stored.deployment.spec.kind == "batch":
-            message = f"no job running; start one with `cirrus jobs submit {state.name}`"
-        elif state.desired == 0:
-            message = "scaled to zero; the next request starts a replica"
+        if state.desired == 0:
+            message = state.kind.idle_message(state.name)
     elif ready == 0 and model_failure is not None:
         status = ApiStatusName.ERROR
         message = model_failure
@@ -50,6 +46,15 @@ def api_status(
         status = ApiStatusName.STARTING
     if pending and message is None:
         message = f"{len(pending)} replica(s) pending: {pending[0].reason or 'waiting to be placed'}"
+    return status, message, len(pending)
+
+
+def api_status(
+    state: ApiState, gateway: GatewayControl, endpoint: str, models: list[ModelFetch] | None = None
+) -> ApiStatus:
+    models = models or []
+    status, message, pending = _health(state, models)
+    ready = sum(1 for r in state.replicas.values() if r.revision == state.revision and r.state is ReplicaState.READY)
     requests, p50, p99, in_flight, queued, replica_load = gateway.api_metrics(state.name, time.time())
     cold_starts, last_cold_start = gateway.cold_starts(state.name)
     batch_mean, slot_wait, predict = gateway.inference_metrics(state.name, time.time())
@@ -72,7 +77,7 @@ def api_status(
         revision=state.revision,
         replicas_ready=ready,
         replicas_desired=state.desired,
-        replicas_pending=len(pending),
+        replicas_pending=pending,
         requests_last_minute=requests,
         p50_ms=None if p50 is None else round(p50 * 1000, 3),
         p99_ms=None if p99 is None else round(p99 * 1000, 3),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cirrus.control.statedb import StateDB
+from cirrus.kinds import kind_of
 from cirrus.spec import ApiSpec, Deployment
 
 _SCHEMA = """
@@ -45,7 +46,7 @@ def _scale_only(spec: ApiSpec) -> dict[str, Any]:
     """The fields a running replica does not depend on: changing them restarts nothing."""
     fields: dict[str, Any] = {"autoscaling": spec.autoscaling.model_dump(mode="json")}
     fields["max_queue_length"] = spec.concurrency.max_queue_length
-    if spec.kind != "async":  # an async replica enforces timeout_s itself
+    if not kind_of(spec.kind).replica_timeout:  # else replicas enforce timeout_s themselves
         fields["timeout_s"] = spec.concurrency.timeout_s
     return fields
 

@@ -19,6 +19,7 @@ from cirrus.gateway.async_api import AsyncFront
 from cirrus.gateway.docs import docs_page
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
 from cirrus.gateway.transport import ReplicaGone
+from cirrus.kinds import kind_of
 from cirrus.predictor import encode_json
 from cirrus.wire import InferResponse
 
@@ -98,6 +99,7 @@ class Gateway:
             self.routes[name] = route
         else:
             route.kind = kind
+            route.behaviour = kind_of(kind)
             route.multi_model = multi_model
             route.max_concurrency = max_concurrency
             route.max_queue_length = max_queue_length
@@ -130,12 +132,12 @@ class Gateway:
         route = self.routes.get(name)
         if route is not None:
             if not rest:
-                if method == "POST" and route.kind != "batch":
+                if method == "POST" and route.behaviour.takes_predictions:
                     await self._predict(route, scope, receive, send)
                 else:
                     await self._api_root(route, method, send)
                 return
-            if method == "POST" and route.multi_model and route.kind == "realtime" and "/" not in rest:
+            if method == "POST" and route.multi_model and route.behaviour.model_paths and "/" not in rest:
                 await self._predict(route, scope, receive, send, model=rest)
                 return
             if await self._api_page(route, rest, method, send):
@@ -147,9 +149,8 @@ class Gateway:
     async def _api_root(self, route: ApiRoute, method: str, send: Send) -> None:
         """`/<api>` other than a prediction: describe it, or say how to use it."""
         name = route.name
-        if method == "POST":  # a batch API
-            message = f"{name} is a batch API: submit a job: cirrus jobs submit {name}"
-            await send_json(send, 405, {"error": message})
+        if method == "POST":  # a kind that takes no predictions
+            await send_json(send, 405, {"error": route.behaviour.no_predictions_hint(name)})
         elif method == "GET":
             await send_json(send, 200, self.describe(route))
         else:
@@ -157,7 +158,7 @@ class Gateway:
 
     async def _api_page(self, route: ApiRoute, rest: str, method: str, send: Send) -> bool:
         """`GET /<api>/<rest>`: an async request's status, the OpenAPI schema or the docs page; False: none."""
-        if route.kind == "async" and method == "GET" and rest not in ("openapi.json", "docs"):
+        if route.behaviour.queued and method == "GET" and rest not in ("openapi.json", "docs"):
             await self._async_status(route, rest, send)
             return True
         if method == "GET" and rest == "openapi.json":
@@ -264,7 +265,7 @@ class Gateway:
                 request_id,
             )
             return
-        if route.kind == "async":
+        if route.behaviour.queued:
             await self._accept(route, scope, send, body, content_type, forwarded, request_id, started)
             return
         metrics.in_flight += 1

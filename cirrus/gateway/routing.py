@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cirrus.gateway.metrics import ApiMetrics
+from cirrus.kinds import Kind, kind_of
 
 
 class Overloaded(Exception):
@@ -77,7 +78,8 @@ class ApiRoute:
     max_concurrency: int
     max_queue_length: int
     timeout_s: float
-    kind: str = "realtime"  # "async": requests go to the queue store, not to a replica
+    kind: str = "realtime"
+    behaviour: Kind = field(init=False)  # what the kind does with requests (cirrus/kinds)
     openapi: dict[str, Any] | None = None
     multi_model: bool = False  # serves `POST /<api>/<model>`; routes to a replica holding the model
     replicas: list[ReplicaSlot] = field(default_factory=list)
@@ -88,6 +90,9 @@ class ApiRoute:
     last_cold_start_s: float | None = None
     unavailable: str | None = None  # set by the controller while no revision can serve: 503 at once
     _turn: int = 0
+
+    def __post_init__(self) -> None:
+        self.behaviour = kind_of(self.kind)
 
     def try_acquire(self, model: str | None = None) -> ReplicaSlot | None:
         """A replica with room (one holding `model`, if any has room), taken; None when all are full."""
