@@ -495,7 +495,7 @@ def _parse_list(model: type[M], data: Any, key: str) -> list[M]:
 
 
 def _failure(status: ApiStatus) -> str:
-    reasons = [status.message] + [r.last_error for r in status.replicas]
+    reasons = [status.message] + [r.last_error for r in status.replicas if r.revision == status.revision]
     seen = list(dict.fromkeys(reason for reason in reasons if reason))
     return "\n".join(seen) if seen else "no reason given (see `cirrus logs " + status.name + "`)"
 
@@ -503,7 +503,7 @@ def _failure(status: ApiStatus) -> str:
 def _describe(status: ApiStatus) -> str:
     ready = f"{status.replicas_ready}/{status.replicas_desired} replicas ready"
     text = f"{status.name} is {status.status} ({ready})"
-    errors = [r.last_error for r in status.replicas if r.last_error]
+    errors = [r.last_error for r in status.replicas if r.last_error and r.revision == status.revision]
     return f"{text}, last error: {errors[-1]}" if errors else text
 
 

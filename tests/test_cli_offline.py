@@ -277,3 +277,19 @@ def test_deploy_times_out_with_the_last_state(home: Path, project: Path) -> None
     client = mock_client(home, [{"status": "starting"}] * 1000)
     with pytest.raises(CirrusError, match=r"timed out after 0.5s .*iris is starting \(0/1 replicas ready\)"):
         client.deploy(project, timeout=0.5)
+
+
+def test_a_failed_deploy_names_only_the_new_revisions_errors(home: Path, project: Path) -> None:
+    failed = {
+        "status": "error",
+        "revision": 1,
+        "replicas": [
+            {"id": "iris-old", "revision": 0, "state": "backoff", "last_error": "an old revision's ImportError"},
+            {"id": "iris-new", "revision": 1, "state": "backoff", "last_error": "ModuleNotFoundError: torch"},
+        ],
+    }
+    client = mock_client(home, [failed])
+    with pytest.raises(CirrusError) as caught:
+        client.deploy(project, timeout=10)
+    assert "ModuleNotFoundError: torch" in str(caught.value)
+    assert "old revision" not in str(caught.value)
