@@ -136,3 +136,31 @@ def test_batch_runs_its_jobs_workers_and_needs_no_proof_replica(world: KindWorld
         assert world.controller.apis["api"].scaler.reason == f"job {job.id}: 3 workers"
 
     run(main())
+
+
+def test_replicas_reach_the_queue_store_the_way_the_runtime_says(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    daemon_url = f"sqlite://{tmp_path / 'queue.db'}"
+    world.runtime.store_urls[daemon_url] = "redis://queue.cluster:6379/0"  # as a cluster runtime would
+    controller = Controller(
+        world.store,
+        world.runtime,
+        world.gateway,
+        endpoint=lambda name: f"http://test/{name}",
+        clock=world.clock,
+        queue_url=daemon_url,
+        snapshots=world.snapshots,
+    )
+
+    async def main() -> None:
+        controller.deploy([world.deployment(kind="async")])
+        await world.settle()
+        controller.reconcile()
+        await world.settle()
+        queue = world.runtime.launches[-1].queue
+        assert queue is not None and queue.store_url == "redis://queue.cluster:6379/0"
+
+    try:
+        run(main())
+    finally:
+        world.close()

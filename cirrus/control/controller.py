@@ -164,7 +164,7 @@ class Controller:
         self.endpoint = endpoint
         self.clock = clock
         self.queue_store = queue_store  # async APIs' requests; its backlog drives their autoscaling
-        self.queue_url = queue_url  # how their replicas reach it
+        self.queue_url = None if queue_url is None else runtime.replica_store_url(queue_url)  # as replicas reach it
         self.jobs = jobs  # batch APIs' jobs: they decide how many workers a batch API runs
         self.models = models or ModelFetcher(None, clock)  # each revision's models, fetched before it starts
         self.snapshots = snapshots  # where revisions' code lives (None: run from project_dir, as tests may)

@@ -115,6 +115,12 @@ class Runtime(Protocol):
         """Where this node's model cache lives; None where the runtime has none."""
         ...
 
+    def replica_store_url(self, store_url: str) -> str:
+        """How this runtime's replicas reach the queue store the daemon opened at `store_url` (async
+        requests, job batches). Local replicas share the daemon's node, so its SQLite file or Redis URL
+        as it is; a runtime whose replicas run on other nodes must refuse a file only this node has."""
+        ...
+
     def log_path(self, api: str, replica_id: str) -> Path: ...
 
     async def close(self) -> None:

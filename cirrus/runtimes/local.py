@@ -106,6 +106,9 @@ class LocalRuntime:
     def model_cache_dir(self) -> Path | None:
         return self.models_dir
 
+    def replica_store_url(self, store_url: str) -> str:
+        return store_url  # replicas run on this node: the daemon's SQLite file or Redis URL as they are
+
     # --- placement -------------------------------------------------------------------------
 
     def _live(self, replica_id: str) -> bool:

@@ -60,6 +60,7 @@ class FakeRuntime:
         self.prepared: list[tuple[str, int]] = []  # (API, revision) of every prepare(), in order
         self.released: list[tuple[str, int]] = []  # (API, revision) of every release(), in order
         self.templates: set[tuple[str, int]] = set()  # prepared and not yet released
+        self.store_urls: dict[str, str] = {}  # daemon store URL -> the one replicas get
         self.closed = False
         self._events: RuntimeEvents | None = None
         self._live: dict[str, FakeReplica] = {}
@@ -128,6 +129,10 @@ class FakeRuntime:
 
     def model_cache_dir(self) -> Path | None:
         return self.models_dir
+
+    def replica_store_url(self, store_url: str) -> str:
+        """The store URL replicas get: `store_urls` maps the daemon's to another (a node elsewhere)."""
+        return self.store_urls.get(store_url, store_url)
 
     def log_path(self, api: str, replica_id: str) -> Path:
         return self.logs_dir / api / f"{replica_id}.log"
