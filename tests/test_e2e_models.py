@@ -148,13 +148,13 @@ def test_the_deploy_view_shows_a_bar_per_fetched_model() -> None:
     from rich.console import Console
     from rich.spinner import Spinner
 
-    from cirrus.cli import _waiting_view
+    from cirrus.cli_views import waiting_view
     from cirrus.types import ApiStatus, ModelStatus
 
     def render(*models: ModelStatus) -> str:
         console = Console(width=120, no_color=True, record=True, file=io.StringIO())
         console.print(
-            _waiting_view(Spinner("dots", "waiting"), [ApiStatus.model_construct(name="api", models=list(models))])
+            waiting_view(Spinner("dots", "waiting"), [ApiStatus.model_construct(name="api", models=list(models))])
         )
         return console.export_text()
 
