@@ -7,7 +7,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cirrus.control.controller import Controller
 from cirrus.control.jobs import JobNotFound
+from cirrus.control.keys import KeyNotFound
 from cirrus.jobs import JobError, parse_request
 from cirrus.snapshots import ARCHIVE_OVERHEAD_BYTES, SnapshotError, SnapshotStore
 from cirrus.spec import Deployment, SpecError, check_model_paths, check_predictor_path
@@ -25,6 +26,20 @@ from cirrus.store.view import describe
 from cirrus.types import DaemonInfo
 
 _deployments = TypeAdapter(list[Deployment])
+
+
+class _KeyRequest(BaseModel):
+    """`POST /v1/keys`: what `cirrus keys create` asks for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    apis: list[str] | None = Field(None, description="the APIs it may call (absent: all)")
+    rate: float | None = Field(None, gt=0, description="requests per second (absent: unlimited)")
+    burst: float | None = Field(None, ge=1, description="bucket size (default: max(1, rate))")
+    expires_in_s: float | None = Field(None, gt=0, description="seconds until it expires (absent: never)")
+    name: str | None = Field(None, max_length=200, description="a label for people")
+
+
 MAX_LOG_LINES = 100_000
 
 
@@ -243,6 +258,29 @@ class AdminApi:
             return error(409, str(exc))
         return JSONResponse(job.model_dump(mode="json"))
 
+    async def create_key(self, request: Request) -> Response:
+        try:
+            body: Any = await request.json() if await request.body() else {}
+            asked = _KeyRequest.model_validate(body)
+            key, record = self.controller.keys.create(**asked.model_dump())
+        except ValidationError as exc:
+            return error(400, f"invalid key request: {exc}")
+        except ValueError as exc:
+            return error(400, str(exc))
+        self.controller.publish_keys()
+        return JSONResponse({"key": key, "record": record.model_dump(mode="json")}, status_code=201)
+
+    async def list_keys(self, request: Request) -> Response:
+        return JSONResponse({"keys": [k.model_dump(mode="json") for k in self.controller.keys.list()]})
+
+    async def revoke_key(self, request: Request) -> Response:
+        try:
+            record = self.controller.keys.revoke(request.path_params["id"])
+        except KeyNotFound as exc:
+            return error(404, str(exc.args[0]))
+        self.controller.publish_keys()
+        return JSONResponse(record.model_dump(mode="json"))
+
     async def stop(self, request: Request) -> Response:
         asyncio.get_running_loop().call_later(0.05, self.shutdown)
         return JSONResponse({"stopping": True})
@@ -268,6 +306,9 @@ def build_admin_app(
             Route("/v1/jobs", api.list_jobs),
             Route("/v1/jobs/{id}", api.get_job),
             Route("/v1/jobs/{id}/cancel", api.cancel_job, methods=["POST"]),
+            Route("/v1/keys", api.list_keys),
+            Route("/v1/keys", api.create_key, methods=["POST"]),
+            Route("/v1/keys/{id}", api.revoke_key, methods=["DELETE"]),
             Route("/v1/shutdown", api.stop, methods=["POST"]),
         ],
         middleware=[Middleware(TokenAuth, token=token)],

@@ -340,6 +340,97 @@ def serve(
         serve_foreground(settings, str(path))
 
 
+# API keys.
+
+keys_app = typer.Typer(help="API keys: who may call the APIs, and how often.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_s(text: str) -> float:
+    """`90s`, `30m`, `12h`, `7d` (or plain seconds) in seconds."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _DURATION else (text, "s")
+    try:
+        value = float(number) * _DURATION[unit]
+    except ValueError:
+        raise ValueError(f"--expires {text!r}: give a duration such as 90s, 30m, 12h or 7d") from None
+    if value <= 0:
+        raise ValueError(f"--expires {text!r}: the duration must be positive")
+    return value
+
+
+def _rate(text: str) -> float:
+    """`10/s`, `600/m` or `10` in requests per second."""
+    number, _, unit = text.partition("/")
+    per = {"": 1, "s": 1, "m": 60, "h": 3600}.get(unit)
+    try:
+        value = float(number) / per if per else -1.0
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(f"--rate {text!r}: give requests per second (10, 10/s) or per minute (600/m)")
+    return value
+
+
+@keys_app.command("create")
+def keys_create(
+    api: Annotated[
+        list[str] | None, typer.Option("--api", help="an API the key may call (repeat; default all)")
+    ] = None,
+    rate: Annotated[str | None, typer.Option(help="rate limit: 10, 10/s, 600/m (default none)")] = None,
+    burst: Annotated[float | None, typer.Option(help="requests allowed at once above the rate")] = None,
+    expires: Annotated[str | None, typer.Option(help="lifetime: 90s, 30m, 12h, 7d (default never)")] = None,
+    name: Annotated[str | None, typer.Option(help="a label for people")] = None,
+    home: HomeOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Create an API key and print it once (only its hash is kept)."""
+    with _errors():
+        key, record = _client(home).create_key(
+            api, None if rate is None else _rate(rate), burst, None if expires is None else _duration_s(expires), name
+        )
+        if output is Output.json:
+            _print_json({"key": key, **record.model_dump(mode="json")})
+            return
+        typer.echo(key)
+        _stderr().print(f"key {record.id}: shown only now; send it as `Authorization: Bearer <key>` or `X-API-Key`")
+
+
+@keys_app.command("list")
+def keys_list(home: HomeOption = None, output: OutputOption = Output.table) -> None:
+    """The keys (never the keys themselves): id, name, APIs, rate, expiry, revoked."""
+    with _errors():
+        found = _client(home).keys()
+        if output is Output.json:
+            _print_json([k.model_dump(mode="json") for k in found])
+            return
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for column in ("ID", "NAME", "APIS", "RATE/S", "BURST", "EXPIRES", "REVOKED"):
+            table.add_column(column)
+
+        def when(at: float | None) -> str:
+            return "-" if at is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+
+        for k in found:
+            apis = ",".join(k.apis) if k.apis else "all"
+            rate = "-" if k.rate is None else f"{k.rate:g}"
+            burst = "-" if k.burst is None else f"{k.burst:g}"
+            table.add_row(k.id, k.name or "-", apis, rate, burst, when(k.expires_at), when(k.revoked_at))
+        _stdout().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (see `cirrus keys list`)")], home: HomeOption = None
+) -> None:
+    """Revoke a key: the gateway refuses it from now on."""
+    with _errors():
+        record = _client(home).revoke_key(key_id)
+        typer.echo(f"key {record.id} revoked")
+
+
 # Batch jobs.
 
 jobs_app = typer.Typer(

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from cirrus.jobs import Job, JobError, JobRequest, parse_request
 from cirrus.settings import Settings
 from cirrus.spec import find_spec_file, load_deployments
-from cirrus.types import ApiStatus, ApiStatusName, DaemonInfo, DeployResult, RevisionInfo
+from cirrus.types import ApiKey, ApiStatus, ApiStatusName, DaemonInfo, DeployResult, RevisionInfo
 
 NOT_RUNNING = "the Cirrus daemon is not running; start it with `cirrus up`"
 ADMIN_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
@@ -317,6 +317,26 @@ class Client:
     def job(self, job_id: str) -> Job:
         return _parse(Job, self._admin("GET", f"/v1/jobs/{job_id}").json())
 
+    def create_key(
+        self,
+        apis: Sequence[str] | None = None,
+        rate: float | None = None,
+        burst: float | None = None,
+        expires_in_s: float | None = None,
+        name: str | None = None,
+    ) -> tuple[str, ApiKey]:
+        """A new API key (returned only now: it is stored hashed) and its record."""
+        body: dict[str, Any] = {"apis": list(apis) if apis else None, "rate": rate, "burst": burst}
+        body |= {"expires_in_s": expires_in_s, "name": name}
+        data = self._admin("POST", "/v1/keys", json=body).json()
+        return str(data["key"]), _parse(ApiKey, data["record"])
+
+    def keys(self) -> list[ApiKey]:
+        return _parse_list(ApiKey, self._admin("GET", "/v1/keys").json(), "keys")
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        return _parse(ApiKey, self._admin("DELETE", f"/v1/keys/{key_id}").json())
+
     def cancel_job(self, job_id: str) -> Job:
         return _parse(Job, self._admin("POST", f"/v1/jobs/{job_id}/cancel").json())
 
@@ -373,7 +393,7 @@ class Client:
 
     def _spawn_daemon(self) -> tuple[subprocess.Popen[bytes], int]:
         s = self.settings
-        s.home.mkdir(parents=True, exist_ok=True)
+        s.home.mkdir(parents=True, exist_ok=True, mode=0o700)  # private: the daemon tightens an older one
         command = [
             s.python,
             "-m",
@@ -387,17 +407,9 @@ class Client:
             "--admin-port",
             str(s.admin_port),
         ]
-        env = {
-            **os.environ,
-            "CIRRUS_HOME": str(s.home),
-            "CIRRUS_MAX_BODY_BYTES": str(s.max_body_bytes),
-            "CIRRUS_RESULT_TTL_S": str(s.result_ttl_s),
-        }
-        if s.store:
-            env["CIRRUS_STORE"] = s.store
-        if s.s3_endpoint_url:
-            env["CIRRUS_S3_ENDPOINT_URL"] = s.s3_endpoint_url
-        with s.daemon_log.open("ab") as log:
+        env = {**os.environ, **s.daemon_env()}
+        fd = os.open(s.daemon_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # O_APPEND: it is rotated
+        with os.fdopen(fd, "ab") as log:
             log_offset = log.tell()
             try:
                 proc = subprocess.Popen(

@@ -3,6 +3,10 @@
 `python -m cirrus.daemon` runs in the background (started by `cirrus up` / `cirrus deploy`);
 `serve_foreground` is `cirrus serve PATH`: the same pieces in the foreground with a throw-away
 state directory, replica logs printed to the terminal, and Ctrl-C stopping everything.
+
+The daemon's files are private: it runs with umask 077 (so do its replicas), and a state directory
+readable by others is tightened to 0700 at start. Both servers are bounded at the edge
+(`cirrus/gateway/edge.py`); the descriptor limit is raised to the hard limit for their connections.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -37,6 +42,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("cirrus.daemon")
 VERSION = "0.1.0"
 SHUTDOWN_GRACE_S = 10  # how long requests in flight may take to finish when the daemon stops
+PRIVATE_UMASK = 0o077  # every file the daemon and its replicas create is the owner's only
+ADMIN_MAX_CONNECTIONS = 64  # the admin API's connection cap (loopback, one user's CLI and scripts)
+ADMIN_KEEP_ALIVE_S = 30.0
+DESCRIPTORS_PER_CONNECTION = 1
+DESCRIPTOR_RESERVE = 256  # descriptors kept for replicas' connections, logs, databases
+LOG_ROTATE_EVERY_S = 5.0  # how often log sizes are checked
 
 
 class DaemonError(Exception):
@@ -57,10 +68,30 @@ def ensure_token(settings: Settings) -> str:
     return token
 
 
+def make_private(home: Path) -> None:
+    """Create the state directory 0700, or tighten an existing one (and the files at its top) that
+    others could read or write."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = home.stat().st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(home, 0o700)
+        log.warning("the state directory %s was readable by others (mode %04o); it is 0700 now", home, mode)
+    tightened = []
+    for entry in home.iterdir():
+        with contextlib.suppress(OSError):
+            info = entry.lstat()
+            if stat.S_ISLNK(info.st_mode) or not info.st_mode & 0o077:
+                continue
+            os.chmod(entry, info.st_mode & 0o700)
+            tightened.append(entry.name)
+    if tightened:
+        log.warning("made %s in %s private to their owner", ", ".join(sorted(tightened)), home)
+
+
 @contextlib.contextmanager
 def home_lock(settings: Settings) -> Iterator[None]:
     """One daemon per state directory."""
-    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(settings.home)
     handle = (settings.home / "daemon.lock").open("w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,8 +125,22 @@ def _url(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
-def _server(app: Any, sock: socket.socket) -> Any:
+def _edge_limits(settings: Settings, max_connections: int) -> Any:
+    from cirrus.gateway.edge import EdgeLimits
+
+    return EdgeLimits(
+        max_url_bytes=settings.max_url_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=max_connections,
+    )
+
+
+def _server(app: Any, name: str, limits: Any, keep_alive_s: float) -> Any:
     import uvicorn
+
+    from cirrus.gateway.edge import edge_protocol
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -104,12 +149,13 @@ def _server(app: Any, sock: socket.socket) -> Any:
 
     config = uvicorn.Config(
         app,
-        http="httptools",
+        http=edge_protocol(name, limits),  # httptools, bounded
+        ws="none",
         loop="none",
         lifespan="off",
         access_log=False,
         log_level="warning",
-        timeout_keep_alive=30,
+        timeout_keep_alive=keep_alive_s,  # type: ignore[arg-type]  # uvicorn takes seconds as an int but any number works
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         server_header=False,
         date_header=False,
@@ -133,6 +179,7 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
     from cirrus.admin import build_admin_app
     from cirrus.control.controller import Controller
     from cirrus.control.jobs import JobManager, JobStore
+    from cirrus.control.keys import KeyStore
     from cirrus.control.models import ModelFetcher
     from cirrus.control.statedb import StateDB
     from cirrus.control.store import Store
@@ -150,7 +197,11 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
     state_db = StateDB(settings.db_file)
     queue_store = open_store(settings.store_url)
     runtime = LocalRuntime(
-        settings.logs_dir, python=settings.python, inventory=inventory, models_dir=settings.models_dir
+        settings.logs_dir,
+        python=settings.python,
+        inventory=inventory,
+        models_dir=settings.models_dir,
+        log_max_bytes=settings.log_max_bytes,
     )
     gateway = Gateway(settings.max_body_bytes)
     gateway.metrics_app = lambda: render(gateway)
@@ -164,9 +215,10 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
         jobs=JobManager(JobStore(state_db), queue_store, settings.home / "jobs"),
         models=ModelFetcher(lambda: _model_cache(settings, runtime.model_cache_dir()), time.monotonic),
         snapshots=SnapshotStore(settings.home / "snapshots"),
+        keys=KeyStore(state_db),
     )
     gateway.on_cold = controller.demand
-    gateway.async_front = AsyncFront(queue_store, max_attempts=controller.max_attempts)
+    gateway.async_front = AsyncFront(queue_store, queue_spec=controller.queue_spec)
     admin = build_admin_app(controller, token=ensure_token(settings), info=info, shutdown=stop)
     return _Parts(state_db, queue_store, runtime, gateway, controller, admin)
 
@@ -182,6 +234,7 @@ async def run(
     from cirrus.spec import find_spec_file, load_deployments
 
     deployments = load_deployments(deploy_path) if deploy_path else []
+    _raise_descriptor_limit(settings)
     gateway_sock = _bind(settings.host, settings.gateway_port)
     admin_sock = _bind("127.0.0.1", settings.admin_port)
     gateway_url, admin_url = _url(gateway_sock), _url(admin_sock)
@@ -193,7 +246,10 @@ async def run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     parts = _build(settings, gateway_url, lambda: info, stop.set)
-    servers = [_server(parts.gateway, gateway_sock), _server(parts.admin, admin_sock)]
+    servers = [
+        _server(parts.gateway, "gateway", _edge_limits(settings, settings.max_connections), settings.keep_alive_s),
+        _server(parts.admin, "admin API", _edge_limits(settings, ADMIN_MAX_CONNECTIONS), ADMIN_KEEP_ALIVE_S),
+    ]
     tasks = [loop.create_task(s.serve(sockets=[k])) for s, k in zip(servers, (gateway_sock, admin_sock), strict=True)]
     parts.controller.restore()
     if deployments:
@@ -202,6 +258,7 @@ async def run(
     background = [
         loop.create_task(parts.controller.run()),
         loop.create_task(_purge_results(parts.queue_store, settings.result_ttl_s)),
+        loop.create_task(_rotate_logs(parts.runtime, settings.daemon_log)),
     ]
     if stream_logs:
         background.append(loop.create_task(_print_logs(parts.runtime)))
@@ -260,6 +317,32 @@ async def _purge_results(queue_store: QueueStore, ttl_s: int, every_s: float = 6
         await asyncio.sleep(every_s)
 
 
+def _raise_descriptor_limit(settings: Settings) -> None:
+    """Raise the soft limit on open descriptors to the hard one; warn when the connection cap does not fit."""
+    from cirrus.gateway.edge import raise_open_files_limit
+
+    limit = raise_open_files_limit()
+    needed = (settings.max_connections + ADMIN_MAX_CONNECTIONS) * DESCRIPTORS_PER_CONNECTION + DESCRIPTOR_RESERVE
+    if limit < needed:
+        log.warning(
+            "the open files limit is %d, too low for CIRRUS_MAX_CONNECTIONS=%d (needs about %d): "
+            "raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower CIRRUS_MAX_CONNECTIONS",
+            limit,
+            settings.max_connections,
+            needed,
+        )
+
+
+async def _rotate_logs(runtime: LocalRuntime, daemon_log: Path, every_s: float = LOG_ROTATE_EVERY_S) -> None:
+    """Keep the replicas', the templates' and the daemon's own logs bounded."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await runtime.rotate_logs(also=(daemon_log,))
+        except Exception:
+            log.exception("rotating logs failed")
+
+
 async def _print_logs(runtime: LocalRuntime) -> None:
     async for line in runtime.logs(None, None, 0, True):
         sys.stdout.write(line.decode("utf-8", "replace"))
@@ -277,6 +360,7 @@ def serve_foreground(settings: Settings, path: str) -> None:
 
     deployments = load_deployments(path)  # fail fast on a bad spec, before anything starts
     _configure_logging()
+    os.umask(PRIVATE_UMASK)
     with tempfile.TemporaryDirectory(prefix="cirrus-serve-") as home:
         local = settings.with_overrides(home=Path(home), admin_port=0)
 
@@ -303,12 +387,14 @@ def main(argv: list[str] | None = None) -> None:
         admin_port=args.admin_port,
     )
     _configure_logging()
+    os.umask(PRIVATE_UMASK)
+    from cirrus.control.statedb import StateCorrupt
     from cirrus.loop import run_loop
 
     try:
         with home_lock(settings):
             run_loop(run(settings))
-    except DaemonError as exc:
+    except (DaemonError, StateCorrupt) as exc:
         log.error("%s", exc)
         sys.exit(1)
 

@@ -1,4 +1,10 @@
-"""Reading replica log files (the local runtime's): tails, and following them as they grow."""
+"""Replica log files (the local runtime's): tails, following them as they grow, and rotation.
+
+Log files are written by other processes through descriptors opened with O_APPEND (a replica's
+stdout and stderr, the daemon's when `cirrus up` started it), so they are rotated by copying their
+tail to `<name>.1` and truncating them in place (`rotate`): every writer goes on at the new end.
+Reading happens in a thread (`read_logs`), never on the event loop.
+"""
 
 from __future__ import annotations
 
@@ -92,22 +98,35 @@ async def read_logs(
     The newest lines are counted over all the chosen files together, taken file by file, oldest
     file first. Following never ends on its own: the caller stops iterating."""
     offsets: dict[Path, int] = {}
-    tail: list[bytes] = []
-    for path in replica_log_files(logs_dir, api, replica_id):
-        if follow:
-            texts, offsets[path] = _tail_to_end(path, lines)
-        else:
-            texts = tail_lines(path, lines)
-        tail.extend(_line(path, text) for text in texts)
+    tail = await asyncio.to_thread(_read_tails, logs_dir, api, replica_id, lines, offsets if follow else None)
     for chunk in tail[-lines:] if lines > 0 else []:
         yield chunk
     if not follow:
         return
     while True:
         await asyncio.sleep(poll_s)
-        for path in replica_log_files(logs_dir, api, replica_id):
-            for text in _read_new(path, offsets):
-                yield _line(path, text)
+        for chunk in await asyncio.to_thread(_read_all_new, logs_dir, api, replica_id, offsets):
+            yield chunk
+
+
+def _read_tails(
+    logs_dir: Path, api: str | None, replica_id: str | None, lines: int, offsets: dict[Path, int] | None
+) -> list[bytes]:
+    """The last `lines` lines of each chosen file; with `offsets` (following), where each tail ends."""
+    tail: list[bytes] = []
+    for path in replica_log_files(logs_dir, api, replica_id):
+        if offsets is not None:
+            texts, offsets[path] = _tail_to_end(path, lines)
+        else:
+            texts = tail_lines(path, lines)
+        tail.extend(_line(path, text) for text in texts)
+    return tail
+
+
+def _read_all_new(logs_dir: Path, api: str | None, replica_id: str | None, offsets: dict[Path, int]) -> list[bytes]:
+    return [
+        _line(path, text) for path in replica_log_files(logs_dir, api, replica_id) for text in _read_new(path, offsets)
+    ]
 
 
 def _read_new(path: Path, offsets: dict[Path, int]) -> list[str]:
@@ -132,3 +151,42 @@ def follow_logs(logs_dir: Path, api: str | None, lines: int, poll_s: float = FOL
 
     Kept for the admin API and the daemon until they read logs through `Runtime.logs`."""
     return read_logs(logs_dir, api, None, lines, True, poll_s)
+
+
+ROTATED_SUFFIX = ".1"
+
+
+def rotated_path(path: Path) -> Path:
+    return path.with_name(path.name + ROTATED_SUFFIX)
+
+
+def rotate(path: Path, max_bytes: int) -> bool:
+    """If `path` is over `max_bytes`: its last `max_bytes` (from a line's start) replace `<path>.1`,
+    and `path` is truncated to nothing. True when it was rotated.
+
+    For files written through O_APPEND descriptors of other processes: they write on at the new end.
+    What is written between the copy and the truncation is lost (a few lines at most)."""
+    try:
+        size = path.stat().st_size
+        if size <= max_bytes:
+            return False
+        with path.open("rb") as source:
+            source.seek(size - max_bytes)
+            data = source.read(max_bytes)
+        newline = data.find(b"\n")
+        if 0 <= newline < len(data) - 1:
+            data = data[newline + 1 :]
+        partial = path.with_name(path.name + ROTATED_SUFFIX + ".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as target:
+            target.write(data)
+        os.replace(partial, rotated_path(path))
+        os.truncate(path, 0)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def rotate_all(paths: list[Path], max_bytes: int) -> list[Path]:
+    """`rotate` each of `paths`; those rotated."""
+    return [path for path in paths if rotate(path, max_bytes)]

@@ -58,6 +58,19 @@ class HTTPError(Exception):
         self.message = message
 
 
+class PredictorFailed(HTTPError):
+    """The predictor failed where that makes a 500 for requests it was not called for alone (a batch
+    that raised, a batch answered with the wrong number of results). `message` says how it failed: a
+    replica shows it only with `debug_errors` (it may carry paths, hosts or secrets)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(500, message)
+
+    @classmethod
+    def raised(cls, exc: BaseException) -> PredictorFailed:
+        return cls(f"the predictor raised {type(exc).__name__}: {exc}")
+
+
 class PredictorLoadError(Exception):
     """The predictor file or class cannot be used; the message says why."""
 
@@ -356,6 +369,9 @@ class PayloadError(Exception):
     """A request body that cannot be decoded for its Content-Type."""
 
 
+JSON_TOO_DEEP = "JSON nested too deeply"
+
+
 def decode_payload(body: bytes, content_type: str) -> Any:
     """JSON -> Python object, text/* -> str, anything else -> bytes."""
     media = content_type.partition(";")[0].strip().lower()
@@ -366,6 +382,8 @@ def decode_payload(body: bytes, content_type: str) -> Any:
             return msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             raise PayloadError(f"malformed JSON body: {exc}") from None
+        except RecursionError:  # a few KB of brackets
+            raise PayloadError(JSON_TOO_DEEP) from None
     if media.startswith("text/"):
         try:
             return body.decode("utf-8")

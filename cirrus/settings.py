@@ -15,6 +15,14 @@ DEFAULT_GATEWAY_PORT = 8888
 DEFAULT_ADMIN_PORT = 8889
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_RESULT_TTL_S = 7 * 24 * 3600
+# The edge (cirrus/gateway/edge.py): what a client may send before its request is complete.
+DEFAULT_MAX_URL_BYTES = 8 * 1024
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_HEADERS = 100
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_KEEP_ALIVE_S = 5.0
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024  # a log file past this is rotated (one previous file kept)
 
 
 def _int_env(env: dict[str, str], name: str, default: int) -> int:
@@ -25,6 +33,26 @@ def _int_env(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def _positive_int_env(env: dict[str, str], name: str, default: int) -> int:
+    value = _int_env(env, name, default)
+    if value <= 0:
+        raise ValueError(f"environment variable {name}={value} must be greater than 0")
+    return value
+
+
+def _positive_float_env(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"environment variable {name}={raw!r} must be greater than 0")
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,6 +66,13 @@ class Settings:
     store: str = ""  # the async queue store URL; "" = SQLite at $CIRRUS_HOME/queue.db
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
     s3_endpoint_url: str = ""  # an S3-compatible server for model sources (e.g. MinIO, moto)
+    max_url_bytes: int = DEFAULT_MAX_URL_BYTES  # a longer URL gets 414
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # more header bytes in all get 431
+    max_headers: int = DEFAULT_MAX_HEADERS  # more headers get 431
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # a request head must be complete within this
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # an idle kept-alive gateway connection is closed after this
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open gateway connections; past it a new one gets 503
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # replica, template and daemon logs are rotated past this
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -53,7 +88,35 @@ class Settings:
             store=env.get("CIRRUS_STORE") or "",
             result_ttl_s=_int_env(env, "CIRRUS_RESULT_TTL_S", DEFAULT_RESULT_TTL_S),
             s3_endpoint_url=env.get("CIRRUS_S3_ENDPOINT_URL") or "",
+            max_url_bytes=_positive_int_env(env, "CIRRUS_MAX_URL_BYTES", DEFAULT_MAX_URL_BYTES),
+            max_header_bytes=_positive_int_env(env, "CIRRUS_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
+            max_headers=_positive_int_env(env, "CIRRUS_MAX_HEADERS", DEFAULT_MAX_HEADERS),
+            header_timeout_s=_positive_float_env(env, "CIRRUS_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S),
+            keep_alive_s=_positive_float_env(env, "CIRRUS_KEEP_ALIVE_S", DEFAULT_KEEP_ALIVE_S),
+            max_connections=_positive_int_env(env, "CIRRUS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+            log_max_bytes=_positive_int_env(env, "CIRRUS_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
         )
+
+    def daemon_env(self) -> dict[str, str]:
+        """The environment that gives a daemon started by this process these settings (its home,
+        ports and python come as flags)."""
+        env = {
+            "CIRRUS_HOME": str(self.home),
+            "CIRRUS_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "CIRRUS_RESULT_TTL_S": str(self.result_ttl_s),
+            "CIRRUS_MAX_URL_BYTES": str(self.max_url_bytes),
+            "CIRRUS_MAX_HEADER_BYTES": str(self.max_header_bytes),
+            "CIRRUS_MAX_HEADERS": str(self.max_headers),
+            "CIRRUS_HEADER_TIMEOUT_S": repr(self.header_timeout_s),
+            "CIRRUS_KEEP_ALIVE_S": repr(self.keep_alive_s),
+            "CIRRUS_MAX_CONNECTIONS": str(self.max_connections),
+            "CIRRUS_LOG_MAX_BYTES": str(self.log_max_bytes),
+        }
+        if self.store:
+            env["CIRRUS_STORE"] = self.store
+        if self.s3_endpoint_url:
+            env["CIRRUS_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        return env
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]

@@ -206,6 +206,39 @@ class MultiModelSpec(_Strict):
     )
 
 
+_HOST_PATTERN_RE = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$")
+_FORWARD_HEADER_RE = re.compile(r"^x-[a-z0-9][a-z0-9-]*$")
+_CREDENTIAL_HEADERS = frozenset({"x-api-key"})  # Cirrus's own API keys: never stored
+
+
+class WebhooksSpec(_Strict):
+    """Webhooks of an async API (`queue.webhooks`): off unless given. A request may name a webhook
+    only on an allowed host, and the replica refuses to call an address that is not public."""
+
+    allowed_hosts: list[str] = Field(
+        min_length=1,
+        description='hosts a webhook may name: "hooks.example.com", "*.example.org" (its subdomains), '
+        '"*" (any host; the address check still applies)',
+    )
+    allow_private: bool = Field(
+        False,
+        description="also call hosts that resolve to loopback, link-local, private or reserved addresses "
+        "(for trusted networks only: any client of the API can then make the replica POST inside it)",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        normalized = [host.strip().lower().rstrip(".") for host in hosts]
+        for host in normalized:
+            if not _HOST_PATTERN_RE.match(host):
+                raise ValueError(
+                    f"{host!r} is not a host name: use e.g. hooks.example.com, *.example.org or * "
+                    "(no scheme, port or path)"
+                )
+        return normalized
+
+
 class QueueSpec(_Strict):
     """How an async API's requests are delivered to its replicas (at least once)."""
 
@@ -213,6 +246,28 @@ class QueueSpec(_Strict):
     lease_s: float = Field(
         30.0, ge=0.5, le=3600, description="a replica holds a request this long, renewed while it works"
     )
+    forward_headers: list[str] = Field(
+        default_factory=list,
+        description="X- headers stored with a request and passed to the predictor, besides content-type, "
+        "accept, user-agent and x-request-id (every other header, credentials included, is dropped)",
+    )
+    webhooks: WebhooksSpec | None = Field(None, description="let requests name a webhook (off when absent)")
+    durability: Literal["normal", "fsync"] = Field(
+        "normal",
+        description="normal: an accepted request survives any process crash; fsync: also a power loss "
+        "(each accept waits for the disk; see docs/architecture.md)",
+    )
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forward_headers(cls, names: list[str]) -> list[str]:
+        normalized = [name.strip().lower() for name in names]
+        for name in normalized:
+            if not _FORWARD_HEADER_RE.match(name):
+                raise ValueError(f"{name!r}: only X- headers can be forwarded (e.g. x-trace-id)")
+            if name in _CREDENTIAL_HEADERS:
+                raise ValueError(f"{name!r} carries an API key: it is never stored with a request")
+        return normalized
 
 
 class AutoscalingSpec(_Strict):
@@ -286,6 +341,16 @@ class ApiSpec(_Strict):
     )
     multi_model: MultiModelSpec | None = Field(
         None, description="serve `models:` by name through the predictor's load_model(path), cached in memory"
+    )
+    auth: Literal["none", "required"] = Field(
+        "none",
+        description="required: every request needs an API key (`cirrus keys create`); a gateway started with "
+        "--require-keys (the default when it binds a non-loopback address) requires one for every API",
+    )
+    debug_errors: bool | None = Field(
+        None,
+        description="500 bodies show the predictor's exception message (it may carry paths, hosts or secrets); "
+        "default: false, and true under `cirrus serve`. The message and traceback always go to the replica log",
     )
 
     @field_validator("models")

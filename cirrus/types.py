@@ -105,3 +105,17 @@ class DaemonInfo(_Record):
     gateway_url: str
     admin_url: str
     started_at: float
+
+
+class ApiKey(_Record):
+    """An API key as the gateway checks it (never the key itself: its SHA-256)."""
+
+    id: str  # the public part of the key: `cirrus_<id>_<secret>`
+    digest: str  # hex SHA-256 of the whole key
+    apis: list[str] | None = None  # the APIs it may call (None: every API)
+    rate: float | None = None  # requests per second (None: unlimited)
+    burst: float | None = None  # bucket size (default: max(1, rate))
+    expires_at: float | None = None
+    created_at: float = 0.0
+    revoked_at: float | None = None
+    name: str | None = None  # a label for people

@@ -4,6 +4,14 @@ The gateway keeps one persistent stream connection per replica and multiplexes r
 it: each message is a msgpack-encoded, tagged `msgspec.Struct` behind a 4-byte big-endian
 length. `WIRE_VERSION` is checked when a connection opens (the replica's `Hello`).
 
+Only the gateway may use a replica's socket: the controller gives each replica launch a random
+`secret` (in `ReplicaLaunch`, never on the socket). A replica's `Hello` carries a fresh nonce; the
+connecting side must answer with `Auth`, the HMAC of that nonce under the secret, as its first
+frame, within `AUTH_TIMEOUT_S`; the replica closes any other connection unanswered (frames before
+`Auth` may be `AUTH_FRAME_BYTES` long at most) and confirms with `Welcome`. `Auth` also tells the
+replica the gateway's body limit: a response above it is answered with a 502 instead of a frame
+the gateway would refuse.
+
 A replica also reports its start-up result once, as JSON on a pipe the runtime gives it
 (`ReplicaReady` or `ReplicaFailed`). A replica template and the local runtime exchange the
 `TemplateMessage`s at the end of this module.
@@ -11,14 +19,21 @@ A replica also reports its start-up result once, as JSON on a pipe the runtime g
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from typing import Any, Literal
 
 import msgspec
 
-WIRE_VERSION = 1
-MAX_FRAME_BYTES = 1 << 30
+WIRE_VERSION = 2
+FRAME_HEADROOM_BYTES = 1 << 20  # what a frame carries besides its body: headers, ids, measurements
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # the gateway's default body limit (cirrus.settings)
+MAX_FRAME_BYTES = DEFAULT_MAX_BODY_BYTES + FRAME_HEADROOM_BYTES  # frames at most, by default
+AUTH_FRAME_BYTES = 4096  # frames at most on a replica connection that has not authenticated yet
+AUTH_TIMEOUT_S = 2.0  # a replica closes a connection that has not authenticated by then
 _HEADER = struct.Struct(">I")
+FRAME_HEADER_BYTES = _HEADER.size  # the length before each frame (not counted by the limit)
 
 
 class Hello(msgspec.Struct, tag="hello", frozen=True):
@@ -27,6 +42,27 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     version: int
     replica_id: str
     pid: int
+    nonce: bytes = b""  # the connecting side answers `Auth` with its HMAC under the replica's secret
+
+
+class Auth(msgspec.Struct, tag="auth", frozen=True):
+    """The gateway's first frame: proof that it knows the replica's secret, and its body limit."""
+
+    mac: bytes  # auth_mac(secret, the Hello's nonce)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # bodies of responses (and requests) at most
+
+
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+    """The replica accepted `Auth`: requests may follow."""
+
+
+def auth_mac(secret: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, b"cirrus-replica-auth:" + nonce, hashlib.sha256).digest()
+
+
+def frame_limit(max_body_bytes: int) -> int:
+    """The largest frame that carries a body of `max_body_bytes`."""
+    return max_body_bytes + FRAME_HEADROOM_BYTES
 
 
 class InferRequest(msgspec.Struct, tag="req", frozen=True):
@@ -60,6 +96,7 @@ class StreamChunk(msgspec.Struct, tag="chunk", frozen=True):
     data: bytes
     last: bool = False
     error: str | None = None  # the generator raised: the stream ends here, cut short
+    status: int = 500  # with `error`: the status the failed request counts as (504: it timed out)
 
 
 class StreamCredit(msgspec.Struct, tag="credit", frozen=True):
@@ -77,7 +114,7 @@ class Cancel(msgspec.Struct, tag="cancel", frozen=True):
 
 STREAM_WINDOW = 8  # chunks a replica may send ahead of the client (backpressure)
 
-Frame = Hello | InferRequest | InferResponse | StreamChunk | StreamCredit | Cancel
+Frame = Hello | Auth | Welcome | InferRequest | InferResponse | StreamChunk | StreamCredit | Cancel
 
 
 class ReplicaReady(msgspec.Struct, tag="ready", frozen=True):
@@ -103,13 +140,19 @@ def encode_frame(message: Frame) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
+class FrameTooLarge(ValueError):
+    """A frame longer than the connection's limit."""
+
+
 class FrameBuffer:
-    """Accumulates stream bytes and yields whole frames (a frame may span many reads)."""
+    """Accumulates stream bytes and yields whole frames (a frame may span many reads); a frame
+    longer than `limit` raises `FrameTooLarge` before its bytes are buffered."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_FRAME_BYTES) -> None:
         self._buffer = bytearray()
+        self.limit = limit
 
     def feed(self, data: bytes) -> list[Frame]:
         buffer = self._buffer
@@ -119,8 +162,8 @@ class FrameBuffer:
         size = len(buffer)
         while size - offset >= 4:
             (length,) = _HEADER.unpack_from(buffer, offset)
-            if length > MAX_FRAME_BYTES:
-                raise ValueError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME_BYTES}")
+            if length > self.limit:
+                raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.limit}")
             end = offset + 4 + length
             if end > size:
                 break
@@ -146,6 +189,14 @@ class JobConfig(msgspec.Struct, frozen=True):
     sink: str  # results directory: a local path or an fsspec URL
 
 
+class WebhookPolicy(msgspec.Struct, frozen=True):
+    """The spec's `queue.webhooks`: the hosts a request's webhook may name, and whether the replica
+    may call addresses that are not public (cirrus/webhooks.py)."""
+
+    allowed_hosts: list[str]
+    allow_private: bool = False
+
+
 class QueueConfig(msgspec.Struct, frozen=True):
     """Where an async API's replica (or a batch job's worker) pulls its work from, and how."""
 
@@ -155,6 +206,7 @@ class QueueConfig(msgspec.Struct, frozen=True):
     max_concurrency: int
     queue_name: str | None = None  # the queue to pull from (default: the API's name)
     job: JobConfig | None = None  # set for a batch job's workers
+    webhooks: WebhookPolicy | None = None  # None: the API sends no webhooks
 
 
 class BatchConfig(msgspec.Struct, frozen=True):
@@ -177,6 +229,7 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     class_name: str
     config: dict[str, Any]
     inference_slots: int
+    secret: bytes  # random per launch: a connection must prove it knows it (`Auth`)
     listen: str = "tcp:127.0.0.1:0"
     version: int = WIRE_VERSION
     batching: BatchConfig | None = None  # None: every request gets its own predict call
@@ -184,6 +237,7 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     models: dict[str, str] = {}  # the API's models, fetched: name -> local path
     model_cache_size: int | None = None  # multi_model: models held in memory at most; None: not multi-model
     model_versions: dict[str, str] = {}  # the version label of each model that has one
+    debug_errors: bool = False  # 500 bodies show the predictor's exception message (else only the request id)
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

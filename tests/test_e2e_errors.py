@@ -151,8 +151,8 @@ def _error(response: httpx.Response) -> str:
 def test_unknown_api_is_404(http: httpx.Client) -> None:
     response = http.post("/nope", json={})
     assert response.status_code == 404
-    assert "no API at '/nope'" in response.json()["error"]
-    assert "echo" in response.json()["error"]  # it lists what is deployed
+    assert response.json()["error"] == "no API at '/nope'"  # it names no other API
+    assert "echo" in http.get("/").json()["apis"]  # the list is at GET /
     assert http.get("/nope/openapi.json").status_code == 404
 
 
@@ -241,7 +241,7 @@ def test_predictor_exception_is_500_without_traceback(gw: Cirrus, http: httpx.Cl
     response = http.post("/raises", json={"fail": "item-7"}, headers={"x-request-id": "boom-1"})
     assert response.status_code == 500
     message = _error(response)
-    assert "ValueError" in message and "item-7" in message
+    assert message == "the predictor failed; see the replica log (request id boom-1)"  # no message: it may leak
     assert response.json()["request_id"] == "boom-1"
     assert "Traceback" not in response.text and "raises.py" not in response.text
 

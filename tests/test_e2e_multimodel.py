@@ -145,6 +145,7 @@ def test_get_model_reaches_any_model_by_name_and_version(daemon: Cirrus, tmp_pat
         name="lookup",
         models=[{"name": "a", "path": "a.txt", "version": "2024-06"}, {"name": "b", "path": "b.txt"}],
         multi_model={"cache_size": 2},
+        debug_errors=True,  # the 500 names the version that is not there
     )
     (project / "a.txt").write_text("weights-a")
     (project / "b.txt").write_text("weights-b")

@@ -31,6 +31,7 @@ from cirrus.testing.fake_runtime import FakeRuntime
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
 WAIT_S = 30.0
+SECRET = b"test-replica-secret-0123456789abcdef"  # the launch's; a connection must prove it knows it
 API = "tiny"
 DEVICE_VARIABLES = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CIRRUS_ACCELERATOR_NEURON", "NEURON_RT_VISIBLE_CORES")
 
@@ -259,6 +260,7 @@ class Node:
             class_name="Predictor",
             config={},
             inference_slots=1,
+            secret=SECRET,
         )
 
     async def start(self, replica_id: str) -> ReplicaReady:
@@ -382,7 +384,7 @@ def test_address_and_followed_logs_of_a_running_replica(tmp_path: Path) -> None:
         following = asyncio.ensure_future(next_chunks(chunks, 1))
         try:
             await asyncio.sleep(0.05)  # the follow has started and read to the end
-            connection = await ReplicaConnection.open(report.address)
+            connection = await ReplicaConnection.open(report.address, SECRET)
             try:
                 body = msgspec.json.encode({"say": "hello"})
                 _, reply = connection.call(request_id="req-1", body=body, content_type="application/json")
@@ -417,6 +419,7 @@ def fake_launch(replica_id: str) -> ReplicaLaunch:
         class_name="Predictor",
         config={},
         inference_slots=1,
+        secret=SECRET,
     )
 
 

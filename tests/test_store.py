@@ -403,3 +403,61 @@ def test_purge_removes_only_finished_requests_older_than_the_cutoff(store: Queue
     assert store.purge(T0 + 5) == 0
     assert store.purge(T0 + 1_000_000) == 1  # done-new; queued and in-progress work is never purged
     assert store.backlog(API, T0 + 12) == Backlog(in_queue=2, in_progress=1)
+
+
+# --- a deleted API, webhook outcomes, durability ---------------------------------------------
+
+
+def test_fail_all_dead_letters_every_unfinished_request_of_one_api(store: QueueStore) -> None:
+    store.submit_many([request(f"r{i}") for i in range(5)] + [request("x", api="other")], T0)
+    done, held = store.lease(API, "w1", 2, 30, T0 + 1)
+    assert store.complete(done, b"ok", "text/plain", 200, T0 + 2)
+
+    assert store.fail_all(API, "the API was deleted", T0 + 3) == 4  # 3 queued, 1 leased
+    assert store.lease(API, "w2", 10, 30, T0 + 4) == []
+    assert not store.complete(held, b"late", "text/plain", 200, T0 + 5)  # its holder lost it
+    assert store.renew([held], 30, T0 + 5) == [held.id]
+    for name in ("r1", "r2", "r3", "r4"):
+        record = store.get(API, name)
+        assert record is not None, name
+        assert (record.status, record.error, record.finished_at) == (Status.FAILED, "the API was deleted", T0 + 3)
+    done_record = store.get(API, "r0")
+    assert done_record is not None and done_record.status is Status.COMPLETED  # finished work is kept as it was
+    assert {r.id for r in store.dead_letters(API)} == {"r1", "r2", "r3", "r4"}
+    assert store.counts(API) == Counts(in_queue=0, in_progress=0, completed=1, failed=4)
+    assert store.backlog(API, T0 + 5) == Backlog(in_queue=0, in_progress=0)
+    assert store.counts("other") == Counts(in_queue=1, in_progress=0, completed=0, failed=0)  # untouched
+    assert store.fail_all(API, "again", T0 + 6) == 0
+    # an API deployed again under the name starts from an empty queue and works as before
+    store.submit(request("new"), T0 + 7)
+    assert lease_one(store, T0 + 8, worker="w3").id == "new"
+
+
+def test_fail_all_handles_more_than_one_batch(store: QueueStore) -> None:
+    store.submit_many([request(f"r{i}") for i in range(2500)], T0)
+    store.lease(API, "w1", 700, 30, T0 + 1)
+    assert store.fail_all(API, "deleted", T0 + 2) == 2500
+    assert store.counts(API) == Counts(in_queue=0, in_progress=0, completed=0, failed=2500)
+
+
+def test_record_webhook_keeps_the_outcome_on_the_request(store: QueueStore) -> None:
+    store.submit(request("r1", webhook="https://hooks.example.com/x"), T0)
+    assert store.complete(lease_one(store, T0 + 1), b"ok", "text/plain", 200, T0 + 2)
+    record = store.get(API, "r1")
+    assert record is not None and record.webhook_result is None
+    assert store.record_webhook(API, "r1", "delivered: HTTP 204")
+    record = store.get(API, "r1")
+    assert record is not None and record.webhook_result == "delivered: HTTP 204"
+    assert record.status is Status.COMPLETED and record.result == b"ok"
+    assert not store.record_webhook(API, "gone", "refused")
+    assert store.get(API, "gone") is None
+
+
+def test_fsync_durability_round_trips_on_every_backend(store: QueueStore) -> None:
+    """`durability="fsync"` changes when submit returns (after the disk has it), not what is stored."""
+    fsynced = NewRequest(api=API, id="f1", body=b"{}", content_type="application/json", durability="fsync")
+    store.submit_many([fsynced, request("n1")], T0)
+    store.submit(NewRequest(api=API, id="f2", body=b"{}", content_type="application/json", durability="fsync"), T0)
+    assert [lease.id for lease in store.lease(API, "w1", 10, 30, T0 + 1)] == ["f1", "n1", "f2"]
+    with pytest.raises(ValueError):
+        store.submit(fsynced, T0 + 2)  # duplicates are refused as before

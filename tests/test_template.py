@@ -31,6 +31,7 @@ from cirrus.wire import ReplicaLaunch, ReplicaReady
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WAIT_S = 30.0
+SECRET = b"test-replica-secret-0123456789abcdef"  # the launch's; a connection must prove it knows it
 
 # Module-level code appends this process's pid to imports.txt: one line per execution of the module.
 PREDICTOR = """
@@ -100,6 +101,7 @@ class World:
             class_name="Predictor",
             config=config,
             inference_slots=1,
+            secret=SECRET,
         )
 
     async def prepare(self, revision: int = 1) -> int:
@@ -122,7 +124,7 @@ class World:
         return {"CIRRUS_API": self.api, "CIRRUS_REPLICA_ID": replica_id}
 
     async def call(self, replica_id: str, payload: Any) -> dict[str, Any]:
-        connection = await ReplicaConnection.open(self.events.ready[replica_id].address)
+        connection = await ReplicaConnection.open(self.events.ready[replica_id].address, SECRET)
         try:
             body = msgspec.json.encode(payload)
             _, reply = connection.call(request_id=f"req-{replica_id}", body=body, content_type="application/json")
@@ -334,10 +336,10 @@ def test_replicas_of_a_killed_template_exit_and_later_starts_still_work(tmp_path
         await world.events.until(lambda: "r0" in world.events.exited, "the orphaned replica to exit")
         assert not pid_alive(replica)
         assert "exit status unknown" in world.events.exited["r0"].describe()
-        await world.start("r1")  # the template is gone: a fresh process
+        await world.start("r1")  # the runtime started another template when this one died
         await world.events.ready_or_exited("r1")
-        assert "forked" not in world.log("r1")
-        await world.prepare()  # a template that died is started again
+        assert "forked" in world.log("r1")
+        await world.prepare()  # idempotent: the new template stays
         await world.start("r2")
         await world.events.ready_or_exited("r2")
         assert "forked" in world.log("r2")
@@ -375,7 +377,8 @@ async def main():
     runtime.subscribe(Events())
     def launch(replica_id):
         return ReplicaLaunch(api="tiny", replica_id=replica_id, revision=1, project_dir=sys.argv[2],
-                             predictor_path="predictor.py", class_name="Predictor", config={}, inference_slots=1)
+                             predictor_path="predictor.py", class_name="Predictor", config={}, inference_slots=1,
+                             secret=b"s" * 32)
     await runtime.prepare(launch("template"), {})
     await runtime._templates[("tiny", 1)].ready
     print(runtime.template_pid("tiny", 1), flush=True)

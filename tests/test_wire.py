@@ -135,6 +135,7 @@ def test_launch_round_trips() -> None:
         class_name="Predictor",
         config={"k": [1, "x"]},
         inference_slots=2,
+        secret=b"\x00\xffsecret",
     )
     decoded = decode_launch(encode_launch(launch))
     assert decoded == launch

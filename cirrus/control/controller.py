@@ -16,18 +16,20 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cirrus.control.keys import KeyStore
 from cirrus.control.models import ModelFetcher
 from cirrus.control.scaling import ApiScaler
 from cirrus.control.status import api_status
 from cirrus.control.store import Action, Store, StoredApi
 from cirrus.kinds import Kind, kind_of
 from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
-from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, Deployment
-from cirrus.store.base import QueueStore
-from cirrus.types import ApiStatus, DeployResult, ReplicaState, RevisionInfo
+from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, Deployment, QueueSpec
+from cirrus.store.base import API_DELETED, QueueStore
+from cirrus.types import ApiKey, ApiStatus, DeployResult, ReplicaState, RevisionInfo
 from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ log = logging.getLogger("cirrus.controller")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 STOP_GRACE_S = 30.0
+LOST_GRACE_S = 1.0  # a replica whose gateway connection was lost is restarted unless it exits by then
 TICK_S = 0.5
 AUTOSCALE_INTERVAL_S = 1.0
 JOB_START_FAILURES = 3  # a job fails when every worker failed to start this many times in a row
@@ -56,7 +59,12 @@ class GatewayControl(Protocol):
     """What the controller needs from the gateway (cirrus.gateway.control implements it)."""
 
     def set_api(
-        self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime", multi_model: bool = False
+        self,
+        name: str,
+        concurrency: ConcurrencySpec,
+        kind: str = "realtime",
+        multi_model: bool = False,
+        auth_required: bool = False,
     ) -> None: ...
 
     def remove_api(self, name: str) -> None: ...
@@ -65,7 +73,21 @@ class GatewayControl(Protocol):
         """While `reason` is set, requests to the API get 503 with it at once instead of waiting."""
         ...
 
-    async def add_replica(self, api: str, replica_id: str, report: ReplicaReady) -> None: ...
+    def set_keys(self, keys: list[ApiKey]) -> None:
+        """The API keys requests may carry (the gateway enforces them where an API needs one)."""
+        ...
+
+    async def add_replica(
+        self,
+        api: str,
+        replica_id: str,
+        report: ReplicaReady,
+        secret: bytes,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        """Connect to a ready replica, proving the gateway knows the `secret` it was launched with, and
+        route to it; should that connection be lost, it leaves routing and `on_lost(reason)` is called."""
+        ...
 
     def drain_replica(self, api: str, replica_id: str) -> None: ...
 
@@ -106,6 +128,7 @@ class Replica:
     reservation: Reservation | None = None  # the compute the runtime holds for it while it runs
     reason: str | None = None  # why it is pending
     job: str | None = None  # a batch API's worker: the id of the job it runs
+    secret: bytes = b""  # of its current launch: the gateway proves it knows it when it connects
 
 
 @dataclass
@@ -157,6 +180,8 @@ class Controller:
         jobs: JobManager | None = None,
         models: ModelFetcher | None = None,
         snapshots: SnapshotStore | None = None,
+        debug_errors: bool = False,
+        keys: KeyStore | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -168,6 +193,8 @@ class Controller:
         self.jobs = jobs  # batch APIs' jobs: they decide how many workers a batch API runs
         self.models = models or ModelFetcher(None, clock)  # each revision's models, fetched before it starts
         self.snapshots = snapshots  # where revisions' code lives (None: run from project_dir, as tests may)
+        self.debug_errors = debug_errors  # for specs that do not say: 500s show the exception (cirrus serve)
+        self.keys = keys or KeyStore(":memory:")  # API keys; the gateway checks requests against them
         self.apis: dict[str, ApiState] = {}
         self._by_replica: dict[str, Replica] = {}
         self._wake = asyncio.Event()
@@ -179,6 +206,7 @@ class Controller:
     def restore(self) -> None:
         """Bring back every API recorded in the store (after a daemon restart): the revision that
         served last serves again, while the one rolled to (if newer) is tried beside it."""
+        self.publish_keys()
         for stored in self.store.apis():
             serving = self.store.serving(stored.name)
             self._install(stored)
@@ -192,6 +220,10 @@ class Controller:
                     state.loaded.add(serving)
                     self._prepare(state, state.serving)
         self._wake.set()
+
+    def publish_keys(self) -> None:
+        """Tell the gateway the keys it accepts (after a change, and on restore)."""
+        self.gateway.set_keys(self.keys.list())
 
     def deploy(self, deployments: list[Deployment], force: bool = False) -> list[DeployResult]:
         """Record and roll out each deployment (`force`: a new revision even if nothing changed)."""
@@ -277,6 +309,16 @@ class Controller:
         state.deleted = True
         self.models.forget(name)
         self.gateway.remove_api(name)
+        if state.kind.queued and self.queue_store is not None:
+            # Its unfinished requests are dead letters now: they must not run for an API deployed
+            # later under this name (a replica still working on one can no longer complete it).
+            try:
+                failed = self.queue_store.fail_all(name, API_DELETED, time.time())
+            except Exception:
+                log.exception("%s: failing the deleted API's queued requests failed", name)
+            else:
+                if failed:
+                    log.info("%s: deleted with %d unfinished requests: failed (dead letters)", name, failed)
         self._wake.set()
         return True
 
@@ -322,6 +364,11 @@ class Controller:
         """Deliveries of one async request before it is failed."""
         state = self.apis.get(name)
         return 3 if state is None else state.stored.deployment.spec.queue.max_attempts
+
+    def queue_spec(self, name: str) -> QueueSpec | None:
+        """An async API's `queue` spec, for the gateway's accepts (None: no such API)."""
+        state = self.apis.get(name)
+        return None if state is None or state.deleted else state.stored.deployment.spec.queue
 
     # --- what kinds may ask (KindHost) ----------------------------------------------------
     def gateway_load(self, api: str) -> float:
@@ -397,7 +444,9 @@ class Controller:
 
     async def _connect(self, replica: Replica, report: ReplicaReady) -> None:
         try:
-            await self.gateway.add_replica(replica.api, replica.id, report)
+            await self.gateway.add_replica(
+                replica.api, replica.id, report, replica.secret, partial(self._connection_lost, replica, report.pid)
+            )
         except Exception as exc:
             log.warning("cannot reach replica %s at %s: %s", replica.id, report.address, exc)
             replica.stop_reason = f"the gateway could not connect: {exc}"
@@ -419,6 +468,21 @@ class Controller:
                 report.load_s,
             )
         self._wake.set()
+
+    def _connection_lost(self, replica: Replica, pid: int, reason: str) -> None:
+        """The gateway lost its connection to a replica (it no longer routes to it): restart it, unless it
+        is exiting anyway (then the runtime reports its exit within LOST_GRACE_S, with the real cause)."""
+
+        async def restart() -> None:
+            await asyncio.sleep(LOST_GRACE_S)
+            if self._stopping or replica.state is not ReplicaState.READY or replica.pid != pid:
+                return
+            log.info("replica %s of %s lost its gateway connection; stopping it to restart it", replica.id, replica.api)
+            replica.stop_reason = f"lost its connection to the gateway: {reason}"
+            await self.runtime.stop(replica.id, 5.0)
+
+        if not self._stopping:
+            self._run_in_background(restart())
 
     def replica_exited(self, replica_id: str, exit: ReplicaExit) -> None:
         replica = self._by_replica.get(replica_id)
@@ -473,7 +537,13 @@ class Controller:
 
     def _set_route(self, stored: StoredApi) -> None:
         spec = stored.deployment.spec
-        self.gateway.set_api(stored.name, spec.concurrency, spec.kind, multi_model=spec.multi_model is not None)
+        self.gateway.set_api(
+            stored.name,
+            spec.concurrency,
+            spec.kind,
+            multi_model=spec.multi_model is not None,
+            auth_required=spec.auth == "required",
+        )
 
     def _reconcile(self, state: ApiState) -> None:
         self._release_templates(state)
@@ -553,7 +623,8 @@ class Controller:
         if not any(r.state in (ReplicaState.READY, ReplicaState.STARTING) for r in live):
             failing = [r for r in live if r.consecutive_failures > 0 and r.last_error]
             fetch = self.models.failure((state.name, state.revision))
-            if state.serving is None and (failing or fetch):
+            # (a revision that has loaded can serve again: requests wait for its restarted replicas)
+            if state.serving is None and state.revision not in state.loaded and (failing or fetch):
                 error = fetch or failing[0].last_error
                 reason = f"API {state.name!r} cannot serve: revision {state.revision} does not load: {error}"
         if reason != state.unavailable:
@@ -611,6 +682,8 @@ class Controller:
             class_name=spec.predictor.class_name,
             config=config,
             inference_slots=spec.concurrency.inference_slots,
+            secret=secrets.token_bytes(32),
+            debug_errors=self.debug_errors if spec.debug_errors is None else spec.debug_errors,
             batching=None
             if spec.batching is None
             else BatchConfig(
@@ -646,6 +719,7 @@ class Controller:
         replica.state = ReplicaState.STARTING
         replica.started_at = time.time()
         launch, env = self._launch_for(replica.stored or state.stored, replica.id, replica.job, models)
+        replica.secret = launch.secret
         self._spawn(replica, self._launch(replica, launch, env))
 
     async def _launch(self, replica: Replica, launch: ReplicaLaunch, env: dict[str, str]) -> None:

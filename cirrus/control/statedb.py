@@ -2,6 +2,8 @@
 
 APIs and revisions (`control/store.py`) and batch jobs (`control/jobs.py`) keep their tables here,
 on one connection: WAL, `synchronous=NORMAL`, a busy timeout, and a file only its owner can read.
+A file that is not a database, or a damaged one (`PRAGMA quick_check` at open), raises
+`StateCorrupt`, whose message says what to do.
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ from pathlib import Path
 BUSY_TIMEOUT_S = 30.0
 
 
+class StateCorrupt(Exception):
+    """The state database cannot be used as it is."""
+
+    def __init__(self, path: Path, error: str) -> None:
+        backup = path.with_name(path.name + ".bak")
+        super().__init__(
+            f"the state database {path} is corrupt: {error}; move it aside (mv {path} {backup}) "
+            "to start with no APIs, or restore a backup of it"
+        )
+        self.path = path
+
+
 class StateDB:
     """One connection shared by the stores of the control plane (thread-safe through one lock)."""
 
@@ -26,8 +40,16 @@ class StateDB:
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(self.path, 0o600)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StateCorrupt(self.path, str(exc)) from None
+        if problems != ["ok"]:
+            self._db.close()
+            raise StateCorrupt(self.path, "; ".join(problems))
         self.lock = threading.RLock()
         self._closed = False
 
@@ -35,12 +57,17 @@ class StateDB:
         """Create tables (`CREATE ... IF NOT EXISTS` script), then add `columns` ({table: {name: type}})
         missing from a state file written by an older version."""
         with self.lock:
-            self._db.executescript(script)
-            for table, wanted in (columns or {}).items():
-                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                for name, kind in wanted.items():
-                    if name not in have:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            try:
+                self._db.executescript(script)
+                for table, wanted in (columns or {}).items():
+                    have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                    for name, kind in wanted.items():
+                        if name not in have:
+                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                    raise
+                raise StateCorrupt(self.path, str(exc)) from None
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
         with self.lock:

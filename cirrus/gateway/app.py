@@ -17,11 +17,12 @@ from typing import Any
 
 from cirrus.gateway.async_api import AsyncFront
 from cirrus.gateway.docs import docs_page
+from cirrus.gateway.keys import KeyRing, presented_key
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
-from cirrus.gateway.transport import ReplicaGone
+from cirrus.gateway.transport import ReplicaGone, RequestTooLarge
 from cirrus.kinds import kind_of
 from cirrus.predictor import encode_json
-from cirrus.wire import InferResponse
+from cirrus.wire import InferResponse, StreamChunk
 
 log = logging.getLogger("cirrus.gateway")
 
@@ -81,6 +82,8 @@ class Gateway:
         self.metrics_app = metrics_app
         self.on_cold = on_cold  # called when a request waits on an API with no ready replica
         self.async_front: AsyncFront | None = None  # async APIs: the queue store's front
+        self.keys = KeyRing()  # the API keys requests may carry (checked where an API needs one)
+        self.require_keys = False  # every API needs a key (`--require-keys`), not only `auth: required` ones
 
     # --- control side -------------------------------------------------------------------
     def set_api(
@@ -92,6 +95,7 @@ class Gateway:
         timeout_s: float,
         kind: str = "realtime",
         multi_model: bool = False,
+        auth_required: bool = False,
     ) -> ApiRoute:
         route = self.routes.get(name)
         if route is None:
@@ -104,6 +108,7 @@ class Gateway:
             route.max_concurrency = max_concurrency
             route.max_queue_length = max_queue_length
             route.timeout_s = timeout_s
+        route.auth_required = auth_required
         return route
 
     def remove_api(self, name: str) -> None:
@@ -131,6 +136,8 @@ class Gateway:
         name, _, rest = path[1:].partition("/")
         route = self.routes.get(name)
         if route is not None:
+            if (route.auth_required or self.require_keys) and await self._refused(route, scope, send):
+                return
             if not rest:
                 if method == "POST" and route.behaviour.takes_predictions:
                     await self._predict(route, scope, receive, send)
@@ -142,7 +149,7 @@ class Gateway:
                 return
             if await self._api_page(route, rest, method, send):
                 return
-        elif await self._operator_page(path, method, send):
+        elif await self._operator_page(path, method, send, scope):
             return
         await self._not_found(scope, path, send)
 
@@ -169,10 +176,36 @@ class Gateway:
             return True
         return False
 
-    async def _operator_page(self, path: str, method: str, send: Send) -> bool:
-        """`/healthz`, `/metrics` and `GET /` (the list of APIs); False: none of them."""
+    async def _refused(self, route: ApiRoute, scope: Scope, send: Send) -> bool:
+        """Answer 401/403/429 unless the request carries a key that may call the API now."""
+        denied = self.keys.check(presented_key(scope["headers"]), route.name, time.time())
+        if denied is None:
+            return False
+        extra = [(b"retry-after", str(int(denied.retry_after_s)).encode())] if denied.retry_after_s else []
+        if denied.status == 401:
+            extra.append((b"www-authenticate", b'Bearer realm="cirrus"'))
+        await self._reply_error(
+            send, route, time.perf_counter(), denied.status, denied.message, _request_id(scope), extra
+        )
+        return True
+
+    def _trusted(self, scope: Scope) -> bool:
+        """Loopback, or a valid key: may see the list of APIs and the metrics."""
+        client = scope.get("client")
+        if client and (client[0] == "::1" or str(client[0]).startswith("127.")):
+            return True
+        return self.keys.valid(presented_key(scope["headers"]), time.time())
+
+    async def _operator_page(self, path: str, method: str, send: Send, scope: Scope) -> bool:
+        """`/healthz`, `/metrics` and `GET /` (the list of APIs); False: none of them. Only loopback
+        clients and holders of a valid key see which APIs exist and their metrics."""
         if path == "/healthz":
-            await send_json(send, 200, {"status": "ok", "apis": sorted(self.routes)})
+            await send_json(
+                send, 200, {"status": "ok", **({"apis": sorted(self.routes)} if self._trusted(scope) else {})}
+            )
+            return True
+        if path in ("/metrics", "/") and not self._trusted(scope):
+            await send_json(send, 401, {"error": "send an API key (`Authorization: Bearer <key>`) to see this"})
             return True
         if path == "/metrics" and self.metrics_app is not None:
             await _send_text(send, self.metrics_app(), b"text/plain; version=0.0.4")
@@ -187,7 +220,7 @@ class Gateway:
         await send_json(
             send,
             404,
-            {"error": f"no API at {path!r}; deployed APIs: {sorted(self.routes)}", "request_id": request_id},
+            {"error": f"no API at {path!r}", "request_id": request_id},  # naming no other API (GET / lists them)
             request_id,
         )
 
@@ -290,10 +323,9 @@ class Gateway:
             why = route.unavailable or "this gateway has no queue store"
             await self._reply_error(send, route, started, 503, why, request_id)
             return
-        status, answer = await self.async_front.accept(
+        status, answer, extra = await self.async_front.accept(
             route.name, body, content_type, forwarded, scope.get("query_string", b"")
         )
-        extra = [(b"location", f"/{route.name}/{answer['id']}".encode())] if status == 202 else []
         await send_json(send, status, {**answer, "request_id": request_id}, request_id, extra)
         route.metrics.observe(status, time.perf_counter() - started, time.time())
         if status == 202 and not route.replicas and self.on_cold is not None:
@@ -351,6 +383,9 @@ class Gateway:
         except ReplicaGone as exc:
             await self._reply_replica_failed(send, route, slot, started, exc, request_id)
             return
+        except RequestTooLarge as exc:
+            await self._reply_error(send, route, started, 413, str(exc), request_id)
+            return
         except TimeoutError:
             await self._reply_error(send, route, started, 504, f"no answer within {timeout_s:g}s", request_id)
             return
@@ -395,7 +430,6 @@ class Gateway:
     async def _reply_replica_failed(
         self, send: Send, route: ApiRoute, slot: ReplicaSlot, started: float, exc: ReplicaGone, request_id: str
     ) -> None:
-        slot.errors += 1
         log.warning("request %s to %s failed: %s", request_id, slot.replica_id, exc)
         await self._reply_error(send, route, started, 502, f"replica {slot.replica_id} failed: {exc}", request_id)
 
@@ -423,15 +457,15 @@ class Gateway:
         started: float,
     ) -> None:
         """Relay a streamed response chunk by chunk (chunked encoding, or SSE when the client asks
-        for `text/event-stream`), granting the replica one credit per chunk delivered; a client
-        that goes away cancels the stream in the replica."""
+        for `text/event-stream`), granting the replica one credit per chunk delivered. A client that
+        goes away, or reads nothing for the API's timeout_s, cancels the stream in the replica."""
         conn = slot.conn
         sse = any(k == "accept" and "text/event-stream" in v for k, v in forwarded)
         headers = _stream_headers(head, request_id, sse)
         await send({"type": "http.response.start", "status": head.status, "headers": headers})
         queue = conn.stream(request_no)
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
-        completed = False
+        outcome, ended = 499, False  # the status it counts as (499: the client went away); the replica ended it
         try:
             while True:
                 next_chunk = asyncio.ensure_future(queue.get())
@@ -441,34 +475,38 @@ class Gateway:
                     log.info("request %s: the client went away mid-stream", request_id)
                     return
                 chunk = next_chunk.result()
-                if chunk.data:
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": _sse(chunk.data) if sse else chunk.data,
-                            "more_body": True,
-                        }
-                    )
+                body = _sse(chunk.data) if sse else chunk.data
+                if chunk.data and not await _deliver(send, body, route.timeout_s, request_id):
+                    return
                 if chunk.last:
-                    if chunk.error:
-                        log.warning(
-                            "request %s: stream from %s ended early: %s", request_id, slot.replica_id, chunk.error
-                        )
-                        if sse:
-                            await send(
-                                {
-                                    "type": "http.response.body",
-                                    "more_body": True,
-                                    "body": b"event: error\n" + _sse(chunk.error.encode()),
-                                }
-                            )
-                    await send({"type": "http.response.body", "body": b""})
-                    completed = chunk.error is None
+                    ended = True
+                    outcome = await self._end_of_stream(send, chunk, head, sse, route, slot, request_id)
                     return
                 conn.credit(request_no)
         finally:
             disconnect.cancel()
-            _end_stream(route, slot, request_no, head.status, completed, started)
+            _end_stream(route, slot, request_no, outcome, ended, started)
+
+    async def _end_of_stream(
+        self,
+        send: Send,
+        last: StreamChunk,
+        head: InferResponse,
+        sse: bool,
+        route: ApiRoute,
+        slot: ReplicaSlot,
+        request_id: str,
+    ) -> int:
+        """Finish a stream the replica ended; the status it counts as. One that failed midway must look
+        failed: with SSE an `error` event precedes the end; without, the body stays unfinished (no last
+        chunk: the server closes the connection, so the client sees a cut-short body)."""
+        if last.error is None:
+            await _deliver(send, b"", route.timeout_s, request_id, more=False)
+            return head.status
+        log.warning("request %s: stream from %s ended early: %s", request_id, slot.replica_id, last.error)
+        if sse and await _deliver(send, b"event: error\n" + _sse(last.error.encode()), route.timeout_s, request_id):
+            await _deliver(send, b"", route.timeout_s, request_id, more=False)
+        return last.status
 
     async def _reply_error(
         self,
@@ -520,16 +558,27 @@ def _stream_headers(head: InferResponse, request_id: str, sse: bool) -> list[tup
     return headers
 
 
-def _end_stream(
-    route: ApiRoute, slot: ReplicaSlot, request_no: int, status: int, completed: bool, started: float
-) -> None:
-    """Close a stream on the connection (a client gone or an error stops the replica) and record it."""
-    if completed:
+def _end_stream(route: ApiRoute, slot: ReplicaSlot, request_no: int, status: int, ended: bool, started: float) -> None:
+    """Close a stream on the connection (one the replica did not end is stopped there: a client gone
+    or stalled) and record it under `status`."""
+    if ended:
         slot.conn.end_stream(request_no)
-        slot.completed += 1
     else:
         slot.conn.forget(request_no)  # tells the replica to stop generating
-    route.metrics.observe(status if completed else 499, time.perf_counter() - started, time.time())
+    if status < 400:
+        slot.completed += 1
+    route.metrics.observe(status, time.perf_counter() - started, time.time())
+
+
+async def _deliver(send: Send, body: bytes, timeout_s: float, request_id: str, more: bool = True) -> bool:
+    """Send a piece of a streamed body; False when the client read nothing for `timeout_s` (it stalls)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+    except TimeoutError:
+        log.warning("request %s: the client read nothing for %gs; stream stopped", request_id, timeout_s)
+        return False
+    return True
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
+from functools import partial
 
 from cirrus.gateway.app import Gateway
 from cirrus.gateway.routing import ReplicaSlot, Unavailable
 from cirrus.gateway.transport import ReplicaConnection
 from cirrus.spec import ConcurrencySpec
+from cirrus.types import ApiKey
 from cirrus.wire import ReplicaReady
+
+log = logging.getLogger("cirrus.gateway")
 
 
 class GatewayController:
@@ -20,7 +26,12 @@ class GatewayController:
         self._slots: dict[str, ReplicaSlot] = {}
 
     def set_api(
-        self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime", multi_model: bool = False
+        self,
+        name: str,
+        concurrency: ConcurrencySpec,
+        kind: str = "realtime",
+        multi_model: bool = False,
+        auth_required: bool = False,
     ) -> None:
         self.gateway.set_api(
             name,
@@ -29,10 +40,14 @@ class GatewayController:
             max_concurrency=concurrency.max_concurrency,
             max_queue_length=concurrency.max_queue_length,
             timeout_s=concurrency.timeout_s,
+            auth_required=auth_required,
         )
 
     def remove_api(self, name: str) -> None:
         self.gateway.remove_api(name)
+
+    def set_keys(self, keys: list[ApiKey]) -> None:
+        self.gateway.keys.set_keys(keys)
 
     def set_unavailable(self, name: str, reason: str | None) -> None:
         route = self.gateway.routes.get(name)
@@ -42,8 +57,17 @@ class GatewayController:
         if reason is not None and not route.replicas:
             route.fail_waiters(Unavailable(reason))  # those already waiting hear it now too
 
-    async def add_replica(self, api: str, replica_id: str, report: ReplicaReady) -> None:
-        conn = await ReplicaConnection.open(report.address)
+    async def add_replica(
+        self,
+        api: str,
+        replica_id: str,
+        report: ReplicaReady,
+        secret: bytes,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        """Connect to a ready replica (proving we know its `secret`) and route to it. Should the
+        connection be lost, the replica leaves routing at once and `on_lost(reason)` is called."""
+        conn = await ReplicaConnection.open(report.address, secret, self.gateway.max_body_bytes)
         route = self.gateway.routes.get(api)
         if route is None:
             conn.close()
@@ -52,7 +76,20 @@ class GatewayController:
             route.openapi = report.openapi
         slot = ReplicaSlot(replica_id, conn)
         self._slots[replica_id] = slot
+        conn.on_lost = partial(self._lost, api, slot, on_lost)
         route.add_replica(slot, time.perf_counter())
+
+    def _lost(self, api: str, slot: ReplicaSlot, on_lost: Callable[[str], None] | None, reason: str) -> None:
+        """A replica's connection was lost: route no more requests to it (those in flight got 502)."""
+        log.info("lost the connection to replica %s of %s: %s", slot.replica_id, api, reason)  # (the controller acts)
+        route = self.gateway.routes.get(api)
+        if route is not None and slot in route.replicas:  # (a restarted replica keeps its id: not by id alone)
+            route.remove_replica(slot.replica_id)
+        slot.draining = True
+        if self._slots.get(slot.replica_id) is slot:
+            del self._slots[slot.replica_id]
+        if on_lost is not None:
+            on_lost(reason)
 
     def drain_replica(self, api: str, replica_id: str) -> None:
         route = self.gateway.routes.get(api)

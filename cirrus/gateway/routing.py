@@ -67,7 +67,6 @@ class ReplicaSlot:
     conn: Any  # ReplicaConnection; Any so routing can be tested with stand-ins
     in_flight: int = 0
     completed: int = 0
-    errors: int = 0
     draining: bool = False
     held: frozenset[str] = frozenset()  # a multi-model API: the models it reported holding last
 
@@ -89,6 +88,7 @@ class ApiRoute:
     cold_starts: int = 0
     last_cold_start_s: float | None = None
     unavailable: str | None = None  # set by the controller while no revision can serve: 503 at once
+    auth_required: bool = False  # requests need an API key (the spec's `auth: required`)
     _turn: int = 0
 
     def __post_init__(self) -> None:

@@ -1,13 +1,23 @@
-"""The gateway's end of a replica connection: requests multiplexed over one stream socket."""
+"""The gateway's end of a replica connection: requests multiplexed over one stream socket.
+
+A connection authenticates when it opens (`cirrus.wire`: the replica's nonce, the gateway's HMAC of
+it under the replica's secret). A connection lost for any reason (the replica closed it, a frame
+that does not decode or is over the limit) fails the requests in flight on it once and calls
+`on_lost`, so that the replica leaves routing at once; closing it on purpose (`close`) does not.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from cirrus.wire import (
+    DEFAULT_MAX_BODY_BYTES,
+    FRAME_HEADER_BYTES,
     WIRE_VERSION,
+    Auth,
     Cancel,
     FrameBuffer,
     Hello,
@@ -15,7 +25,10 @@ from cirrus.wire import (
     InferResponse,
     StreamChunk,
     StreamCredit,
+    Welcome,
+    auth_mac,
     encode_frame,
+    frame_limit,
 )
 
 
@@ -23,33 +36,55 @@ class ReplicaGone(Exception):
     """The replica's connection closed while a request was in flight."""
 
 
+class RequestTooLarge(Exception):
+    """A request (body and headers) does not fit in one frame to the replica."""
+
+
 class ReplicaConnection(asyncio.Protocol):
-    def __init__(self) -> None:
-        self._buffer = FrameBuffer()
+    def __init__(self, max_frame_bytes: int = frame_limit(DEFAULT_MAX_BODY_BYTES)) -> None:
+        self._buffer = FrameBuffer(max_frame_bytes)
         self._pending: dict[int, asyncio.Future[InferResponse]] = {}
         self._streams: dict[int, asyncio.Queue[StreamChunk]] = {}
         self._next_id = 0
         self._transport: asyncio.Transport | None = None
-        self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._hello: asyncio.Future[Hello] = loop.create_future()
+        self._welcome: asyncio.Future[None] = loop.create_future()
         self.closed = False
+        self._closing = False  # closed on purpose: not a lost connection
+        self._lost_reported = False
+        self.on_lost: Callable[[str], None] | None = None  # the connection was lost (called once)
 
     @classmethod
-    async def open(cls, address: str, timeout_s: float = 5.0) -> ReplicaConnection:
-        """Connect to `tcp:HOST:PORT` or `unix:PATH` and wait for the replica's Hello."""
+    async def open(
+        cls, address: str, secret: bytes, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, timeout_s: float = 5.0
+    ) -> ReplicaConnection:
+        """Connect to `tcp:HOST:PORT` or `unix:PATH`, prove we know the replica's `secret` and wait for
+        its welcome. `max_body_bytes`: bodies the gateway accepts; frames may be that plus headroom."""
         loop = asyncio.get_running_loop()
         scheme, _, rest = address.partition(":")
+
+        def factory() -> ReplicaConnection:
+            return cls(frame_limit(max_body_bytes))
+
+        protocol: ReplicaConnection
         async with asyncio.timeout(timeout_s):
             if scheme == "unix":
-                _, protocol = await loop.create_unix_connection(cls, rest)
+                _, protocol = await loop.create_unix_connection(factory, rest)
             elif scheme == "tcp":
                 host, _, port = rest.rpartition(":")
-                _, protocol = await loop.create_connection(cls, host, int(port))
+                _, protocol = await loop.create_connection(factory, host, int(port))
             else:
                 raise ValueError(f"unknown replica address {address!r}")
-            hello = await protocol._hello
-        if hello.version != WIRE_VERSION:
-            protocol.close()
-            raise ConnectionError(f"replica speaks wire version {hello.version}, the gateway {WIRE_VERSION}")
+            try:
+                hello = await protocol._hello
+                if hello.version != WIRE_VERSION:
+                    raise ConnectionError(f"replica speaks wire version {hello.version}, the gateway {WIRE_VERSION}")
+                protocol._send(Auth(mac=auth_mac(secret, hello.nonce), max_body_bytes=max_body_bytes))
+                await protocol._welcome
+            except BaseException:
+                protocol.close()
+                raise
         return protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,7 +97,7 @@ class ReplicaConnection(asyncio.Protocol):
         try:
             frames = self._buffer.feed(data)
         except Exception as exc:
-            self._fail(ReplicaGone(f"bad frame from replica: {exc}"))
+            self._lose(f"bad frame from the replica: {exc}")
             self.close()
             return
         for frame in frames:
@@ -78,13 +113,28 @@ class ReplicaConnection(asyncio.Protocol):
                     future.set_result(frame)
             elif isinstance(frame, Hello) and not self._hello.done():
                 self._hello.set_result(frame)
+            elif isinstance(frame, Welcome) and not self._welcome.done():
+                self._welcome.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._transport = None
-        self._fail(ReplicaGone("the replica closed its connection while handling the request"))
-        if not self._hello.done():
-            self._hello.set_exception(ConnectionError("the replica closed the connection before its hello"))
+        for opening, why in ((self._hello, "before its hello"), (self._welcome, "on the gateway's authentication")):
+            if not opening.done():
+                opening.set_exception(ConnectionError(f"the replica closed the connection {why}"))
+                opening.exception()  # retrieved: `open` may not be waiting on it any more
+        if self._closing:
+            self._fail(ReplicaGone("the replica connection was closed"))
+        else:
+            self._lose(f"the replica closed its connection{f' ({exc})' if exc else ''}")
+
+    def _lose(self, reason: str) -> None:
+        """The connection is lost: fail what is in flight on it (once) and report it (once)."""
+        self._fail(ReplicaGone(f"{reason} while handling the request"))
+        if not self._lost_reported:
+            self._lost_reported = True
+            if self.on_lost is not None:
+                self.on_lost(reason)
 
     def _fail(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -93,18 +143,22 @@ class ReplicaConnection(asyncio.Protocol):
                 future.set_exception(error)
         streams, self._streams = self._streams, {}
         for request_no, queue in streams.items():
-            queue.put_nowait(StreamChunk(id=request_no, data=b"", last=True, error=str(error)))
+            queue.put_nowait(StreamChunk(id=request_no, data=b"", last=True, error=str(error), status=502))
 
     def call(self, **fields: Any) -> tuple[int, asyncio.Future[InferResponse]]:
         """Send one request: (its number on this connection, a future of its response or ReplicaGone).
         A streamed response's chunks then come from `stream(number)`."""
-        if self._transport is None:
+        transport = self._transport
+        if transport is None:
             raise ReplicaGone("the replica connection is closed")
         self._next_id += 1
         request_no = self._next_id
+        frame = encode_frame(InferRequest(id=request_no, **fields))
+        if len(frame) - FRAME_HEADER_BYTES > self._buffer.limit:  # the replica would drop the connection for it
+            raise RequestTooLarge(f"the request with its headers exceeds the limit of {self._buffer.limit} bytes")
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         self._pending[request_no] = future
-        self._transport.write(encode_frame(InferRequest(id=request_no, **fields)))
+        transport.write(frame)
         return request_no, future
 
     def stream(self, request_no: int) -> asyncio.Queue[StreamChunk]:
@@ -129,6 +183,13 @@ class ReplicaConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.write(encode_frame(Cancel(id=request_no)))
 
+    def _send(self, frame: Auth) -> None:
+        if self._transport is None:
+            raise ConnectionError("the replica closed the connection")
+        self._transport.write(encode_frame(frame))
+
     def close(self) -> None:
+        """Close on purpose (a drained or deleted replica): `on_lost` is not called."""
+        self._closing = True
         if self._transport is not None:
             self._transport.close()

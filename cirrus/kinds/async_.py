@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from cirrus.kinds.base import Kind, KindHost
-from cirrus.wire import QueueConfig
+from cirrus.wire import QueueConfig, WebhookPolicy
 
 if TYPE_CHECKING:
     from cirrus.spec import ApiSpec
@@ -25,9 +25,13 @@ class AsyncKind(Kind):
     def queue(self, spec: ApiSpec, queue_url: str | None) -> QueueConfig:
         if queue_url is None:
             raise RuntimeError("async APIs need a queue store; the controller has none")
+        webhooks = spec.queue.webhooks
         return QueueConfig(
             store_url=queue_url,
             lease_s=spec.queue.lease_s,
             timeout_s=spec.concurrency.timeout_s,
             max_concurrency=spec.concurrency.max_concurrency,
+            webhooks=None
+            if webhooks is None
+            else WebhookPolicy(allowed_hosts=list(webhooks.allowed_hosts), allow_private=webhooks.allow_private),
         )

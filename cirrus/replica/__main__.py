@@ -26,6 +26,7 @@ log = logging.getLogger("cirrus.replica")
 DRAIN_GRACE_S = 30.0
 STUCK_EXIT_S = 10.0  # every slot stuck in a timed-out predict this long: exit so the replica is restarted
 EXIT_STUCK = 3
+MIN_SECRET_BYTES = 16
 
 
 def _report(fd: int, message: ReplicaReady | ReplicaFailed) -> None:
@@ -44,7 +45,7 @@ async def _listen(
     loop = asyncio.get_running_loop()
 
     def factory() -> ReplicaProtocol:
-        return ReplicaProtocol(handler, launch.replica_id, connections)
+        return ReplicaProtocol(handler, launch.replica_id, connections, launch.secret)
 
     scheme, _, rest = launch.listen.partition(":")
     if scheme == "unix":
@@ -59,6 +60,9 @@ async def _listen(
 async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
     parent = os.getppid()
     started = time.perf_counter()
+    if len(launch.secret) < MIN_SECRET_BYTES:  # anyone could then use the replica's socket
+        _report(status_fd, ReplicaFailed(error=f"launched without a secret of {MIN_SECRET_BYTES} bytes or more"))
+        return 1
     try:
         predictor = load_predictor(
             launch.project_dir,
@@ -87,7 +91,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             predictor.unload_model,
             versions=launch.model_versions,
         )
-    handler = RequestHandler(predictor, launch.inference_slots, launch.batching, models)
+    handler = RequestHandler(predictor, launch.inference_slots, launch.batching, models, launch.debug_errors)
     connections: set[ReplicaProtocol] = set()
     server, address = await _listen(launch, handler, connections)
     stop = asyncio.Event()
@@ -151,10 +155,17 @@ def run_replica(launch: ReplicaLaunch, status_fd: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m cirrus.replica")
-    parser.add_argument("--launch", required=True, help="ReplicaLaunch as JSON")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--launch", help="ReplicaLaunch as JSON (visible to other users in `ps`: prefer --launch-fd)")
+    source.add_argument("--launch-fd", type=int, help="read the ReplicaLaunch JSON from this descriptor (to its end)")
     parser.add_argument("--status-fd", type=int, default=-1)
     args = parser.parse_args()
-    os._exit(run_replica(decode_launch(args.launch), args.status_fd))
+    if args.launch_fd is not None:
+        with os.fdopen(args.launch_fd, "rb") as launch_file:
+            text = launch_file.read().decode()
+    else:
+        text = args.launch
+    os._exit(run_replica(decode_launch(text), args.status_fd))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, Protocol
 
-from cirrus.predictor import Call, HTTPError, Method
+from cirrus.predictor import Call, HTTPError, Method, PredictorFailed
 
 log = logging.getLogger("cirrus.replica")
 
@@ -233,9 +233,8 @@ class Batcher:
                     results = await self.slots.run_sync(timed_sync(method.fn, timing, self.clock), kwargs)
             except Exception as exc:
                 log.exception("predict_batch raised on a batch of %d requests", len(batch))
-                message = f"the predictor raised {type(exc).__name__}: {exc}"
                 for waiter in batch:
-                    _settle(waiter.future, error=HTTPError(500, message))
+                    _settle(waiter.future, error=PredictorFailed.raised(exc))
                 return
             started = formed + timing.slot_wait_s
             self._answer(batch, results, started, timing.predict_s)
@@ -251,7 +250,7 @@ class Batcher:
         if problem is not None:
             log.error("%s", problem)
             for waiter in batch:
-                _settle(waiter.future, error=HTTPError(500, problem))
+                _settle(waiter.future, error=PredictorFailed(problem))
             return
         for waiter, result in zip(batch, results, strict=True):
             call = waiter.call

@@ -9,34 +9,53 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from cirrus.predictor import (
+    JSON_TOO_DEEP,
     Call,
     HTTPError,
     LoadedPredictor,
     PayloadError,
+    PredictorFailed,
     decode_payload,
     encode_json,
     encode_result,
 )
 from cirrus.replica.batcher import Batcher, BatchPolicy, timed_async, timed_sync
-from cirrus.replica.streaming import StreamSource, StreamState, is_stream_function, is_stream_object, pump
+from cirrus.replica.streaming import (
+    StreamIO,
+    StreamSource,
+    StreamState,
+    is_stream_function,
+    is_stream_object,
+    pump,
+)
 from cirrus.wire import (
+    AUTH_FRAME_BYTES,
+    AUTH_TIMEOUT_S,
+    FRAME_HEADER_BYTES,
     WIRE_VERSION,
+    Auth,
     BatchConfig,
     Cancel,
+    Frame,
     FrameBuffer,
     Hello,
     InferRequest,
     InferResponse,
     StreamCredit,
+    Welcome,
+    auth_mac,
     encode_frame,
+    frame_limit,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +68,14 @@ MODEL_HEADER = "x-cirrus-model"  # names the model of a multi-model API (the gat
 def _error(req: InferRequest, status: int, message: str, **extra: Any) -> InferResponse:
     body = encode_json({"error": message, "request_id": req.request_id, **extra})
     return InferResponse(id=req.id, status=status, body=body)
+
+
+def failure_message(request_id: str, detail: str, debug: bool) -> str:
+    """What a client is told of a predictor's failure: `detail` (the exception) only with `debug_errors`,
+    since messages carry paths, hosts and secrets; the replica's log always has it."""
+    if debug:
+        return detail
+    return f"the predictor failed; see the replica log (request id {request_id})"
 
 
 class Slots:
@@ -115,8 +142,10 @@ class RequestHandler:
         inference_slots: int,
         batching: BatchConfig | None = None,
         models: ModelLRU | None = None,
+        debug_errors: bool = False,
     ) -> None:
         self.predictor = predictor
+        self.debug_errors = debug_errors  # 500 bodies carry the exception's message
         self.models = models  # a multi-model API: the models by name, loaded on first use
         self.slots = Slots(inference_slots)
         self.background: set[asyncio.Task[None]] = set()
@@ -151,6 +180,8 @@ class RequestHandler:
             if isinstance(result, StreamSource):
                 return result, call, None
             status, content_type, body, headers = encode_result(result)
+        except PredictorFailed as exc:  # (before HTTPError: it is one) a batch that failed
+            return self.failed(req, exc.message), None, None
         except HTTPError as exc:
             return _error(req, exc.status, exc.message), None, None
         except _ValidationFailed as exc:
@@ -160,7 +191,7 @@ class RequestHandler:
             return _error(req, 504, f"the predictor did not answer within {req.timeout_s:.3g}s"), None, None
         except Exception as exc:
             log.exception("request %s: the predictor raised", req.request_id)
-            return _error(req, 500, f"the predictor raised {type(exc).__name__}: {exc}"), None, None
+            return self.failed(req, str(PredictorFailed.raised(exc))), None, None
         return (
             InferResponse(
                 id=req.id,
@@ -176,6 +207,14 @@ class RequestHandler:
             call,
             result,
         )
+
+    def failure(self, req: InferRequest, detail: str) -> str:
+        """How a client is told that the predictor failed (`detail`: how, shown only with debug_errors)."""
+        return failure_message(req.request_id, detail, self.debug_errors)
+
+    def failed(self, req: InferRequest, detail: str) -> InferResponse:
+        """The 500 of a predictor that failed."""
+        return _error(req, 500, self.failure(req, detail))
 
     async def _run(self, call: Call, model_name: str | None = None) -> Any:
         predictor = self.predictor
@@ -236,6 +275,8 @@ def _validate(model: Any, payload: Any) -> Any:
 
     try:
         return model.model_validate(payload)
+    except RecursionError:
+        raise HTTPError(400, JSON_TOO_DEEP) from None
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise _ValidationFailed([{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]) from None
@@ -250,13 +291,30 @@ def _query_params(raw: bytes) -> dict[str, str]:
 
 
 class ReplicaProtocol(asyncio.Protocol):
-    """One gateway connection: frames in, a task per request, frames out."""
+    """One gateway connection: frames in, a task per request, frames out.
 
-    def __init__(self, handler: RequestHandler, replica_id: str, connections: set[ReplicaProtocol]) -> None:
+    The connection must first prove it knows the replica's `secret` (`cirrus.wire`: an `Auth` frame
+    with the HMAC of our Hello's nonce) within `AUTH_TIMEOUT_S`; until then frames are
+    `AUTH_FRAME_BYTES` long at most, and anything else closes it unanswered. `Auth` sets the frame
+    limit (the gateway's body limit plus headroom): a response over it is answered with a 502 instead."""
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        replica_id: str,
+        connections: set[ReplicaProtocol],
+        secret: bytes,
+        auth_timeout_s: float = AUTH_TIMEOUT_S,
+    ) -> None:
         self.handler = handler
         self.replica_id = replica_id
         self.connections = connections
-        self.buffer = FrameBuffer()
+        self.secret = secret
+        self.auth_timeout_s = auth_timeout_s
+        self.nonce = secrets.token_bytes(16)
+        self.authenticated = False
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self.buffer = FrameBuffer(AUTH_FRAME_BYTES)
         self.transport: asyncio.Transport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.by_id: dict[int, asyncio.Task[None]] = {}
@@ -265,20 +323,54 @@ class ReplicaProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.connections.add(self)
-        transport.write(encode_frame(Hello(version=WIRE_VERSION, replica_id=self.replica_id, pid=os.getpid())))
+        hello = Hello(version=WIRE_VERSION, replica_id=self.replica_id, pid=os.getpid(), nonce=self.nonce)
+        transport.write(encode_frame(hello))
+        self._auth_timer = asyncio.get_running_loop().call_later(self.auth_timeout_s, self._auth_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.connections.discard(self)
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+
+    def _refuse(self, why: str) -> None:
+        """Close a connection that did not authenticate, answering nothing."""
+        if self.transport is not None:
+            peer = self.transport.get_extra_info("peername")
+            log.warning("closing a connection from %s that %s", peer or "a local socket", why)
+            self.transport.abort()
+        self.transport = None
+
+    def _auth_expired(self) -> None:
+        if not self.authenticated:
+            self._refuse(f"did not authenticate within {self.auth_timeout_s:g}s")
+
+    def _authenticate(self, frame: Frame) -> bool:
+        if not isinstance(frame, Auth) or not hmac.compare_digest(frame.mac, auth_mac(self.secret, self.nonce)):
+            self._refuse(f"sent a {type(frame).__name__} frame instead of a valid Auth")
+            return False
+        self.authenticated = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        self.buffer.limit = frame_limit(frame.max_body_bytes)  # both ways: what the gateway accepts
+        self._write(encode_frame(Welcome()))
+        return True
 
     def data_received(self, data: bytes) -> None:
         try:
             frames = self.buffer.feed(data)
         except Exception as exc:
+            if not self.authenticated:
+                self._refuse(f"sent a bad frame before authenticating ({exc})")
+                return
             log.error("closing a connection that sent a bad frame: %s", exc)
             if self.transport is not None:
                 self.transport.close()
             return
+        if not self.authenticated and frames:
+            if not self._authenticate(frames[0]):
+                return
+            frames = frames[1:]
         loop = asyncio.get_running_loop()
         for frame in frames:
             if isinstance(frame, InferRequest):
@@ -302,17 +394,33 @@ class ReplicaProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
+    def _reply(self, req: InferRequest, reply: InferResponse) -> bool:
+        """Send a reply; one whose frame is over the gateway's limit (its body limit plus headroom)
+        becomes a 502 here, since the gateway would drop the whole connection for it. False: replaced so."""
+        limit = self.buffer.limit
+        if len(reply.body) <= limit:  # (else not even encoded: it may be huge)
+            frame = encode_frame(reply)
+            if len(frame) - FRAME_HEADER_BYTES <= limit:
+                self._write(frame)
+                return True
+        what = f"the predictor's response of {len(reply.body)} bytes exceeds the limit of {limit} bytes"
+        log.error("request %s: %s; answering 502", req.request_id, what)
+        self._write(encode_frame(_error(req, 502, what)))
+        return False
+
     async def _serve(self, req: InferRequest) -> None:
         try:
             reply, call, result = await self.handler.handle(req)
             if isinstance(reply, StreamSource):
                 await self._stream(req, reply, call)
                 return
-            self._write(encode_frame(reply))
-            if call is not None:
+            if self._reply(req, reply) and call is not None:
                 self.handler.after_reply(call, result)
         except asyncio.CancelledError:
             log.info("request %s cancelled: the client went away", req.request_id)
+        except Exception:  # a bug of ours: answer, rather than leave the gateway waiting until the timeout
+            log.exception("request %s: the replica failed", req.request_id)
+            self._write(encode_frame(_error(req, 500, f"the replica failed (request id {req.request_id})")))
         finally:
             self.by_id.pop(req.id, None)
 
@@ -320,8 +428,9 @@ class ReplicaProtocol(asyncio.Protocol):
         state = StreamState()
         self.streams[req.id] = state
         slots = self.handler.slots
+        io = StreamIO(self._write, _error, self.handler.failure, self.buffer.limit)
         try:
-            done = await pump(req, source, state, self._write, slots.held, slots.in_thread, _error)
+            done = await pump(req, source, state, io, slots.held, slots.in_thread)
         finally:
             del self.streams[req.id]
         if done and call is not None:

@@ -5,7 +5,10 @@ The slot is held for the whole generation (the model is busy producing). A sync 
 `next()` runs on the slot's thread; an async one on the loop. The replica sends at most
 `STREAM_WINDOW` chunks ahead of what the gateway has delivered to its client (credit-based
 backpressure), and a `Cancel` from the gateway (the client went away) closes the generator and
-frees the slot at once.
+frees the slot at once. A gateway that grants no credit for the request's `timeout_s` (its client
+stopped reading) gets the stream ended the same way, so a stalled client holds the slot no longer.
+A generator that raises ends the stream with an error (worded as a 500 is: the exception's message
+only with `debug_errors`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cirrus.predictor import encode_json
-from cirrus.wire import STREAM_WINDOW, InferRequest, InferResponse, StreamChunk, encode_frame
+from cirrus.wire import FRAME_HEADER_BYTES, STREAM_WINDOW, InferRequest, InferResponse, StreamChunk, encode_frame
 
 log = logging.getLogger("cirrus.replica")
 _DONE = object()
@@ -118,14 +121,23 @@ class _Iterator:
             log.exception("closing a stream's generator raised")
 
 
+@dataclass(frozen=True)
+class StreamIO:
+    """How a stream reaches the gateway: the connection's write, and how errors are worded."""
+
+    write: Callable[[bytes], None]
+    error_response: Callable[[InferRequest, int, str], InferResponse]
+    failure: Callable[[InferRequest, str], str]  # how a predictor's failure is told (its detail: in debug only)
+    max_frame_bytes: int  # the gateway's frame limit: an item whose frame is over it ends the stream as failed
+
+
 async def pump(
     req: InferRequest,
     source: StreamSource,
     state: StreamState,
-    write: Callable[[bytes], None],
+    io: StreamIO,
     hold_slot: Any,
     run_in_slot: Callable[[Any], Any],
-    error_response: Callable[[InferRequest, int, str], InferResponse],
 ) -> bool:
     """Run one stream to its end; True when it completed (post_predict may run)."""
     iterator = _Iterator(source, run_in_slot)
@@ -136,39 +148,65 @@ async def pump(
                     await iterator.start()
                     first = await iterator.next()
             except TimeoutError:
-                write(encode_frame(error_response(req, 504, f"no stream output within {req.timeout_s:.3g}s")))
+                io.write(encode_frame(io.error_response(req, 504, f"no stream output within {req.timeout_s:.3g}s")))
                 return False
             except Exception as exc:
                 log.exception("request %s: the stream raised before its first item", req.request_id)
-                write(encode_frame(error_response(req, 500, f"the predictor raised {type(exc).__name__}: {exc}")))
+                message = io.failure(req, f"the predictor raised {type(exc).__name__}: {exc}")
+                io.write(encode_frame(io.error_response(req, 500, message)))
                 return False
             if first is _DONE:
-                write(encode_frame(InferResponse(id=req.id, status=200, body=b"", content_type="text/plain")))
+                io.write(encode_frame(InferResponse(id=req.id, status=200, body=b"", content_type="text/plain")))
                 return True
             data, media_type = encode_chunk(first)
-            write(encode_frame(InferResponse(id=req.id, status=200, body=b"", content_type=media_type, stream=True)))
-            write(encode_frame(StreamChunk(id=req.id, data=data)))
-            state.credit -= 1
-            while True:
-                await state.wait_for_credit()
-                if state.cancelled:
-                    log.info("request %s: the client went away; stream stopped", req.request_id)
-                    return False
-                try:
-                    async with asyncio.timeout(req.timeout_s):  # between items
-                        item = await iterator.next()
-                except TimeoutError:
-                    write(encode_frame(StreamChunk(id=req.id, data=b"", last=True, error="timed out between items")))
-                    return False
-                except Exception as exc:
-                    log.exception("request %s: the stream raised", req.request_id)
-                    error = f"the predictor raised {type(exc).__name__}: {exc}"
-                    write(encode_frame(StreamChunk(id=req.id, data=b"", last=True, error=error)))
-                    return False
-                if item is _DONE:
-                    write(encode_frame(StreamChunk(id=req.id, data=b"", last=True)))
-                    return True
-                write(encode_frame(StreamChunk(id=req.id, data=encode_chunk(item)[0])))
-                state.credit -= 1
+            head = InferResponse(id=req.id, status=200, body=b"", content_type=media_type, stream=True)
+            io.write(encode_frame(head))
+            return await _rest(req, iterator, state, io, data)
         finally:
             await iterator.close()
+
+
+async def _rest(req: InferRequest, iterator: _Iterator, state: StreamState, io: StreamIO, data: bytes) -> bool:
+    """The stream after its head: `data` (the first item's) and every item after it, as the gateway
+    grants credit. A gateway that grants none for the request's timeout_s (its client reads nothing)
+    stops the stream. True when it completed."""
+    while True:
+        frame = encode_frame(StreamChunk(id=req.id, data=data))
+        if len(frame) - FRAME_HEADER_BYTES > io.max_frame_bytes:
+            detail = f"a stream item of {len(data)} bytes exceeds the limit of {io.max_frame_bytes} bytes"
+            log.error("request %s: %s; the stream ends here", req.request_id, detail)
+            _end(req, io, error=io.failure(req, detail), status=502)
+            return False
+        io.write(frame)
+        state.credit -= 1
+        if state.credit <= 0 and not state.cancelled:
+            try:
+                async with asyncio.timeout(req.timeout_s):  # a client that stops reading holds the slot no longer
+                    await state.wait_for_credit()
+            except TimeoutError:
+                why = f"the client read nothing for {req.timeout_s:.3g}s"
+                log.warning("request %s: %s; stream stopped", req.request_id, why)
+                _end(req, io, error=why, status=499)
+                return False
+        if state.cancelled:
+            log.info("request %s: the client went away; stream stopped", req.request_id)
+            return False
+        try:
+            async with asyncio.timeout(req.timeout_s):  # between items
+                item = await iterator.next()
+        except TimeoutError:
+            _end(req, io, error="timed out between items", status=504)
+            return False
+        except Exception as exc:
+            log.exception("request %s: the stream raised", req.request_id)
+            detail = f"the predictor raised {type(exc).__name__}: {exc}"
+            _end(req, io, error=io.failure(req, detail), status=500)
+            return False
+        if item is _DONE:
+            _end(req, io)
+            return True
+        data = encode_chunk(item)[0]
+
+
+def _end(req: InferRequest, io: StreamIO, error: str | None = None, status: int = 500) -> None:
+    io.write(encode_frame(StreamChunk(id=req.id, data=b"", last=True, error=error, status=status)))

@@ -26,6 +26,7 @@ from cirrus.wire import InferRequest, JobConfig, QueueConfig
 log = logging.getLogger("cirrus.replica")
 IDLE_POLL_S = (0.02, 0.5)  # poll interval when the queue is empty: from, backing off to
 WEBHOOK_DELAYS_S = (0.0, 1.0, 5.0, 30.0)
+WEBHOOK_TIMEOUT_S = 10.0
 
 
 def _error_text(body: bytes) -> str:
@@ -36,6 +37,21 @@ def _error_text(body: bytes) -> str:
     if isinstance(decoded, dict) and "error" in decoded:
         return str(decoded["error"])
     return str(decoded)[:1000]
+
+
+async def _post(http: Any, target: Any, payload: bytes) -> Any:
+    """POST to the first of the target's checked addresses that accepts a connection."""
+    import httpx
+
+    headers = {**target.headers, "content-type": "application/json"}
+    *others, last = target.addresses
+    for address in others:
+        try:
+            url = target.url_for(address)
+            return await http.post(url, content=payload, headers=headers, extensions=target.extensions)
+        except httpx.ConnectError:
+            continue
+    return await http.post(target.url_for(last), content=payload, headers=headers, extensions=target.extensions)
 
 
 class QueueWorker:
@@ -163,21 +179,44 @@ class QueueWorker:
             self.leases.pop(lease.id, None)
 
     async def _notify(self, lease: Lease) -> None:
-        """POST the request's final state to its webhook, with retries (best effort)."""
+        """POST the request's final state to its webhook, with retries (best effort), and record how
+        that ended on the request (`webhook_result`). The API's policy is checked again here, and the
+        host resolved and its addresses checked before every try (cirrus/webhooks.py)."""
         import httpx
+
+        from cirrus.webhooks import WebhookRefused, resolve
 
         record = await self._store(self.store.get, lease.api, lease.id)
         if record is None or record.status.value in ("in_queue", "in_progress") or lease.webhook is None:
             return
-        payload = describe(record)
-        async with httpx.AsyncClient(timeout=10) as http:
+        url = lease.webhook
+        policy = self.config.webhooks
+        payload = msgspec.json.encode(describe(record))
+        outcome = f"gave up after {len(WEBHOOK_DELAYS_S)} tries"
+        async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S, follow_redirects=False, trust_env=False) as http:
             for delay in WEBHOOK_DELAYS_S:
                 await asyncio.sleep(delay)
                 try:
-                    response = await http.post(lease.webhook, json=payload)
-                    if response.status_code < 500:
-                        return
-                    log.warning("webhook %s answered %d", lease.webhook, response.status_code)
-                except httpx.HTTPError as exc:
-                    log.warning("webhook %s failed: %s", lease.webhook, exc)
-        log.error("request %s: gave up on its webhook %s", lease.id, lease.webhook)
+                    if policy is None:
+                        raise WebhookRefused("this API does not send webhooks (its spec has no queue.webhooks)")
+                    target = await resolve(url, policy.allowed_hosts, policy.allow_private)
+                    response = await _post(http, target, payload)
+                except WebhookRefused as exc:
+                    log.warning("request %s: webhook refused: %s", lease.id, exc)
+                    outcome = f"refused: {exc}"
+                    break
+                except (httpx.HTTPError, OSError) as exc:
+                    log.warning("webhook %s failed: %s", url, exc)
+                    outcome = f"gave up after {len(WEBHOOK_DELAYS_S)} tries: {type(exc).__name__}: {exc}"
+                    continue
+                if response.status_code < 500:
+                    outcome = f"delivered: HTTP {response.status_code}"
+                    break
+                log.warning("webhook %s answered %d", url, response.status_code)
+                outcome = f"gave up after {len(WEBHOOK_DELAYS_S)} tries: HTTP {response.status_code}"
+            else:
+                log.error("request %s: gave up on its webhook %s", lease.id, url)
+        try:
+            await self._store(self.store.record_webhook, lease.api, lease.id, outcome)
+        except Exception:
+            log.exception("request %s: recording its webhook's outcome failed", lease.id)

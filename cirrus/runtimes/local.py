@@ -9,6 +9,13 @@ end comes back as the same `replica_exited` event.
 Placement is the runtime's too: `reserve` places a replica on the node's `Inventory` (the pure
 `cirrus.runtimes.placement.place` over the reservations held), and `start` gives the replica the
 device environment of its reservation (CUDA_VISIBLE_DEVICES and the like).
+
+A template that dies while its revision is current is started again at once (at most
+`TEMPLATE_RESTARTS` times in `TEMPLATE_RESTART_WINDOW_S`; past that its replicas start fresh), and
+the logs of the replicas it had forked, which exit with it, say so.
+
+Logs stay bounded: `rotate_logs` (the daemon calls it every few seconds) rotates a live replica's
+or template's log past `log_max_bytes`, keeping one previous file (`<name>.log.1`).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cirrus.logs import FOLLOW_POLL_S, read_logs, tail_lines
+from cirrus.logs import FOLLOW_POLL_S, read_logs, rotate_all, tail_lines
 from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
 from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
 from cirrus.spec import ComputeSpec
@@ -54,6 +62,10 @@ TEMPLATE_READY_TIMEOUT_S = 120.0  # a start waits this long for a template still
 FORK_REPLY_TIMEOUT_S = 10.0
 TEMPLATE_EXIT_GRACE_S = 5.0
 FORK_REPLICAS_ENV = "CIRRUS_FORK_REPLICAS"
+TEMPLATE_RESTARTS = 3  # a template that dies is started again at most this many times ...
+TEMPLATE_RESTART_WINDOW_S = 60.0  # ... within this long; past that its replicas start fresh
+TEMPLATE_DEATH_WAIT_S = 2.0  # a start that finds its template lost waits this long for it to be replaced
+DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -64,6 +76,7 @@ class _Replica:
     watcher: asyncio.Task[None]
     stopping: bool = False
     address: str | None = None  # from its ReplicaReady
+    forked_from: _Template | None = None
 
 
 class TemplateUnavailable(Exception):
@@ -74,7 +87,8 @@ class LocalRuntime:
     """Replicas as processes of this node.
 
     `inventory` is what the node offers replicas (None: no limits, and no device environment);
-    `models_dir` is where its model cache lives; `log_poll_s` is how often followed logs are read.
+    `models_dir` is where its model cache lives; `log_poll_s` is how often followed logs are read;
+    `log_max_bytes` is the size past which `rotate_logs` rotates a log.
     """
 
     def __init__(
@@ -85,12 +99,14 @@ class LocalRuntime:
         inventory: Inventory | None = None,
         models_dir: Path | None = None,
         log_poll_s: float = FOLLOW_POLL_S,
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
     ) -> None:
         self.logs_dir = logs_dir
         self.python = python
         self.inventory = inventory
         self.models_dir = models_dir
         self.log_poll_s = log_poll_s
+        self.log_max_bytes = log_max_bytes
         environ = os.environ if env is None else env
         self.fork_replicas = environ.get(FORK_REPLICAS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self._events: RuntimeEvents | None = None
@@ -99,6 +115,8 @@ class LocalRuntime:
         self._retired: set[_Template] = set()  # released, reaping the replicas they forked
         self._reservations: dict[str, Reservation] = {}  # replica id -> what it holds (started or not)
         self._starting: set[str] = set()  # replica ids whose start is in flight
+        self._template_deaths: dict[tuple[str, int], deque[float]] = {}  # when each key's templates died
+        self._exited_logs: set[Path] = set()  # logs of replicas that exited since the last rotation
 
     def subscribe(self, events: RuntimeEvents) -> None:
         self._events = events
@@ -147,6 +165,18 @@ class LocalRuntime:
     def has_logs(self, api: str) -> bool:
         return (self.logs_dir / api).is_dir()
 
+    async def rotate_logs(self, also: tuple[Path, ...] = ()) -> list[Path]:
+        """Rotate each log still written to (live replicas', templates', and `also`) that is over
+        `log_max_bytes` (in a thread); the files rotated."""
+        files = {self.log_path(e.launch.api, e.launch.replica_id) for e in self._processes.values()}
+        files.update(t.log_path for t in (*self._templates.values(), *self._retired))
+        files.update(self._exited_logs, also)
+        self._exited_logs.clear()
+        rotated = await asyncio.to_thread(rotate_all, sorted(files), self.log_max_bytes)
+        for path in rotated:
+            log.info("rotated %s (over %d bytes; the previous part is %s.1)", path, self.log_max_bytes, path.name)
+        return rotated
+
     def template_log_path(self, api: str, revision: int) -> Path:
         return self.logs_dir / api / "templates" / f"revision-{revision}.log"
 
@@ -170,13 +200,18 @@ class LocalRuntime:
             # is_available() through NVML leaves CUDA uninitialised in the template, so replicas can use it
             template_env = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1", **self._full_env(env)}
             self._templates[key] = _Template(
-                launch, template_env, self.python, self.template_log_path(launch.api, launch.revision)
+                launch,
+                template_env,
+                self.python,
+                self.template_log_path(launch.api, launch.revision),
+                self._template_died,
             )
         except Exception as exc:
             log.warning("could not start a template for %s revision %d: %s", launch.api, launch.revision, exc)
 
     async def release(self, api: str, revision: int) -> None:
         template = self._templates.pop((api, revision), None)
+        self._template_deaths.pop((api, revision), None)
         if template is None:
             return
         self._retired.add(template)
@@ -192,7 +227,11 @@ class LocalRuntime:
             env = {**env, **reservation.detail.env()}
         self._starting.add(launch.replica_id)  # its reservation stays held while it starts
         try:
-            template = self._templates.get((launch.api, launch.revision)) if self.fork_replicas else None
+            key = (launch.api, launch.revision)
+            template = self._templates.get(key) if self.fork_replicas else None
+            if template is not None and not template.alive and not template.failed:
+                await template.finished(TEMPLATE_DEATH_WAIT_S)  # a dead one is replaced as it is reaped
+                template = self._templates.get(key)
             if template is not None:
                 try:
                     return await self._fork(template, launch, env)
@@ -244,7 +283,9 @@ class LocalRuntime:
             raise
         exited = template.exit_of(pid)
         watcher = asyncio.get_running_loop().create_task(self._watch(launch, read_fd, exited))
-        self._processes[launch.replica_id] = _Replica(launch, pid, lambda sig: os.kill(pid, sig), watcher)
+        self._processes[launch.replica_id] = _Replica(
+            launch, pid, lambda sig: os.kill(pid, sig), watcher, forked_from=template
+        )
         return pid
 
     async def _spawn(self, launch: ReplicaLaunch, env: dict[str, str]) -> int:
@@ -297,8 +338,9 @@ class LocalRuntime:
             code=code if code is not None and code >= 0 else None,
             signal=-code if code is not None and code < 0 else None,
             error=error,
-            log_tail=tail_lines(self.log_path(launch.api, launch.replica_id), LOG_TAIL_LINES),
+            log_tail=await asyncio.to_thread(tail_lines, self.log_path(launch.api, launch.replica_id), LOG_TAIL_LINES),
         )
+        self._exited_logs.add(self.log_path(launch.api, launch.replica_id))
         if entry is not None and not entry.stopping:
             log.warning("replica %s of %s %s", launch.replica_id, launch.api, exit.describe().splitlines()[0])
         if self._events is not None:
@@ -319,6 +361,56 @@ class LocalRuntime:
                 entry.send_signal(signal.SIGKILL)
             await entry.watcher
 
+    def _template_died(self, template: _Template, code: int | None) -> None:
+        """A template exited on its own: tell its replicas' logs, and start another one (within budget)."""
+        launch = template.launch
+        key = (launch.api, launch.revision)
+        how = ReplicaExit(code=code if code is None or code >= 0 else None, signal=-code if code and code < 0 else None)
+        what = how.describe() if code is not None else "exited"
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        for entry in self._processes.values():
+            if entry.forked_from is template:
+                with contextlib.suppress(OSError), self.log_path(launch.api, entry.launch.replica_id).open("ab") as f:
+                    f.write(
+                        f"--- {stamp} the template this replica was forked from (pid {template.pid}) {what}; "
+                        "the replica exits with it\n".encode()
+                    )
+        if self._templates.get(key) is not template:
+            return  # released, or the runtime is closing
+        deaths = self._template_deaths.setdefault(key, deque())
+        now = time.monotonic()
+        deaths.append(now)
+        while deaths and deaths[0] < now - TEMPLATE_RESTART_WINDOW_S:
+            deaths.popleft()
+        if len(deaths) > TEMPLATE_RESTARTS:
+            del self._templates[key]
+            log.error(
+                "the template of %s revision %d (pid %s) %s, the %dth time within %.0fs; not starting another: "
+                "its replicas start as fresh processes (see %s)",
+                launch.api,
+                launch.revision,
+                template.pid,
+                what,
+                len(deaths),
+                TEMPLATE_RESTART_WINDOW_S,
+                template.log_path,
+            )
+            return
+        log.warning(
+            "the template of %s revision %d (pid %s) %s; starting another",
+            launch.api,
+            launch.revision,
+            template.pid,
+            what,
+        )
+        try:
+            self._templates[key] = _Template(
+                launch, template.env, template.python, template.log_path, self._template_died
+            )
+        except Exception as exc:
+            del self._templates[key]
+            log.warning("could not start a template for %s revision %d: %s", launch.api, launch.revision, exc)
+
     async def close(self) -> None:
         """Stop every replica, then every template."""
         await asyncio.gather(*(self.stop(rid, 10.0) for rid in list(self._processes)), return_exceptions=True)
@@ -332,9 +424,21 @@ class LocalRuntime:
 class _Template:
     """The runtime's end of one template process: its control socket, its forks and their exits."""
 
-    def __init__(self, launch: ReplicaLaunch, env: dict[str, str], python: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        launch: ReplicaLaunch,
+        env: dict[str, str],
+        python: str,
+        log_path: Path,
+        on_death: Callable[[_Template, int | None], None] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.launch = launch
+        self.env = env
+        self.python = python
+        self.log_path = log_path
+        self._on_death = on_death
+        self.closing = False
         self.pid: int | None = None
         self.failed = False
         self.retired = False
@@ -408,7 +512,11 @@ class _Template:
             self._lose()
             if self._on_exit is not None:
                 self._on_exit()
-        if code != 0 and not self.failed:
+        if self.failed or self.retired or self.closing:
+            return
+        if self._on_death is not None:
+            self._on_death(self, code)  # it logs the death
+        elif code != 0:
             log.warning(
                 "the template of %s revision %d (pid %d) exited with %d", launch.api, launch.revision, proc.pid, code
             )
@@ -541,8 +649,14 @@ class _Template:
             with contextlib.suppress(OSError, ValueError):
                 self._sock.send(encode_template_message(Retire()))
 
+    async def finished(self, timeout_s: float) -> None:
+        """Wait until the template's process has been reaped (at most `timeout_s`)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._process), timeout_s)
+
     async def close(self, grace_s: float) -> None:
         """Close the control socket (the template exits on it) and wait; kill it after `grace_s`."""
+        self.closing = True
         importing = not self.ready.done()
         self._lose()
         if importing and self.pid is not None:  # it would notice the closed socket only after the import

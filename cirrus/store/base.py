@@ -14,7 +14,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Literal, Protocol
+
+Durability = Literal["normal", "fsync"]
+
+
+API_DELETED = "the API was deleted before this request finished"  # the error of its unfinished requests
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take this write now (a full disk, Redis out of memory, a server that is
+    down): nothing of the write was stored, and what was stored before is intact. Retry later."""
+
+
+class StoreFull(StoreUnavailable):
+    """The store is out of space: the disk (SQLite) or the server's `maxmemory` (Redis) is full."""
 
 
 class Status(StrEnum):
@@ -34,6 +48,9 @@ class NewRequest:
     query_string: bytes = b""
     webhook: str | None = None
     max_attempts: int = 3
+    # "fsync": on stable storage (it survives a power loss) when `submit` returns; "normal": it
+    # survives the crash of any process, and a power loss may lose the last commits.
+    durability: Durability = "normal"
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class RequestRecord:
     result_status: int | None = None  # the predictor's HTTP status
     error: str | None = None  # the last error
     webhook: str | None = None
+    webhook_result: str | None = None  # how the webhook call ended: delivered, refused, gave up
 
 
 @dataclass(frozen=True)
@@ -87,11 +105,14 @@ class Counts:
 
 class QueueStore(Protocol):
     def submit(self, request: NewRequest, now: float) -> None:
-        """Store a request durably (it is on disk / in Redis when this returns). Duplicate ids raise ValueError."""
+        """Store a request durably (it is on disk / in Redis when this returns, as its `durability`
+        asks). Duplicate ids raise ValueError; a full store raises StoreFull, and a store that cannot
+        write now StoreUnavailable (nothing of the request is stored then)."""
         ...
 
     def submit_many(self, requests: list[NewRequest], now: float) -> None:
-        """`submit` for several requests in one transaction (the gateway batches its accepts)."""
+        """`submit` for several requests in one transaction (the gateway batches its accepts): all
+        of them are stored, or none."""
         ...
 
     def lease(self, api: str, worker: str, count: int, lease_s: float, now: float) -> list[Lease]:
@@ -109,6 +130,15 @@ class QueueStore(Protocol):
 
     def fail(self, lease: Lease, error: str, retry: bool, now: float) -> bool:
         """Give up this delivery: back to the queue when `retry` and attempts remain, else failed."""
+        ...
+
+    def fail_all(self, api: str, error: str, now: float) -> int:
+        """Fail every queued and leased request of `api` with `error` (dead letters); a worker that
+        holds one of them can no longer complete it. Returns how many (the API was deleted)."""
+        ...
+
+    def record_webhook(self, api: str, id: str, outcome: str) -> bool:
+        """Note how a finished request's webhook call ended; False if the request is gone."""
         ...
 
     def get(self, api: str, id: str) -> RequestRecord | None: ...

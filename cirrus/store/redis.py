@@ -33,6 +33,21 @@ The test server (`tests/redis_server.py`) runs with `--appendonly yes` and the d
 `appendfsync everysec`. When the server answers `CONFIG GET appendonly` with `no`, the store logs a
 warning once at start.
 
+How often Redis fsyncs is the server's configuration (`appendfsync`), not the client's: it cannot
+be chosen per API. A request with `durability="fsync"` is therefore followed, on the same
+connection, by `WAITAOF 1 0 <timeout>` (Redis 7.2+, Valkey), which returns once the server's own
+append-only file holds the write on disk, so its 202 means what it means on SQLite with FULL.
+A server without the append-only file cannot promise that: such a submit raises StoreUnavailable
+(checked from `CONFIG GET appendonly` at start where the server allows CONFIG; else the WAITAOF
+error says it after the write, and the request may then be stored although it was refused).
+`WAITAOF` does not wait for replicas: they are asynchronous (see below).
+
+Out of memory. With `maxmemory` set, a write past it fails with OOM (StoreFull) and nothing of it
+is written, as long as the server evicts nothing: `maxmemory-policy noeviction` (the default) is
+required, since any other policy deletes accepted requests to make room. The store logs a warning
+at start when the server says it runs with another policy. An append-only file that cannot be
+written (a full disk) makes the server refuse writes with MISCONF, also StoreFull.
+
 The target is one Redis server. Replicas (with Sentinel) are asynchronous: a failover can lose the
 last writes the old primary acknowledged, so they add availability, not durability. The hash tags keep each
 API's scripts in one slot, but `submit_many` across APIs and the `cirrus:apis` set are cross-slot,
@@ -41,15 +56,25 @@ so Redis Cluster is not supported as is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
 
-from cirrus.store.base import Backlog, Counts, Lease, NewRequest, RequestRecord, Status
+from cirrus.store.base import (
+    Backlog,
+    Counts,
+    Lease,
+    NewRequest,
+    RequestRecord,
+    Status,
+    StoreFull,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +84,7 @@ _Arg = bytes | str | int | float  # what a script takes as an argument
 # bounds the time a single script blocks the server.
 RECLAIM_LIMIT = 1000
 PURGE_BATCH = 1000
+FSYNC_TIMEOUT_S = 5.0  # how long a `durability="fsync"` submit waits for the server's fsync
 
 # Lua helpers shared by the scripts. A request's member in its API's sorted sets is
 # "<seq, 16 digits>:<id>", so that equal scores fall back to arrival order.
@@ -234,6 +260,40 @@ return #members
 """
 )
 
+# KEYS: queue, inflight, done, dead (of one API). ARGV: now, error, request key prefix, batch size.
+# Fails one batch of the API's queued, then leased, requests; returns how many.
+_FAIL_ALL = (
+    _MEMBER_ID
+    + """
+local queue, inflight, done, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now, error, prefix, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n = 0
+for _, set in ipairs({queue, inflight}) do
+  local members = redis.call('ZRANGE', set, 0, limit - n - 1)
+  for _, member in ipairs(members) do
+    local key = prefix .. member_id(member)
+    redis.call('ZREM', set, member)
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HDEL', key, 'token', 'expires_at', 'worker')
+      redis.call('HSET', key, 'status', 'failed', 'finished_at', now, 'error', error)
+      redis.call('ZADD', done, now, member)
+      redis.call('ZADD', dead, now, member)
+    end
+    n = n + 1
+  end
+  if n >= limit then break end
+end
+return n
+"""
+)
+
+# KEYS: the request's hash. ARGV: outcome. Returns 1, or 0 when the request is gone (purged).
+_RECORD_WEBHOOK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'webhook_result', ARGV[1])
+return 1
+"""
+
 _RECORD_FIELDS = (
     "status",
     "attempts",
@@ -246,12 +306,32 @@ _RECORD_FIELDS = (
     "result_status",
     "error",
     "webhook",
+    "webhook_result",
 )
+
+
+@contextlib.contextmanager
+def _write_errors(url: str) -> Iterator[None]:
+    """Redis's refusals to write, as the store's errors (nothing of the write was applied)."""
+    try:
+        yield
+    except redis.OutOfMemoryError as exc:
+        raise StoreFull(f"the Redis queue store at {url} is out of memory (maxmemory): {exc}") from exc
+    except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
+        raise StoreUnavailable(f"the Redis queue store at {url} cannot take writes now: {exc}") from exc
+    except redis.ResponseError as exc:
+        if str(exc).startswith("MISCONF"):  # it cannot persist (e.g. its disk is full): it refuses writes
+            raise StoreFull(f"the Redis queue store at {url} cannot persist writes: {exc}") from exc
+        raise
 
 
 def _ts(value: float) -> str:
     """A timestamp as Redis should store and compare it: the shortest exact decimal form."""
     return repr(float(value))
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _text(value: bytes | None) -> str | None:
@@ -270,9 +350,13 @@ class RedisQueueStore:
     """`QueueStore` on one Redis server; safe to share between threads (redis-py pools connections)
     and to use from several processes and hosts at once."""
 
-    def __init__(self, url: str, *, namespace: str = "cirrus") -> None:
+    def __init__(self, url: str, *, namespace: str = "cirrus", fsync_timeout_s: float = FSYNC_TIMEOUT_S) -> None:
         self._redis: Any = redis.Redis.from_url(url, decode_responses=False)
+        kwargs = self._redis.connection_pool.connection_kwargs
+        self._url = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"  # for messages
         self._ns = namespace
+        self._fsync_timeout_s = fsync_timeout_s
+        self._appendonly: bool | None = None  # None: the server does not say (CONFIG disabled)
         self._submit = self._redis.register_script(_SUBMIT)
         self._lease = self._redis.register_script(_LEASE)
         self._backlog = self._redis.register_script(_BACKLOG)
@@ -280,6 +364,8 @@ class RedisQueueStore:
         self._complete = self._redis.register_script(_COMPLETE)
         self._fail = self._redis.register_script(_FAIL)
         self._purge = self._redis.register_script(_PURGE)
+        self._fail_all = self._redis.register_script(_FAIL_ALL)
+        self._record_webhook = self._redis.register_script(_RECORD_WEBHOOK)
         self._check_durability()
 
     # --- keys ----------------------------------------------------------------------------
@@ -321,10 +407,40 @@ class RedisQueueStore:
                 request.webhook or "",
                 request.max_attempts,
             ]
-        duplicate = int(self._submit(keys=keys, args=args))
+        with _write_errors(self._url):
+            if any(request.durability == "fsync" for request in requests):
+                duplicate = self._submit_fsynced(keys, args)
+            else:
+                duplicate = int(self._submit(keys=keys, args=args))
         if duplicate:
             request = requests[duplicate - 1]
             raise ValueError(f"a request with id {request.id!r} already exists for API {request.api!r}")
+
+    def _submit_fsynced(self, keys: list[str], args: list[_Arg]) -> int:
+        """The submit script, then WAITAOF on the same connection: on the server's disk on return."""
+        if self._appendonly is False:
+            raise StoreUnavailable(
+                f"the Redis queue store at {self._url} runs without the append-only file, so it cannot "
+                "fsync a request (queue.durability: fsync): run it with `appendonly yes`"
+            )
+        with self._redis.pipeline(transaction=False) as pipe:
+            self._submit(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAITAOF", 1, 0, int(self._fsync_timeout_s * 1000))
+            try:
+                duplicate, (local, _) = pipe.execute()
+            except redis.ResponseError as exc:
+                if "appendonly" not in str(exc):
+                    raise
+                raise StoreUnavailable(
+                    f"the Redis queue store at {self._url} cannot fsync a request (queue.durability: fsync): "
+                    f"{exc} Run it with `appendonly yes`; the refused request may have been stored."
+                ) from exc
+        if int(local) < 1:
+            raise StoreUnavailable(
+                f"the Redis queue store at {self._url} did not fsync within {self._fsync_timeout_s:g}s "
+                "(the request is stored, but may be lost in a power loss)"
+            )
+        return int(duplicate)
 
     def lease(self, api: str, worker: str, count: int, lease_s: float, now: float) -> list[Lease]:
         if count <= 0:
@@ -384,6 +500,19 @@ class RedisQueueStore:
         ]
         args = [lease.token, _ts(now), error, "1" if retry else "0"]
         return bool(self._fail(keys=keys, args=args))
+
+    def fail_all(self, api: str, error: str, now: float) -> int:
+        keys = [self._key(api, name) for name in ("queue", "inflight", "done", "dead")]
+        failed = 0
+        with _write_errors(self._url):
+            while True:
+                n = int(self._fail_all(keys=keys, args=[_ts(now), error, self._request_prefix(api), RECLAIM_LIMIT]))
+                failed += n
+                if n < RECLAIM_LIMIT:
+                    return failed
+
+    def record_webhook(self, api: str, id: str, outcome: str) -> bool:
+        return bool(self._record_webhook(keys=[self._request_key(api, id)], args=[outcome]))
 
     def purge(self, older_than: float) -> int:
         purged = 0
@@ -452,17 +581,29 @@ class RedisQueueStore:
             result_status=_int(row["result_status"]),
             error=_text(row["error"]),
             webhook=_text(row["webhook"]),
+            webhook_result=_text(row["webhook_result"]),
         )
 
     def _check_durability(self) -> None:
-        """Warn (once, in the log) when the server would lose accepted requests in a crash."""
+        """Warn (once, in the log) when the server would lose accepted requests in a crash or evict them."""
         try:
-            config = self._redis.config_get("appendonly")
+            config = {**self._redis.config_get("appendonly"), **self._redis.config_get("maxmemory-policy")}
         except redis.RedisError:  # CONFIG is often disabled on managed Redis: nothing to check
             return
-        if config.get(b"appendonly") == b"no":
+        # redis-py answers str or bytes, depending on its version
+        found = {_str(name): _str(value) for name, value in config.items()}
+        self._appendonly = found.get("appendonly") != "no"
+        if not self._appendonly:
             log.warning(
                 "Redis at %s runs without the append-only file: queued requests are lost if it crashes. "
                 "Run it with `appendonly yes` and `appendfsync everysec` (or `always`).",
-                self._redis.connection_pool.connection_kwargs.get("host", "?"),
+                self._url,
+            )
+        evicts = found.get("maxmemory-policy", "noeviction")
+        if evicts != "noeviction":
+            log.warning(
+                "Redis at %s runs with maxmemory-policy %s: past maxmemory it deletes keys, queued requests "
+                "included. Run it with `maxmemory-policy noeviction`.",
+                self._url,
+                evicts,
             )

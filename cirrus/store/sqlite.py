@@ -14,6 +14,16 @@ transactions before the checkpoint (the database itself stays consistent). `sync
 fsyncs at every commit and closes that gap, at the price of one fsync per transaction (the gateway
 groups its accepts with `submit_many`, which makes that price per batch, not per request).
 
+The file is shared by every API, and `synchronous` is a setting of a connection, not of a table, so
+a request's `durability` chooses it per transaction: a `submit_many` that holds any request with
+`durability="fsync"` commits with FULL (one fsync for the whole batch; it also makes the NORMAL
+commits before it durable, since they precede it in the WAL), and the others commit as the store
+was opened. Leases, results and failures commit as the store was opened: after a power loss a
+completion may be lost and the request runs again, which at-least-once delivery allows anyway.
+
+A full disk fails the write with `StoreFull` (SQLite's SQLITE_FULL); the transaction is rolled
+back whole, and every transaction committed before it is intact.
+
 A lease is held while its token matches: `renew` and `complete` accept a lease whose time has run
 out as long as no `lease` call has taken it back yet (nobody else can hold it then). Expired
 leases of an API are taken back at the start of each `lease` call for that API.
@@ -31,9 +41,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from cirrus.store.base import Backlog, Counts, Lease, NewRequest, RequestRecord, Status
+from cirrus.store.base import (
+    Backlog,
+    Counts,
+    Lease,
+    NewRequest,
+    RequestRecord,
+    Status,
+    StoreFull,
+    StoreUnavailable,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: webhook_result
 
 # Status literals are spelled out in the SQL so that SQLite can use the partial indexes.
 _SCHEMA = """
@@ -59,6 +78,7 @@ CREATE TABLE IF NOT EXISTS requests (
     result_type TEXT,
     result_status INTEGER,
     error TEXT,
+    webhook_result TEXT,
     UNIQUE (api, id)
 );
 -- lease: the oldest queued requests of an API, and backlog: counts per (api, status)
@@ -73,8 +93,13 @@ CREATE INDEX IF NOT EXISTS requests_finished ON requests (finished_at) WHERE fin
 
 _RECORD_COLUMNS = (
     "api, id, status, attempts, max_attempts, created_at, started_at, finished_at, "
-    "result, result_type, result_status, error, webhook"
+    "result, result_type, result_status, error, webhook, webhook_result"
 )
+_ADDED_COLUMNS = {"webhook_result": "TEXT"}  # columns added after schema 1, by the version that added them
+
+# SQLite's primary result codes that mean "cannot write now, nothing was written": retry later.
+_UNAVAILABLE = {5: "busy", 6: "locked", 7: "out of memory", 8: "read-only", 10: "I/O error", 14: "cannot open"}
+_SQLITE_FULL = 13
 
 _INSERT = (
     "INSERT INTO requests (api, id, status, max_attempts, created_at, body, content_type, headers, "
@@ -100,7 +125,7 @@ def _insert_row(request: NewRequest, now: float) -> tuple[Any, ...]:
 
 def _record(row: Sequence[Any]) -> RequestRecord:
     api, id_, status, attempts, max_attempts, created, started, finished = row[:8]
-    result, result_type, result_status, error, webhook = row[8:]
+    result, result_type, result_status, error, webhook, webhook_result = row[8:]
     return RequestRecord(
         api=api,
         id=id_,
@@ -115,7 +140,20 @@ def _record(row: Sequence[Any]) -> RequestRecord:
         result_status=result_status,
         error=error,
         webhook=webhook,
+        webhook_result=webhook_result,
     )
+
+
+def _unavailable(exc: sqlite3.OperationalError, path: Path) -> StoreUnavailable | None:
+    """The store error a write that failed this way is (None: a bug, not a condition to retry)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    if code & 0xFF == _SQLITE_FULL:
+        return StoreFull(f"the queue store {path} is full: {exc} (free disk space, or purge old results)")
+    if code & 0xFF in _UNAVAILABLE:
+        return StoreUnavailable(f"the queue store {path} cannot write now ({_UNAVAILABLE[code & 0xFF]}): {exc}")
+    return None
 
 
 class SqliteQueueStore:
@@ -149,7 +187,12 @@ class SqliteQueueStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+            for column, declaration in _ADDED_COLUMNS.items():
+                if column not in present:  # a file of an older schema: add what it lacks
+                    db.execute(f"ALTER TABLE requests ADD COLUMN {column} {declaration}")
+            if version != SCHEMA_VERSION:  # no write when nothing changes: a full disk must not stop a restart
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # --- connections -----------------------------------------------------------------
 
@@ -177,17 +220,30 @@ class SqliteQueueStore:
         return conn
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction that holds the database's write lock from its first statement."""
+    def _write(self, fsync: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction that holds the database's write lock from its first statement;
+        `fsync`: it commits with synchronous=FULL whatever the store's own setting."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        switch = fsync and self.synchronous != "FULL"
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
-                conn.execute("ROLLBACK")
-            raise
+            if switch:
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            error = _unavailable(exc, self.path)
+            if error is None:
+                raise
+            raise error from exc
+        finally:
+            if switch:
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def close(self) -> None:
         if self._closed:
@@ -210,7 +266,7 @@ class SqliteQueueStore:
             return
         rows = [_insert_row(request, now) for request in requests]
         try:
-            with self._write() as db:
+            with self._write(fsync=any(request.durability == "fsync" for request in requests)) as db:
                 db.executemany(_INSERT, rows)
         except sqlite3.IntegrityError as exc:
             ids = ", ".join(f"{r.api}/{r.id}" for r in requests[:5]) + (" ..." if len(requests) > 5 else "")
@@ -313,6 +369,21 @@ class SqliteQueueStore:
                 "WHERE api = ? AND id = ? AND status = 'in_progress' AND lease_token = ?",
                 (retry, retry, now, error, lease.api, lease.id, lease.token),
             )
+            return cursor.rowcount == 1
+
+    def fail_all(self, api: str, error: str, now: float) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE requests SET status = 'failed', finished_at = ?, error = ?, worker = NULL, "
+                "lease_token = NULL, lease_expires_at = NULL "
+                "WHERE api = ? AND status IN ('in_queue', 'in_progress')",
+                (now, error, api),
+            )
+            return cursor.rowcount
+
+    def record_webhook(self, api: str, id: str, outcome: str) -> bool:
+        with self._write() as db:
+            cursor = db.execute("UPDATE requests SET webhook_result = ? WHERE api = ? AND id = ?", (outcome, api, id))
             return cursor.rowcount == 1
 
     def purge(self, older_than: float) -> int:

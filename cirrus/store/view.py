@@ -41,4 +41,6 @@ def describe(record: RequestRecord) -> dict[str, Any]:
         out["result_status"] = record.result_status
     if record.error is not None:
         out["error"] = record.error
+    if record.webhook_result is not None:
+        out["webhook_result"] = record.webhook_result
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal as signals
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
 from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
 from cirrus.spec import ComputeSpec, ConcurrencySpec
+from cirrus.types import ApiKey
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
@@ -253,29 +254,61 @@ class FakeGateway:
         default_factory=dict
     )  # API -> (mean batch size, p50 slot wait s, p50 predict s)
     add_error: Exception | None = None
+    secrets: dict[str, bytes] = field(default_factory=dict)  # replica id -> the secret add_replica was given
+    on_lost: dict[str, Callable[[str], None]] = field(default_factory=dict)  # replica id -> its lost callback
     unavailable: dict[str, str | None] = field(default_factory=dict)  # API -> why requests get 503 at once
+    keys: list[ApiKey] = field(default_factory=list)  # the API keys last published
+    auth_required: dict[str, bool] = field(default_factory=dict)  # API -> needs a key
 
     def set_api(
-        self, name: str, concurrency: ConcurrencySpec, kind: str = "realtime", multi_model: bool = False
+        self,
+        name: str,
+        concurrency: ConcurrencySpec,
+        kind: str = "realtime",
+        multi_model: bool = False,
+        auth_required: bool = False,
     ) -> None:
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
+        self.auth_required[name] = auth_required
 
     def set_unavailable(self, name: str, reason: str | None) -> None:
         self.unavailable[name] = reason
+
+    def set_keys(self, keys: list[ApiKey]) -> None:
+        self.keys = list(keys)
 
     def remove_api(self, name: str) -> None:
         self.removed_apis.append(name)
         self.apis.pop(name, None)
         self.replicas.pop(name, None)
 
-    async def add_replica(self, api: str, replica_id: str, report: ReplicaReady) -> None:
+    async def add_replica(
+        self,
+        api: str,
+        replica_id: str,
+        report: ReplicaReady,
+        secret: bytes,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
         if self.add_error is not None:
             raise self.add_error
         if api not in self.apis:
             raise LookupError(f"the API {api!r} is gone")
         self.added.append((api, replica_id))
         self.replicas[api].append(replica_id)
+        self.secrets[replica_id] = secret
+        if on_lost is not None:
+            self.on_lost[replica_id] = on_lost
+
+    def lose(self, api: str, replica_id: str, reason: str = "the replica closed its connection") -> None:
+        """As the real gateway does when a replica's connection is lost: stop routing to it, tell the controller."""
+        routed = self.replicas.get(api, [])
+        if replica_id in routed:
+            routed.remove(replica_id)
+        callback = self.on_lost.pop(replica_id, None)
+        if callback is not None:
+            callback(reason)
 
     def drain_replica(self, api: str, replica_id: str) -> None:
         self.drained.append((api, replica_id))
