@@ -7,7 +7,10 @@ In one run, one server at a time, this script launches
   access log), ``bench/fastapi_noop.py``: the floor of a Python web stack;
 * ``cirrus``: ``cirrus serve examples/noop`` (gateway process + one replica process) on a free port
   with a throw-away ``CIRRUS_HOME``;
-* ``asgi`` (only with ``--asgi``): a bare ASGI callable on the same uvicorn, ``bench/asgi_noop.py``.
+* ``asgi`` (only with ``--asgi``): a bare ASGI callable on the same uvicorn, ``bench/asgi_noop.py``;
+* ``cirrus-keys`` (only with ``--keys``): a ``cirrus up --require-keys`` daemon (throw-away
+  ``CIRRUS_HOME``) serving the same API, every request carrying a valid ``X-API-Key`` that the
+  gateway checks; before the runs it checks that a request without the key gets 401.
 
 For each server it waits for the first HTTP 200 on ``POST {"x": 1}`` (cold start), lets it settle,
 warms up with wrk, then runs ``wrk -t1 -cN -dDs --latency`` (closed loop, keep-alive) per
@@ -21,16 +24,22 @@ SIGTERM/SIGKILL to every process of its tree). The method follows the peer harne
 
 It prints a markdown table and the ratios the project's targets are set on:
 Cirrus/FastAPI throughput at 16 connections (target >= 0.6), Cirrus at 64 vs 16 connections
-(no collapse), and Cirrus p50 minus FastAPI p50 at 1 connection (target <= 0.5 ms).
+(no collapse), Cirrus p50 minus FastAPI p50 at 1 connection (target <= 0.5 ms) and, with ``--keys``,
+Cirrus with a key required vs without, req/s at 16 and at 64 connections (target >= 0.95).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +56,7 @@ BODY = '{"x": 1}'
 TARGET_RATIO_C16 = 0.6  # Cirrus req/s >= 60 % of FastAPI's at 16 connections
 TARGET_SCALE_64 = 0.9  # Cirrus req/s at 64 connections >= 90 % of its req/s at 16 ("no collapse")
 TARGET_P50_DELTA_MS = 0.5  # Cirrus p50 - FastAPI p50 at 1 connection
+TARGET_KEYS = 0.95  # Cirrus req/s with an API key required >= 95 % of without, at 16 and at 64 connections
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class Targets:
     cirrus_over_fastapi_rps_c16: float = TARGET_RATIO_C16
     cirrus_rps_c64_over_c16: float = TARGET_SCALE_64
     cirrus_minus_fastapi_p50_ms_c1: float = TARGET_P50_DELTA_MS
+    keys_over_nokeys_rps_c16: float = TARGET_KEYS
+    keys_over_nokeys_rps_c64: float = TARGET_KEYS
 
 
 log = procs.logger("realtime")
@@ -105,22 +117,144 @@ def bench_server(server: procs.Server, wrk: Wrk, args: argparse.Namespace) -> di
         "cmd": spec.cmd,
         "url": spec.url,
         "cold_start_s": round(cold, 3),
-        "runs": [],
     }
+
+    def died() -> str | None:
+        return None if server.alive() else f"log: {server.log_path}\n{server.log_tail()}"
+
+    record["runs"] = load_runs(spec.name, spec.url, wrk, server.tree, args, died)
+    return record
+
+
+def load_runs(
+    name: str, url: str, wrk: Wrk, tree: procs.Tree, args: argparse.Namespace, died: Callable[[], str | None]
+) -> list[dict[str, Any]]:
+    """The warm-up, then one wrk run per --conns; `died()` says why the server is gone (None: alive)."""
     if args.warmup > 0:
-        warm = wrk.run(spec.url, max(args.conns), args.warmup, server.tree)
-        log(f"{spec.name}: warm-up {warm['rps']:.0f} req/s")
+        warm = wrk.run(url, max(args.conns), args.warmup, tree)
+        log(f"{name}: warm-up {warm['rps']:.0f} req/s")
+    runs = []
     for conns in args.conns:
-        res = wrk.run(spec.url, conns, args.duration, server.tree)
-        record["runs"].append(res)
+        res = wrk.run(url, conns, args.duration, tree)
+        runs.append(res)
         log(
-            f"{spec.name}: c={conns}: {res['rps']:.0f} req/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
+            f"{name}: c={conns}: {res['rps']:.0f} req/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
             f"errors {res['non2xx']}/{res['socket_errors']}, server CPU {res['server_cpu_us_per_req']} us/req, "
             f"other CPU {res['other_cpu_pct']} %"
         )
-        if not server.alive():
-            raise procs.BenchError(f"{spec.name} died during the run; log: {server.log_path}\n{server.log_tail()}")
+        if (why := died()) is not None:
+            raise procs.BenchError(f"{name} died during the run; {why}")
+    return runs
+
+
+# Cirrus with API keys: a `cirrus up --require-keys` daemon -----------------------------------
+
+
+class TaggedTree(procs.Tree):
+    """The processes of a `procs.Daemon` (daemon, templates, replicas), found by its marker variable."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(0)
+        self.tag = tag
+
+    def pids(self) -> dict[int, procs.ProcStat]:
+        out = {}
+        for pid in procs.tagged_pids(self.tag):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                out[pid] = procs.read_stat(pid)
+        self.known.update(out)
+        return out
+
+
+def cirrus_cli(daemon: procs.Daemon, *argv: str, timeout: float = 180) -> str:
+    """`python -m cirrus.cli ARGV` in the daemon's environment; its stdout, BenchError when it fails."""
+    cmd = [sys.executable, "-m", "cirrus.cli", *argv]
+    done = subprocess.run(cmd, cwd=ROOT, env=daemon.env, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise procs.BenchError(f"`cirrus {' '.join(argv)}` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def status_of(url: str, headers: dict[str, str], timeout: float = 5.0) -> tuple[int, bytes]:
+    """POST BODY with these extra headers: the HTTP status and the reply (also for 4xx/5xx)."""
+    request = urllib.request.Request(url, data=BODY.encode(), headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_keyed(daemon: procs.Daemon, url: str, key: str, timeout_s: float) -> None:
+    """Poll with the key until a no-op reply (200); then check that a request without the key gets 401."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            code, reply = status_of(url, {"X-API-Key": key})
+            if code == 200 and is_noop_reply(reply):
+                break
+            last = f"HTTP {code} {reply[:80]!r}"
+        except (OSError, ValueError) as exc:
+            last = str(exc)
+        if time.monotonic() > deadline:
+            raise procs.BenchError(f"{url} did not answer 200 with the key within {timeout_s:.0f} s ({last})")
+        time.sleep(0.05)
+    code, reply = status_of(url, {})
+    log(f"{daemon.label}: without a key: HTTP {code} {reply[:80]!r}; with the key: HTTP 200")
+    if code != 401:
+        raise procs.BenchError(f"{daemon.label}: a request without a key got HTTP {code}, not 401: keys not checked")
+
+
+def keyed_wrk(wrk: Wrk, workdir: Path, key: str) -> Wrk:
+    """The same POST script as `wrk`'s, plus an ``X-API-Key`` header on every request."""
+    directory = workdir / "keyed"
+    directory.mkdir(exist_ok=True)
+    keyed = Wrk.posting(wrk.binary, directory, BODY)
+    with open(keyed.lua, "a") as handle:
+        handle.write(f'wrk.headers["X-API-Key"] = {json.dumps(key)}\n')
+    return keyed
+
+
+def bench_keys(daemon: procs.Daemon, wrk: Wrk, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`cirrus up --require-keys`, deploy --example, `cirrus keys create`, check 401 without it, then wrk."""
+    name = daemon.label
+    up = ["up", "--port", str(procs.free_port()), "--admin-port", "0", "--require-keys", "--timeout", "60"]
+    log(f"{name}: starting: cirrus {' '.join(up)} (CIRRUS_HOME={daemon.home})")
+    t0 = time.monotonic()
+    cirrus_cli(daemon, *up, timeout=90)
+    info = json.loads(daemon.settings.daemon_file.read_text())
+    daemon.gateway_url, daemon.pid = info["gateway_url"], info["pid"]
+    cirrus_cli(daemon, "deploy", str(args.example), "--timeout", str(args.ready_timeout))
+    key = cirrus_cli(daemon, "keys", "create", "--name", "bench").strip()
+    url = f"{daemon.gateway_url}/noop"
+    wait_keyed(daemon, url, key, args.ready_timeout)
+    cold = time.monotonic() - t0
+    tree = TaggedTree(daemon.tag)
+    log(f"{name}: first 200 with the key {cold:.2f} s after `up`; {len(tree.pids())} processes")
+    time.sleep(args.settle)
+    record: dict[str, Any] = {
+        "name": name,
+        "label": "Cirrus, API key required (`cirrus up --require-keys`, daemon + replica)",
+        "cmd": [sys.executable, "-m", "cirrus.cli", *up],
+        "url": url,
+        "cold_start_s": round(cold, 3),
+        "no_key_status": 401,
+    }
+
+    def died() -> str | None:
+        alive = daemon.pid in tree.pids()
+        return None if alive else f"daemon.log: {daemon.settings.daemon_log}"
+
+    record["runs"] = load_runs(name, url, keyed_wrk(wrk, workdir, key), tree, args, died)
     return record
+
+
+def stop_keys(daemon: procs.Daemon) -> bool:
+    """`cirrus down`, then every marked process left (`procs.Daemon.stop`); True when none is left."""
+    with contextlib.suppress(procs.BenchError, OSError, subprocess.SubprocessError):
+        cirrus_cli(daemon, "down", timeout=60)
+    return procs.stop_and_report(daemon, log, daemon.label)
 
 
 def find(results: list[dict[str, Any]], name: str, conns: int) -> dict[str, Any] | None:
@@ -145,6 +279,10 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     if c1 and f1:
         value = c1["p50_ms"] - f1["p50_ms"]
         out["cirrus_minus_fastapi_p50_ms_c1"] = report.at_most(value, TARGET_P50_DELTA_MS, note=" ms")
+    for conns in (16, 64):
+        keyed, plain = find(results, "cirrus-keys", conns), find(results, "cirrus", conns)
+        if keyed and plain and plain["rps"]:
+            out[f"keys_over_nokeys_rps_c{conns}"] = report.at_least(keyed["rps"] / plain["rps"], TARGET_KEYS)
     return out
 
 
@@ -152,6 +290,8 @@ RATIO_NAMES = {
     "cirrus_over_fastapi_rps_c16": "Cirrus / FastAPI req/s at 16 connections",
     "cirrus_rps_c64_over_c16": "Cirrus req/s at 64 / at 16 connections",
     "cirrus_minus_fastapi_p50_ms_c1": "Cirrus p50 - FastAPI p50 at 1 connection (ms)",
+    "keys_over_nokeys_rps_c16": "Cirrus keys / no keys req/s at 16 connections",
+    "keys_over_nokeys_rps_c64": "Cirrus keys / no keys req/s at 64 connections",
 }
 
 
@@ -170,6 +310,9 @@ def markdown(results: list[dict[str, Any]], found: dict[str, Any]) -> str:
                 f"| {run['server_cpu_us_per_req']} | {run['server_cpu_pct']:.0f} | {run['wrk_cpu_pct']:.0f} "
                 f"| {run['other_cpu_pct']:.0f} | {rec['cold_start_s']:.2f} |"
             )
+    for rec in results:
+        if "no_key_status" in rec:
+            lines += ["", f"{rec['label']}: a request without the key got HTTP {rec['no_key_status']}."]
     if found:
         lines += ["", *report.targets_table(found, RATIO_NAMES)]
     return "\n".join(lines)
@@ -184,9 +327,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--asgi", action="store_true", help="also run a bare ASGI callable on uvicorn, for reference")
     ap.add_argument(
         "--only",
-        choices=["fastapi", "cirrus", "asgi"],
+        choices=["fastapi", "cirrus", "cirrus-keys", "asgi"],
         action="append",
         help="run only these servers (repeatable); default: fastapi and cirrus (and asgi with --asgi)",
+    )
+    ap.add_argument(
+        "--keys",
+        action="store_true",
+        help="also run cirrus-keys (a `cirrus up --require-keys` daemon, every request with a valid X-API-Key), "
+        "right after cirrus",
     )
     ap.add_argument("--example", type=Path, default=ROOT / "examples" / "noop", help="the Cirrus no-op API")
     report.add_output_args(
@@ -197,29 +346,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def server_names(args: argparse.Namespace) -> list[str]:
+    """--only's servers, or the default set; with --keys, cirrus-keys right after cirrus."""
+    names = list(args.only or ["fastapi", "cirrus", *(["asgi"] if args.asgi else [])])
+    if args.keys and "cirrus-keys" not in names:
+        names.insert(names.index("cirrus") + 1 if "cirrus" in names else len(names), "cirrus-keys")
+    return list(dict.fromkeys(names))
+
+
+def run_one(name: str, wrk: Wrk, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Start one server, measure it, and stop everything it started (also on errors and Ctrl-C)."""
+    if name == "cirrus-keys":
+        daemon = procs.Daemon(name, workdir, args.logdir, log)
+        try:
+            return bench_keys(daemon, wrk, workdir, args)
+        finally:
+            if stop_keys(daemon):
+                log(f"{name}: stopped; logs in {args.logdir / name}")
+    specs = {
+        "fastapi": lambda: uvicorn_spec("fastapi", "FastAPI + uvicorn", "fastapi_noop:app"),
+        "cirrus": lambda: procs.cirrus_serve(
+            "cirrus", "Cirrus (`cirrus serve`, gateway + replica)", args.example, workdir, path="/noop"
+        ),
+        "asgi": lambda: uvicorn_spec("asgi", "bare ASGI + uvicorn", "asgi_noop:app"),
+    }
+    server = procs.Server(specs[name](), args.logdir)
+    try:
+        return bench_server(server, wrk, args)
+    finally:
+        if procs.stop_and_report(server, log, name):
+            log(f"{name}: stopped ({len(server.tree.known)} processes)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if (binary := find_wrk()) is None:
         return 2
-    names = args.only or ["fastapi", "cirrus", *(["asgi"] if args.asgi else [])]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cirrus-bench-") as tmp, procs.sigterm_as_interrupt():
         workdir = Path(tmp)
         wrk = Wrk.posting(binary, workdir, BODY)
-        specs = {
-            "fastapi": lambda: uvicorn_spec("fastapi", "FastAPI + uvicorn", "fastapi_noop:app"),
-            "cirrus": lambda: procs.cirrus_serve(
-                "cirrus", "Cirrus (`cirrus serve`, gateway + replica)", args.example, workdir, path="/noop"
-            ),
-            "asgi": lambda: uvicorn_spec("asgi", "bare ASGI + uvicorn", "asgi_noop:app"),
-        }
-        for name in names:
-            server = procs.Server(specs[name](), args.logdir)
-            try:
-                results.append(bench_server(server, wrk, args))
-            finally:
-                if procs.stop_and_report(server, log, name):
-                    log(f"{name}: stopped ({len(server.tree.known)} processes)")
+        for name in server_names(args):
+            results.append(run_one(name, wrk, workdir, args))
     found = ratios(results)
     print(markdown(results, found))
     if args.json:

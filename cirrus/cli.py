@@ -42,6 +42,17 @@ class Output(StrEnum):
     json = "json"
 
 
+RequireKeysOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--require-keys/--no-require-keys",
+        help="every API needs an API key (default: yes when --host is not a loopback address)",
+        show_default=False,
+    ),
+]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure-no-auth", help="serve a non-loopback host with no API keys (trusted networks only)")
+]
 HomeOption = Annotated[
     Path | None,
     typer.Option("--home", help="state directory (default: $CIRRUS_HOME or ~/.cirrus)", show_default=False),
@@ -77,11 +88,18 @@ def up(
     port: PortOption = None,
     admin_port: AdminPortOption = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the daemon")] = 30,
+    require_keys: RequireKeysOption = None,
+    insecure_no_auth: InsecureOption = False,
     output: OutputOption = Output.table,
 ) -> None:
-    """Start the local Cirrus daemon (gateway, controller and admin API) in the background."""
+    """Start the local Cirrus daemon (gateway, controller and admin API) in the background.
+
+    On a host other machines can reach, every API needs an API key (`cirrus keys create`), and the
+    daemon refuses to start while none exists, unless `--insecure-no-auth`."""
     with _errors():
-        client = _client(home, host, port, admin_port)
+        client = _client(
+            home, host, port, admin_port, require_keys=require_keys, insecure_no_auth=insecure_no_auth or None
+        )
         was_running = client.ping() is not None
         with _stderr().status("starting the Cirrus daemon"):
             info = client.up(timeout=timeout)
@@ -331,10 +349,13 @@ def serve(
     host: HostOption = None,
     port: PortOption = None,
     admin_port: AdminPortOption = None,
+    require_keys: RequireKeysOption = None,
+    insecure_no_auth: InsecureOption = False,
 ) -> None:
     """Serve a spec in the foreground (development mode) until Ctrl-C."""
     with _errors():
-        settings = _settings(home, host, port, admin_port)
+        more = {"require_keys": require_keys, "insecure_no_auth": insecure_no_auth or None}
+        settings = _settings(home, host, port, admin_port, **more)
         from cirrus.daemon import serve_foreground
 
         serve_foreground(settings, str(path))
@@ -620,18 +641,26 @@ def _errors() -> Iterator[None]:
 
 
 def _settings(
-    home: Path | None, host: str | None = None, port: int | None = None, admin_port: int | None = None
+    home: Path | None,
+    host: str | None = None,
+    port: int | None = None,
+    admin_port: int | None = None,
+    **more: object,
 ) -> Settings:
     home = home.expanduser().resolve() if home else None
-    return Settings.from_env().with_overrides(home=home, host=host, gateway_port=port, admin_port=admin_port)
+    return Settings.from_env().with_overrides(home=home, host=host, gateway_port=port, admin_port=admin_port, **more)
 
 
 def _client(
-    home: Path | None, host: str | None = None, port: int | None = None, admin_port: int | None = None
+    home: Path | None,
+    host: str | None = None,
+    port: int | None = None,
+    admin_port: int | None = None,
+    **more: object,
 ) -> Client:
     from cirrus.client import Client
 
-    return Client(_settings(home, host, port, admin_port))
+    return Client(_settings(home, host, port, admin_port, **more))
 
 
 def _stdout() -> Console:

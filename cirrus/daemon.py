@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cirrus.settings import Settings
-from cirrus.types import DaemonInfo
+from cirrus.settings import Settings, is_loopback
+from cirrus.types import ApiKey, DaemonInfo
 
 if TYPE_CHECKING:
     from cirrus.control.controller import Controller
@@ -216,11 +216,30 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
         models=ModelFetcher(lambda: _model_cache(settings, runtime.model_cache_dir()), time.monotonic),
         snapshots=SnapshotStore(settings.home / "snapshots"),
         keys=KeyStore(state_db),
+        debug_errors=settings.debug_errors,
     )
+    _check_keys(settings, controller.keys.list())
+    gateway.require_keys = settings.keys_required
     gateway.on_cold = controller.demand
     gateway.async_front = AsyncFront(queue_store, queue_spec=controller.queue_spec)
     admin = build_admin_app(controller, token=ensure_token(settings), info=info, shutdown=stop)
     return _Parts(state_db, queue_store, runtime, gateway, controller, admin)
+
+
+def _check_keys(settings: Settings, keys: list[ApiKey]) -> None:
+    """A gateway other machines can reach must not start open unless told so (`--insecure-no-auth`)."""
+    now = time.time()
+    live = [k for k in keys if k.revoked_at is None and (k.expires_at is None or k.expires_at > now)]
+    if settings.keys_required and not is_loopback(settings.host) and not live:
+        raise DaemonError(
+            f"the gateway would listen on {settings.host}, which other machines can reach, and no API key exists: "
+            "start on 127.0.0.1 first, `cirrus keys create`, then restart on this host; or pass "
+            "--insecure-no-auth to serve every API without keys (trusted networks only)"
+        )
+    if settings.insecure_no_auth and not is_loopback(settings.host):
+        log.warning(
+            "serving %s without API keys (--insecure-no-auth): anyone who reaches it may call every API", settings.host
+        )
 
 
 async def run(
@@ -362,7 +381,7 @@ def serve_foreground(settings: Settings, path: str) -> None:
     _configure_logging()
     os.umask(PRIVATE_UMASK)
     with tempfile.TemporaryDirectory(prefix="cirrus-serve-") as home:
-        local = settings.with_overrides(home=Path(home), admin_port=0)
+        local = settings.with_overrides(home=Path(home), admin_port=0, debug_errors=True)
 
         def ready(info: DaemonInfo) -> None:
             for deployment in deployments:

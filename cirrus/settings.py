@@ -42,6 +42,21 @@ def _positive_int_env(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def _bool_env(env: dict[str, str], name: str) -> bool | None:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} must be 1 or 0")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _positive_float_env(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -73,6 +88,16 @@ class Settings:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # an idle kept-alive gateway connection is closed after this
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open gateway connections; past it a new one gets 503
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # replica, template and daemon logs are rotated past this
+    require_keys: bool | None = None  # every API needs a key; None: when the gateway binds a non-loopback host
+    insecure_no_auth: bool = False  # serve a non-loopback host with no keys at all (trusted networks only)
+    debug_errors: bool = False  # 500s show the predictor's exception where a spec does not say (cirrus serve: on)
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether every API needs a key at this gateway."""
+        if self.insecure_no_auth:
+            return False
+        return self.require_keys if self.require_keys is not None else not is_loopback(self.host)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -95,6 +120,9 @@ class Settings:
             keep_alive_s=_positive_float_env(env, "CIRRUS_KEEP_ALIVE_S", DEFAULT_KEEP_ALIVE_S),
             max_connections=_positive_int_env(env, "CIRRUS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
             log_max_bytes=_positive_int_env(env, "CIRRUS_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
+            require_keys=_bool_env(env, "CIRRUS_REQUIRE_KEYS"),
+            insecure_no_auth=bool(_bool_env(env, "CIRRUS_INSECURE_NO_AUTH")),
+            debug_errors=bool(_bool_env(env, "CIRRUS_DEBUG_ERRORS")),
         )
 
     def daemon_env(self) -> dict[str, str]:
@@ -112,6 +140,12 @@ class Settings:
             "CIRRUS_MAX_CONNECTIONS": str(self.max_connections),
             "CIRRUS_LOG_MAX_BYTES": str(self.log_max_bytes),
         }
+        if self.require_keys is not None:
+            env["CIRRUS_REQUIRE_KEYS"] = "1" if self.require_keys else "0"
+        if self.insecure_no_auth:
+            env["CIRRUS_INSECURE_NO_AUTH"] = "1"
+        if self.debug_errors:
+            env["CIRRUS_DEBUG_ERRORS"] = "1"
         if self.store:
             env["CIRRUS_STORE"] = self.store
         if self.s3_endpoint_url:

@@ -92,3 +92,62 @@ def test_bad_key_requests_are_clear_errors(gw: Cirrus) -> None:
     ]:
         code, _, err = gw.cli("keys", "create", *args)
         assert code != 0 and needle in err, err
+
+
+def test_require_keys_covers_every_api(tmp_path: Path) -> None:
+    cirrus = Cirrus(tmp_path / "home")
+    try:
+        code, _, err = cirrus.cli("up", "--require-keys")
+        assert code == 0, err
+        project = write_project(tmp_path / "project", ECHO_PREDICTOR)  # no `auth:` in the spec
+        assert cirrus.cli("deploy", str(project))[0] == 0
+        client = cirrus.client()
+        assert client.predict("echo", {}).status_code == 401
+        key = create_key(cirrus)
+        assert client.predict("echo", {}, headers={"x-api-key": key}).status_code == 200
+    finally:
+        cirrus.shutdown()
+
+
+def test_a_reachable_gateway_without_keys_refuses_to_start(tmp_path: Path) -> None:
+    cirrus = Cirrus(tmp_path / "home")
+    try:
+        code, _, err = cirrus.cli("up", "--host", "0.0.0.0")
+        assert code != 0
+        assert "no API key exists" in err and "--insecure-no-auth" in err and "Traceback" not in err
+        code, _, err = cirrus.cli("up", "--host", "0.0.0.0", "--insecure-no-auth")
+        assert code == 0, err
+        assert "--insecure-no-auth" in cirrus.daemon_log()
+    finally:
+        cirrus.shutdown()
+
+
+def test_only_loopback_or_a_key_sees_the_apis_and_metrics() -> None:
+    import asyncio
+
+    import httpx
+
+    from cirrus.gateway.app import Gateway
+    from cirrus.gateway.keys import digest
+    from cirrus.types import ApiKey
+
+    gateway = Gateway(1024, metrics_app=lambda: b"cirrus_requests_total 1\n")
+    gateway.set_api("hidden", max_concurrency=1, max_queue_length=1, timeout_s=1.0)
+    gateway.keys.set_keys([ApiKey(id="abc", digest=digest("cirrus_abc_s3cret"))])
+
+    async def get(path: str, client: tuple[str, int], headers: dict[str, str] | None = None) -> httpx.Response:
+        transport = httpx.ASGITransport(app=gateway, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+            return await http.get(path, headers=headers)
+
+    async def main() -> None:
+        remote = ("203.0.113.7", 40000)
+        for path in ("/", "/metrics"):
+            assert (await get(path, remote)).status_code == 401
+            assert (await get(path, remote, {"x-api-key": "cirrus_abc_s3cret"})).status_code == 200
+            assert (await get(path, ("127.0.0.1", 40000))).status_code == 200
+        assert "apis" not in (await get("/healthz", remote)).json()
+        missing = await get("/nope", remote)
+        assert missing.status_code == 404 and "hidden" not in missing.text
+
+    asyncio.run(main())

@@ -244,12 +244,17 @@ def test_a_slow_head_is_closed_after_the_header_timeout(cirrus: Cirrus) -> None:
             assert _status(_read_until_closed(partial, 5.0)) == 408
             assert _read_until_closed(idle, 5.0) == b""  # it sent nothing: closed without a word
             assert _status(_read_until_closed(admin, 5.0)) == 408
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 4.5  # the 1 s header timeout, not the 5 s keep-alive, closed them
         assert "its request head was not complete within 1s" in slow.daemon_log()
         # a kept-alive connection whose next head stalls is closed as well
         with _connect(slow.gateway_url) as sock:
             sock.sendall(b"GET /v1/none HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 404")
+            first = b""
+            while not first.endswith(b"}"):  # the whole 404 (head and JSON body may come apart)
+                chunk = sock.recv(65536)
+                assert chunk, first
+                first += chunk
+            assert first.startswith(b"HTTP/1.1 404")
             time.sleep(0.5)
             sock.sendall(b"GET /v1/none HTTP/1.1\r\nHost: x\r\nX-Slow: a")
             assert _status(_read_until_closed(sock, 5.0)) == 408

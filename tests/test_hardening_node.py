@@ -272,3 +272,23 @@ def test_reading_logs_does_not_block_the_event_loop(tmp_path: Path) -> None:
     finally:
         timer.join()
     assert max(gaps) < 0.5, f"the event loop stood still for {max(gaps):.2f}s"
+
+
+def test_a_spawned_replica_gets_its_launch_and_secret_through_a_pipe_not_its_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CIRRUS_FORK_REPLICAS", "0")  # fresh interpreters: the path with a command line
+    cirrus = Cirrus(tmp_path / "home")
+    try:
+        cirrus.up()
+        project = write_project(tmp_path / "project", ECHO_PREDICTOR)
+        code, out, err = cirrus.cli("deploy", str(project))
+        assert code == 0, out + err
+        status = cirrus.wait_for("echo", lambda s: s.status == ApiStatusName.LIVE)
+        [pid] = [r.pid for r in status.replicas if r.pid is not None]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--launch-fd" in argv and b"--launch" not in argv
+        assert not any(b"secret" in arg or b"{" in arg for arg in argv)
+        assert cirrus.client().predict("echo", {"x": 1}).status_code == 200
+    finally:
+        cirrus.shutdown()

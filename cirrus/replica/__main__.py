@@ -114,7 +114,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:
             if os.getppid() != parent:
-                log.warning("the daemon is gone; exiting")
+                log.warning("its parent process (pid %d, the daemon or the template) is gone; exiting", parent)
                 break
             stuck = handler.slots.all_stuck_for(time.monotonic())
             if stuck > STUCK_EXIT_S:

@@ -291,29 +291,34 @@ class LocalRuntime:
     async def _spawn(self, launch: ReplicaLaunch, env: dict[str, str]) -> int:
         path = self._open_log(launch, "")
         read_fd, write_fd = os.pipe()
+        # The launch (its secret included) goes through a pipe, not the command line `ps` shows.
+        launch_read, launch_write = os.pipe()
         with path.open("ab") as log_file:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     self.python,
                     "-m",
                     "cirrus.replica",
-                    "--launch",
-                    encode_launch(launch),
+                    "--launch-fd",
+                    str(launch_read),
                     "--status-fd",
                     str(write_fd),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
-                    pass_fds=(write_fd,),
+                    pass_fds=(write_fd, launch_read),
                     env=self._full_env(env),
                     cwd=launch.project_dir,
                     start_new_session=True,
                 )
             except BaseException:
                 os.close(read_fd)
+                os.close(launch_write)
                 raise
             finally:
                 os.close(write_fd)
+                os.close(launch_read)
+        await asyncio.to_thread(_write_and_close, launch_write, encode_launch(launch).encode())
         watcher = asyncio.get_running_loop().create_task(self._watch(launch, read_fd, proc.wait()))
         self._processes[launch.replica_id] = _Replica(launch, proc.pid, proc.send_signal, watcher)
         return proc.pid
@@ -714,3 +719,15 @@ async def _read_report(fd: int) -> ReplicaReady | ReplicaFailed | None:
         return decode_startup(line.strip())
     except Exception:
         return None
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    """Write all of `data` to a pipe (the reader may be slow to start), then close it."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        pass  # the replica died before reading its launch: its exit is reported as usual
+    finally:
+        os.close(fd)
