@@ -53,6 +53,19 @@ RequireKeysOption = Annotated[
 InsecureOption = Annotated[
     bool, typer.Option("--insecure-no-auth", help="serve a non-loopback host with no API keys (trusted networks only)")
 ]
+TlsCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        help="serve the gateway over HTTPS with this PEM certificate (chain); needs --tls-key "
+        "(default: $CIRRUS_TLS_CERT)",
+        show_default=False,
+    ),
+]
+TlsKeyOption = Annotated[
+    Path | None,
+    typer.Option("--tls-key", help="the PEM private key of --tls-cert (default: $CIRRUS_TLS_KEY)", show_default=False),
+]
 HomeOption = Annotated[
     Path | None,
     typer.Option("--home", help="state directory (default: $CIRRUS_HOME or ~/.cirrus)", show_default=False),
@@ -90,15 +103,24 @@ def up(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the daemon")] = 30,
     require_keys: RequireKeysOption = None,
     insecure_no_auth: InsecureOption = False,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Start the local Cirrus daemon (gateway, controller and admin API) in the background.
 
     On a host other machines can reach, every API needs an API key (`cirrus keys create`), and the
-    daemon refuses to start while none exists, unless `--insecure-no-auth`."""
+    daemon refuses to start while none exists, unless `--insecure-no-auth`. With `--tls-cert` and
+    `--tls-key` the gateway serves HTTPS (the admin API stays plain HTTP on loopback)."""
     with _errors():
         client = _client(
-            home, host, port, admin_port, require_keys=require_keys, insecure_no_auth=insecure_no_auth or None
+            home,
+            host,
+            port,
+            admin_port,
+            require_keys=require_keys,
+            insecure_no_auth=insecure_no_auth or None,
+            **_tls(tls_cert, tls_key),
         )
         was_running = client.ping() is not None
         with _stderr().status("starting the Cirrus daemon"):
@@ -351,14 +373,20 @@ def serve(
     admin_port: AdminPortOption = None,
     require_keys: RequireKeysOption = None,
     insecure_no_auth: InsecureOption = False,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Serve a spec in the foreground (development mode) until Ctrl-C."""
     with _errors():
-        more = {"require_keys": require_keys, "insecure_no_auth": insecure_no_auth or None}
+        more = {"require_keys": require_keys, "insecure_no_auth": insecure_no_auth or None, **_tls(tls_cert, tls_key)}
         settings = _settings(home, host, port, admin_port, **more)
-        from cirrus.daemon import serve_foreground
+        from cirrus.client import CirrusError
+        from cirrus.daemon import DaemonError, serve_foreground
 
-        serve_foreground(settings, str(path))
+        try:
+            serve_foreground(settings, str(path))
+        except DaemonError as exc:
+            raise CirrusError(str(exc)) from None
 
 
 # API keys.
@@ -638,6 +666,12 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _tls(cert: Path | None, key: Path | None) -> dict[str, object]:
+    """`--tls-cert`/`--tls-key` as Settings overrides (absolute paths: the daemon may run elsewhere)."""
+    given = {"tls_cert": cert, "tls_key": key}
+    return {name: str(path.expanduser().resolve()) if path else None for name, path in given.items()}
 
 
 def _settings(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,12 +49,22 @@ class CirrusError(Exception):
         self.status = status
 
 
+def _verify(ca_file: str) -> ssl.SSLContext | bool:
+    """How the gateway's certificate is verified over HTTPS: with `CIRRUS_TLS_CA`, else the system's trust."""
+    if not ca_file:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CirrusError(f"CIRRUS_TLS_CA={ca_file}: not a readable PEM CA file ({exc})") from None
+
+
 class Client:
     """Talks to the Cirrus daemon of one state directory (`settings.home`)."""
 
     def __init__(self, settings: Settings | None = None, *, transport: httpx.BaseTransport | None = None):
         self.settings = settings or Settings.from_env()
-        self._http = httpx.Client(transport=transport, timeout=ADMIN_TIMEOUT)
+        self._http = httpx.Client(transport=transport, timeout=ADMIN_TIMEOUT, verify=_verify(self.settings.tls_ca))
 
     def close(self) -> None:
         self._http.close()
@@ -272,7 +283,12 @@ class Client:
                 headers=request_headers,
                 timeout=httpx.Timeout(timeout, connect=2.0),
             )
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise CirrusError(
+                    f"the gateway's TLS certificate is not trusted ({exc}): set CIRRUS_TLS_CA to the file of "
+                    "the CA that signed it (for a self-signed certificate, the certificate itself)"
+                ) from None
             raise CirrusError(NOT_RUNNING) from None
         except httpx.TimeoutException:
             raise CirrusError(f"API {name!r} did not answer within {timeout:g}s") from None

@@ -118,11 +118,43 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> str:
+def _url(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
-    return f"http://{host}:{port}"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def _no_password() -> bytes:
+    raise DaemonError("the TLS key is encrypted; give an unencrypted key (e.g. `openssl pkey -in KEY -out NEW`)")
+
+
+def tls_files(settings: Settings) -> tuple[str, str] | None:
+    """The gateway's certificate and key files (None: plain HTTP), checked now so that a bad pair is
+    one clear line at start rather than a traceback from the server."""
+    import ssl
+
+    cert, key = settings.tls_cert, settings.tls_key
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
+        raise DaemonError(f"{given} needs {missing} too (CIRRUS_TLS_CERT and CIRRUS_TLS_KEY): give both or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except OSError as exc:
+        if isinstance(exc, ssl.SSLError):
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise DaemonError(f"the TLS key {key} does not match the certificate {cert}") from None
+            raise DaemonError(
+                f"cannot load the TLS certificate {cert} and key {key}: {exc.reason or exc} (both must be PEM files)"
+            ) from None
+        what = exc.filename or f"{cert}, {key}"
+        raise DaemonError(f"cannot read the TLS certificate or key {what}: {exc.strerror or exc}") from None
+    return cert, key
 
 
 def _edge_limits(settings: Settings, max_connections: int) -> Any:
@@ -137,7 +169,7 @@ def _edge_limits(settings: Settings, max_connections: int) -> Any:
     )
 
 
-def _server(app: Any, name: str, limits: Any, keep_alive_s: float) -> Any:
+def _server(app: Any, name: str, limits: Any, keep_alive_s: float, tls: tuple[str, str] | None = None) -> Any:
     import uvicorn
 
     from cirrus.gateway.edge import edge_protocol
@@ -159,6 +191,8 @@ def _server(app: Any, name: str, limits: Any, keep_alive_s: float) -> Any:
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         server_header=False,
         date_header=False,
+        ssl_certfile=tls[0] if tls else None,  # uvicorn builds the server's SSLContext from them
+        ssl_keyfile=tls[1] if tls else None,
     )
     return _Server(config)
 
@@ -253,10 +287,11 @@ async def run(
     from cirrus.spec import find_spec_file, load_deployments
 
     deployments = load_deployments(deploy_path) if deploy_path else []
+    tls = tls_files(settings)
     _raise_descriptor_limit(settings)
     gateway_sock = _bind(settings.host, settings.gateway_port)
     admin_sock = _bind("127.0.0.1", settings.admin_port)
-    gateway_url, admin_url = _url(gateway_sock), _url(admin_sock)
+    gateway_url, admin_url = _url(gateway_sock, "https" if tls else "http"), _url(admin_sock)
     info = DaemonInfo(
         pid=os.getpid(), version=VERSION, gateway_url=gateway_url, admin_url=admin_url, started_at=time.time()
     )
@@ -266,7 +301,7 @@ async def run(
         loop.add_signal_handler(sig, stop.set)
     parts = _build(settings, gateway_url, lambda: info, stop.set)
     servers = [
-        _server(parts.gateway, "gateway", _edge_limits(settings, settings.max_connections), settings.keep_alive_s),
+        _server(parts.gateway, "gateway", _edge_limits(settings, settings.max_connections), settings.keep_alive_s, tls),
         _server(parts.admin, "admin API", _edge_limits(settings, ADMIN_MAX_CONNECTIONS), ADMIN_KEEP_ALIVE_S),
     ]
     tasks = [loop.create_task(s.serve(sockets=[k])) for s, k in zip(servers, (gateway_sock, admin_sock), strict=True)]
@@ -378,6 +413,7 @@ def serve_foreground(settings: Settings, path: str) -> None:
     from cirrus.spec import load_deployments
 
     deployments = load_deployments(path)  # fail fast on a bad spec, before anything starts
+    tls_files(settings)  # ... and on a bad certificate or key
     _configure_logging()
     os.umask(PRIVATE_UMASK)
     with tempfile.TemporaryDirectory(prefix="cirrus-serve-") as home:

@@ -91,6 +91,9 @@ class Settings:
     require_keys: bool | None = None  # every API needs a key; None: when the gateway binds a non-loopback host
     insecure_no_auth: bool = False  # serve a non-loopback host with no keys at all (trusted networks only)
     debug_errors: bool = False  # 500s show the predictor's exception where a spec does not say (cirrus serve: on)
+    tls_cert: str = ""  # the gateway serves HTTPS with this PEM certificate (chain) ...
+    tls_key: str = ""  # ... and this PEM private key; both or neither (the admin API stays plain HTTP on loopback)
+    tls_ca: str = ""  # clients verify the gateway's certificate with this CA file ("": the system's trust store)
 
     @property
     def keys_required(self) -> bool:
@@ -123,6 +126,9 @@ class Settings:
             require_keys=_bool_env(env, "CIRRUS_REQUIRE_KEYS"),
             insecure_no_auth=bool(_bool_env(env, "CIRRUS_INSECURE_NO_AUTH")),
             debug_errors=bool(_bool_env(env, "CIRRUS_DEBUG_ERRORS")),
+            tls_cert=env.get("CIRRUS_TLS_CERT") or "",
+            tls_key=env.get("CIRRUS_TLS_KEY") or "",
+            tls_ca=env.get("CIRRUS_TLS_CA") or "",
         )
 
     def daemon_env(self) -> dict[str, str]:
@@ -150,6 +156,10 @@ class Settings:
             env["CIRRUS_STORE"] = self.store
         if self.s3_endpoint_url:
             env["CIRRUS_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        if self.tls_cert:
+            env["CIRRUS_TLS_CERT"] = os.path.abspath(self.tls_cert)
+        if self.tls_key:
+            env["CIRRUS_TLS_KEY"] = os.path.abspath(self.tls_key)
         return env
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -239,6 +239,66 @@ class WebhooksSpec(_Strict):
         return normalized
 
 
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+_ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:[0-9]{1,5})?$")
+_HEADER_NAME_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+class CorsSpec(_Strict):
+    """Cross-origin requests from browsers (`cors`): which web pages' scripts may call the API."""
+
+    allow_origins: list[str] = Field(
+        min_length=1,
+        description='origins whose pages may call the API: "https://app.example.com" (scheme, host and '
+        'port only), or "*" for any',
+    )
+    allow_methods: list[HttpMethod] = Field(
+        default_factory=lambda: list[HttpMethod](["POST", "GET"]), min_length=1, description="methods a page may use"
+    )
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["content-type", "authorization", "x-api-key", "x-request-id"],
+        description="request headers a page may send",
+    )
+    max_age_s: int = Field(600, ge=0, le=86400, description="how long a browser may cache a preflight's answer")
+    allow_credentials: bool = Field(
+        False, description="let pages send cookies and HTTP authentication (not with the origin *)"
+    )
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        normalized = [origin.strip().lower().rstrip("/") for origin in origins]
+        for origin in normalized:
+            if origin != "*" and not _ORIGIN_RE.match(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: use e.g. https://app.example.com or http://localhost:3000 "
+                    '(scheme, host and port only), or "*"'
+                )
+        return normalized
+
+    @field_validator("allow_methods", mode="before")
+    @classmethod
+    def _methods(cls, methods: object) -> object:
+        return [m.upper() if isinstance(m, str) else m for m in methods] if isinstance(methods, list) else methods
+
+    @field_validator("allow_headers")
+    @classmethod
+    def _headers(cls, names: list[str]) -> list[str]:
+        normalized = [name.strip().lower() for name in names]
+        for name in normalized:
+            if name == "*" or not _HEADER_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a header name (list each header a page may send)")
+        return normalized
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CorsSpec:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError(
+                'allow_credentials cannot be combined with the origin "*" (browsers refuse it): list the origins'
+            )
+        return self
+
+
 class QueueSpec(_Strict):
     """How an async API's requests are delivered to its replicas (at least once)."""
 
@@ -346,6 +406,9 @@ class ApiSpec(_Strict):
         "none",
         description="required: every request needs an API key (`cirrus keys create`); a gateway started with "
         "--require-keys (the default when it binds a non-loopback address) requires one for every API",
+    )
+    cors: CorsSpec | None = Field(
+        None, description="let web pages of other origins call the API from a browser; off when absent"
     )
     debug_errors: bool | None = Field(
         None,

@@ -27,7 +27,7 @@ from cirrus.control.status import api_status
 from cirrus.control.store import Action, Store, StoredApi
 from cirrus.kinds import Kind, kind_of
 from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
-from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, Deployment, QueueSpec
+from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, CorsSpec, Deployment, QueueSpec
 from cirrus.store.base import API_DELETED, QueueStore
 from cirrus.types import ApiKey, ApiStatus, DeployResult, ReplicaState, RevisionInfo
 from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady
@@ -65,6 +65,7 @@ class GatewayControl(Protocol):
         kind: str = "realtime",
         multi_model: bool = False,
         auth_required: bool = False,
+        cors: CorsSpec | None = None,
     ) -> None: ...
 
     def remove_api(self, name: str) -> None: ...
@@ -543,6 +544,7 @@ class Controller:
             spec.kind,
             multi_model=spec.multi_model is not None,
             auth_required=spec.auth == "required",
+            cors=spec.cors,
         )
 
     def _reconcile(self, state: ApiState) -> None:

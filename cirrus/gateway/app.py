@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from cirrus.gateway.async_api import AsyncFront
+from cirrus.gateway.cors import CorsPolicy, cors_front
 from cirrus.gateway.docs import docs_page
 from cirrus.gateway.keys import KeyRing, presented_key
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
@@ -96,6 +97,7 @@ class Gateway:
         kind: str = "realtime",
         multi_model: bool = False,
         auth_required: bool = False,
+        cors: CorsPolicy | None = None,
     ) -> ApiRoute:
         route = self.routes.get(name)
         if route is None:
@@ -109,6 +111,7 @@ class Gateway:
             route.max_queue_length = max_queue_length
             route.timeout_s = timeout_s
         route.auth_required = auth_required
+        route.cors = cors
         return route
 
     def remove_api(self, name: str) -> None:
@@ -136,6 +139,11 @@ class Gateway:
         name, _, rest = path[1:].partition("/")
         route = self.routes.get(name)
         if route is not None:
+            if route.cors is not None:  # before the key check: browsers send preflights without credentials
+                marked = await cors_front(route.cors, scope, send)
+                if marked is None:
+                    return
+                send = marked
             if (route.auth_required or self.require_keys) and await self._refused(route, scope, send):
                 return
             if not rest:

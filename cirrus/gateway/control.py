@@ -9,9 +9,10 @@ from collections.abc import Callable
 from functools import partial
 
 from cirrus.gateway.app import Gateway
+from cirrus.gateway.cors import CorsPolicy
 from cirrus.gateway.routing import ReplicaSlot, Unavailable
 from cirrus.gateway.transport import ReplicaConnection
-from cirrus.spec import ConcurrencySpec
+from cirrus.spec import ConcurrencySpec, CorsSpec
 from cirrus.types import ApiKey
 from cirrus.wire import ReplicaReady
 
@@ -32,6 +33,7 @@ class GatewayController:
         kind: str = "realtime",
         multi_model: bool = False,
         auth_required: bool = False,
+        cors: CorsSpec | None = None,
     ) -> None:
         self.gateway.set_api(
             name,
@@ -41,6 +43,7 @@ class GatewayController:
             max_queue_length=concurrency.max_queue_length,
             timeout_s=concurrency.timeout_s,
             auth_required=auth_required,
+            cors=None if cors is None else cors_policy(cors),
         )
 
     def remove_api(self, name: str) -> None:
@@ -133,3 +136,13 @@ class GatewayController:
         requests, p50, p99 = route.metrics.last_minute(now)
         load = {s.replica_id: s.in_flight for s in self._slots.values()}
         return requests, p50, p99, route.metrics.in_flight, route.metrics.queued, load
+
+
+def cors_policy(spec: CorsSpec) -> CorsPolicy:
+    return CorsPolicy(
+        allow_origins=frozenset(spec.allow_origins),
+        allow_methods=tuple(spec.allow_methods),
+        allow_headers=tuple(spec.allow_headers),
+        max_age_s=spec.max_age_s,
+        allow_credentials=spec.allow_credentials,
+    )

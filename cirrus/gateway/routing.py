@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cirrus.gateway.cors import CorsPolicy
 from cirrus.gateway.metrics import ApiMetrics
 from cirrus.kinds import Kind, kind_of
 
@@ -89,6 +90,7 @@ class ApiRoute:
     last_cold_start_s: float | None = None
     unavailable: str | None = None  # set by the controller while no revision can serve: 503 at once
     auth_required: bool = False  # requests need an API key (the spec's `auth: required`)
+    cors: CorsPolicy | None = None  # cross-origin requests from browsers (the spec's `cors`); None: no CORS
     _turn: int = 0
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
 from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
-from cirrus.spec import ComputeSpec, ConcurrencySpec
+from cirrus.spec import ComputeSpec, ConcurrencySpec, CorsSpec
 from cirrus.types import ApiKey
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
@@ -259,6 +259,7 @@ class FakeGateway:
     unavailable: dict[str, str | None] = field(default_factory=dict)  # API -> why requests get 503 at once
     keys: list[ApiKey] = field(default_factory=list)  # the API keys last published
     auth_required: dict[str, bool] = field(default_factory=dict)  # API -> needs a key
+    cors: dict[str, CorsSpec | None] = field(default_factory=dict)  # API -> its CORS policy (None: no CORS)
 
     def set_api(
         self,
@@ -267,10 +268,12 @@ class FakeGateway:
         kind: str = "realtime",
         multi_model: bool = False,
         auth_required: bool = False,
+        cors: CorsSpec | None = None,
     ) -> None:
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
         self.auth_required[name] = auth_required
+        self.cors[name] = cors
 
     def set_unavailable(self, name: str, reason: str | None) -> None:
         self.unavailable[name] = reason
