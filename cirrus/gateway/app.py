@@ -240,25 +240,32 @@ class Gateway:
             "queued": route.metrics.queued,
         }
 
-    async def _read_body(self, scope: Scope, receive: Receive, declared: int | None) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive, declared: int | None, timeout_s: float) -> bytes:
+        """The request body: BodyTooLarge past the limit; TimeoutError when it has not all arrived
+        within `timeout_s` (a stalled or trickled body must not hold a connection and a request)."""
         limit = self.max_body_bytes
         if declared is not None and declared > limit:
             raise BodyTooLarge
         message = await receive()
         body: bytes = message.get("body", b"")
         if not message.get("more_body", False):
+            if message["type"] == "http.disconnect":
+                raise TimeoutError  # the client went before its body came
             if len(body) > limit:
                 raise BodyTooLarge
             return body
         parts = [body]
         size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            parts.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            while message.get("more_body", False):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise TimeoutError  # the client went before its body was complete: nothing to forward
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                parts.append(chunk)
         return b"".join(parts)
 
     async def _predict(
@@ -295,7 +302,7 @@ class Gateway:
             forwarded.append(("x-cirrus-model", model))  # the replica reads the model's name here
         metrics = route.metrics
         try:
-            body = await self._read_body(scope, receive, declared)
+            body = await self._read_body(scope, receive, declared, route.timeout_s)
         except BodyTooLarge:
             await self._reply_error(
                 send,
@@ -305,6 +312,10 @@ class Gateway:
                 f"request body exceeds the limit of {self.max_body_bytes} bytes",
                 request_id,
             )
+            return
+        except TimeoutError:
+            why = f"the request body did not arrive within {route.timeout_s:g}s (the API's timeout_s)"
+            await self._reply_error(send, route, started, 408, why, request_id, [(b"connection", b"close")])
             return
         if route.behaviour.queued:
             await self._accept(route, scope, send, body, content_type, forwarded, request_id, started)
