@@ -36,11 +36,6 @@ BODY_TIMEOUT_BUG = pytest.mark.xfail(
     "(408); but a request whose head is complete and whose first body bytes never come (endless chunk "
     "extensions, or silence) still waits unbounded: the gateway's first receive() is not timed",
 )
-NO_VERSION_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG no-version: a request line without an HTTP version ('GET /echo' then a blank line) is "
-    "served 200 as HTTP/1.1 instead of 400",
-)
 
 
 @dataclass
@@ -219,7 +214,7 @@ def _cases(cases: dict[str, bytes], bugs: dict[str, pytest.MarkDecorator]) -> li
     return [pytest.param(value, id=name, marks=[bugs[name]] if name in bugs else []) for name, value in cases.items()]
 
 
-@pytest.mark.parametrize("request_bytes", _cases(GARBAGE, {"get-without-version": NO_VERSION_BUG}))
+@pytest.mark.parametrize("request_bytes", _cases(GARBAGE, {}))
 def test_garbage_is_refused(gateway: Gateway, request_bytes: bytes) -> None:
     result = exchange(gateway, request_bytes)
     assert_refused(result)

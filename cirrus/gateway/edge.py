@@ -206,7 +206,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self._unsupported_upgrade_warning()
 
     def _bad_request(self) -> None:
-        if self._refusal is not None:
+        if self._refusal is not None and self._refusal != 400:
             status = self._refusal
             what = f"a URL over {self._max_url} bytes" if status == 414 else f"over {self._max_headers} headers"
             self._refuse(status, what)
@@ -220,6 +220,9 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if len(self.url) > self._max_url or len(self.headers) > self._max_headers:
             self._refusal = 414 if len(self.url) > self._max_url else 431
+            raise _Refused
+        if self.parser.get_http_version() == "0.9":  # a request line without a version: not HTTP/1.x
+            self._refusal = 400
             raise _Refused
         self._head_open = False
         self._head_bytes = 0
