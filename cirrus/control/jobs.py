@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cirrus.control.statedb import StateDB
+from cirrus.control.statedb import StateTables
 from cirrus.jobs import (
     HOOK_ID,
     MAX_FAILED_LISTED,
@@ -73,17 +73,10 @@ class JobNotFound(LookupError):
     pass
 
 
-class JobStore:
+class JobStore(StateTables):
     """Job records in the control plane's state database (beside the APIs and revisions)."""
 
-    def __init__(self, db: StateDB | Path | str) -> None:
-        self._owned = not isinstance(db, StateDB)
-        self._db = StateDB(db) if not isinstance(db, StateDB) else db
-        self._db.schema(_SCHEMA)
-
-    def close(self) -> None:
-        if self._owned:
-            self._db.close()
+    SCHEMA = _SCHEMA
 
     def save(self, job: Job) -> None:
         self._db.execute(

@@ -11,9 +11,8 @@ import hashlib
 import json
 import secrets
 import time
-from pathlib import Path
 
-from cirrus.control.statedb import StateDB
+from cirrus.control.statedb import StateTables
 from cirrus.types import ApiKey
 
 _SCHEMA = """
@@ -28,15 +27,8 @@ class KeyNotFound(LookupError):
     pass
 
 
-class KeyStore:
-    def __init__(self, db: StateDB | Path | str) -> None:
-        self._owned = not isinstance(db, StateDB)
-        self._db = StateDB(db) if not isinstance(db, StateDB) else db
-        self._db.schema(_SCHEMA)
-
-    def close(self) -> None:
-        if self._owned:
-            self._db.close()
+class KeyStore(StateTables):
+    SCHEMA = _SCHEMA
 
     def create(
         self,

@@ -94,3 +94,21 @@ class StateDB:
             if not self._closed:
                 self._closed = True
                 self._db.close()
+
+
+class StateTables:
+    """A store of the control plane with tables in the state database: given the daemon's shared
+    `StateDB`, or a path it opens (and closes) itself, as tests do. Subclasses set `SCHEMA` (and
+    `COLUMNS` added to older files)."""
+
+    SCHEMA = ""
+    COLUMNS: dict[str, dict[str, str]] | None = None
+
+    def __init__(self, db: StateDB | Path | str) -> None:
+        self._owned = not isinstance(db, StateDB)
+        self._db = db if isinstance(db, StateDB) else StateDB(db)
+        self._db.schema(self.SCHEMA, self.COLUMNS)
+
+    def close(self) -> None:
+        if self._owned:
+            self._db.close()

@@ -15,10 +15,9 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from cirrus.control.statedb import StateDB
+from cirrus.control.statedb import StateTables
 from cirrus.kinds import kind_of
 from cirrus.spec import ApiSpec, Deployment
 
@@ -94,15 +93,9 @@ class RevisionRecord:
     note: str | None  # how it came to be: "deploy", "model changed", "rollback of 2", ...
 
 
-class Store:
-    def __init__(self, db: StateDB | Path | str) -> None:
-        self._owned = not isinstance(db, StateDB)
-        self._db = StateDB(db) if not isinstance(db, StateDB) else db
-        self._db.schema(_SCHEMA, _COLUMNS)
-
-    def close(self) -> None:
-        if self._owned:
-            self._db.close()
+class Store(StateTables):
+    SCHEMA = _SCHEMA
+    COLUMNS = _COLUMNS
 
     def apis(self) -> list[StoredApi]:
         """Every API at the revision it rolls to."""
