@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cirrus.control.controller import Controller
 from cirrus.control.jobs import JobNotFound
 from cirrus.control.keys import KeyNotFound
+from cirrus.control.rollouts import DeployRefused
 from cirrus.jobs import JobError, parse_request
 from cirrus.snapshots import ARCHIVE_OVERHEAD_BYTES, SnapshotError, SnapshotStore
 from cirrus.spec import Deployment, SpecError, check_model_paths, check_predictor_path
@@ -109,7 +110,13 @@ class AdminApi:
             deployments = await asyncio.get_running_loop().run_in_executor(None, self.with_snapshots, deployments)
         except (SnapshotError, SpecError) as exc:
             return error(400, str(exc))
-        results = self.controller.deploy(deployments, force=body.get("force") is True)
+        canary = body.get("canary")
+        if canary is not None and (isinstance(canary, bool) or not isinstance(canary, int | float)):
+            return error(400, "canary must be a percent of requests (a number between 0 and 100)")
+        try:
+            results = self.controller.deploy(deployments, force=body.get("force") is True, canary=canary)
+        except DeployRefused as exc:
+            return error(exc.status, str(exc))
         return JSONResponse({"results": [r.model_dump(mode="json") for r in results]})
 
     def with_snapshots(self, deployments: list[Deployment]) -> list[Deployment]:
@@ -117,6 +124,10 @@ class AdminApi:
         tree holds the predictor file."""
         out = []
         for deployment in deployments:
+            predictor = deployment.spec.predictor
+            if predictor is None:  # a splitter: no code to snapshot
+                out.append(deployment.model_copy(update={"snapshot": None}))
+                continue
             digest = deployment.snapshot
             if digest is None:
                 digest = self.controller.snapshot(deployment).snapshot
@@ -126,9 +137,9 @@ class AdminApi:
                     f"API {deployment.spec.name!r}: snapshot {digest} was not uploaded (POST /v1/snapshots)"
                 )
             tree = self.snapshots.unpacked(digest)
-            if not (tree / deployment.spec.predictor.path).is_file():
+            if not (tree / predictor.path).is_file():
                 raise SpecError(
-                    f"API {deployment.spec.name!r}: predictor.path {deployment.spec.predictor.path!r} is not in the "
+                    f"API {deployment.spec.name!r}: predictor.path {predictor.path!r} is not in the "
                     f"deployed snapshot of {deployment.project_dir} (is it listed in .cirrusignore?)"
                 )
             out.append(deployment.model_copy(update={"snapshot": digest}))
@@ -158,7 +169,9 @@ class AdminApi:
         state = self.controller.apis.get(name)
         if state is None or state.deleted:
             return error(404, f"no API named {name!r}")
-        return JSONResponse({"revisions": [r.model_dump(mode="json") for r in self.controller.revisions(name)]})
+        return JSONResponse(
+            {"revisions": [r.model_dump(mode="json") for r in self.controller.rollouts.revisions(name)]}
+        )
 
     async def rollback(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -170,11 +183,21 @@ class AdminApi:
         if to is not None and (not isinstance(to, int) or isinstance(to, bool) or to < 1):
             return error(400, "to must be a revision number (a positive integer)")
         try:
-            result = self.controller.rollback(name, to)
+            result = self.controller.rollouts.rollback(name, to)
         except KeyError as exc:
             return error(404, str(exc.args[0]))
         except ValueError as exc:
             return error(409, str(exc))
+        return JSONResponse(result.model_dump(mode="json"))
+
+    async def promote(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            result = self.controller.rollouts.promote(name)
+        except KeyError as exc:
+            return error(404, str(exc.args[0]))
+        except DeployRefused as exc:
+            return error(exc.status, str(exc))
         return JSONResponse(result.model_dump(mode="json"))
 
     async def delete_api(self, request: Request) -> Response:
@@ -300,6 +323,7 @@ def build_admin_app(
             Route("/v1/apis/{name}/logs", api.logs),
             Route("/v1/apis/{name}/revisions", api.list_revisions),
             Route("/v1/apis/{name}/rollback", api.rollback, methods=["POST"]),
+            Route("/v1/apis/{name}/promote", api.promote, methods=["POST"]),
             Route("/v1/snapshots", api.upload_snapshot, methods=["POST"]),
             Route("/v1/apis/{name}/dead-letters", api.dead_letters),
             Route("/v1/apis/{name}/jobs", api.submit_job, methods=["POST"]),

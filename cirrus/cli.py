@@ -151,6 +151,15 @@ def deploy(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every API is live")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the APIs to become live")] = 300,
     force: Annotated[bool, typer.Option("--force", help="a new revision even if nothing changed")] = False,
+    canary: Annotated[
+        float | None,
+        typer.Option(
+            "--canary",
+            metavar="PERCENT",
+            help="the new revision takes this percent of requests beside the serving one, until "
+            "`cirrus promote` (or `cirrus rollback` aborts it)",
+        ),
+    ] = None,
     home: HomeOption = None,
     host: HostOption = None,
     port: PortOption = None,
@@ -165,7 +174,7 @@ def deploy(
         client = _client(home, host, port, admin_port)
         err = _stderr()
         with err.status("deploying"):
-            results = client.deploy(path, wait=False, force=force)
+            results = client.deploy(path, wait=False, force=force, canary=canary)
         _wait_for(client, results, wait, timeout, output)
 
 
@@ -201,10 +210,25 @@ def rollback(
     home: HomeOption = None,
     output: OutputOption = Output.table,
 ) -> None:
-    """Serve an older revision's snapshot again, as a new revision, through a rolling update."""
+    """Abort a running canary, or serve an older revision's snapshot again, as a new revision, through a
+    rolling update."""
     with _errors():
         client = _client(home)
         _wait_for(client, [client.rollback(api, to)], wait, timeout, output)
+
+
+@app.command()
+def promote(
+    api: Annotated[str, typer.Argument(help="the API")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait until it is live")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the API to become live")] = 300,
+    home: HomeOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Finish a canary rollout: its revision takes every request; the old one drains (nothing dropped)."""
+    with _errors():
+        client = _client(home)
+        _wait_for(client, [client.promote(api)], wait, timeout, output)
 
 
 def _wait_for(client: Client, results: list[DeployResult], wait: bool, timeout: float, output: Output) -> None:

@@ -100,6 +100,7 @@ _STATUS_STYLE = {
     "draining": "yellow",
     "starting": "cyan",
     "updating": "cyan",
+    "canary": "cyan",
     "pending": "magenta",
     "running": "cyan",
     "succeeded": "green",
@@ -184,8 +185,11 @@ def api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
         rows.append(("message", s.message))
     for key, value in rows:
         summary.add_row(key, value)
+    parts: list[RenderableType] = [summary]
+    if s.traffic:
+        parts += ["", traffic_table(s)]
     if not s.replicas:
-        return Group(summary, "", "no replicas")
+        return Group(*parts, "", "no replicas" if s.kind != "splitter" else "no replicas of its own")
     replicas = Table(box=None, header_style="bold")
     for column in ("REPLICA", "REVISION", "STATE", "PID", "DEVICES", "RESTARTS", "IN FLIGHT", "WHY / LAST ERROR"):
         replicas.add_column(column, overflow="fold")
@@ -200,7 +204,30 @@ def api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
             str(r.in_flight),
             r.reason or r.last_error or "",
         )
-    return Group(summary, "", replicas)
+    return Group(*parts, "", replicas)
+
+
+def traffic_table(s: ApiStatus) -> RenderableType:
+    """Where the last minute's requests went: a canary's two revisions, or a splitter's APIs."""
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("TO", "ROLE", "WEIGHT", "READY", "REQ/MIN", "ERRORS", "ERROR RATE", "P50 MS", "P99 MS"):
+        table.add_column(column, justify="left" if column in ("TO", "ROLE") else "right")
+    for t in s.traffic:
+        rate = t.error_rate
+        table.add_row(
+            t.target,
+            t.role,
+            "copy" if t.weight is None else f"{t.weight:g}%",
+            "-" if t.replicas_ready is None else str(t.replicas_ready),
+            str(t.requests),
+            str(t.errors),
+            "-" if rate is None else f"{100 * rate:.1f}%",
+            ms(t.p50_ms),
+            ms(t.p99_ms),
+        )
+    return table
 
 
 def endpoint(gateway_url: str, name: str) -> str:

@@ -166,9 +166,12 @@ class Client:
         timeout: float = 300,
         on_poll: Callable[[list[ApiStatus]], None] | None = None,
         force: bool = False,
+        canary: float | None = None,
     ) -> list[DeployResult]:
         """Validate the spec at `path`, snapshot its directory, start the daemon if needed, deploy,
-        and if `wait` wait until live. `force`: a new revision even if nothing changed."""
+        and if `wait` wait until live. `force`: a new revision even if nothing changed; `canary`: the
+        new revision takes that percent of requests beside the serving one until `promote` (or
+        `rollback` aborts it)."""
         from cirrus.snapshots import pack
 
         deployments = load_deployments(path)
@@ -182,7 +185,12 @@ class Client:
             if digests[project_dir] != snapshot.digest:
                 raise CirrusError(f"the daemon stored the snapshot of {project_dir} under another digest")
         deployments = [d.model_copy(update={"snapshot": digests[d.project_dir]}) for d in deployments]
-        body = {"deployments": [d.model_dump(mode="json", by_alias=True) for d in deployments], "force": force}
+        body: dict[str, Any] = {
+            "deployments": [d.model_dump(mode="json", by_alias=True) for d in deployments],
+            "force": force,
+        }
+        if canary is not None:
+            body["canary"] = canary
         data = self._admin("POST", "/v1/apis", json=body).json()
         results = _parse_list(DeployResult, data, "results")
         if wait:
@@ -207,7 +215,7 @@ class Client:
                     pending.append(status)
                 elif status.status == ApiStatusName.ERROR:
                     raise CirrusError(f"API {status.name!r} failed to start: {_failure(status)}")
-                elif status.status != ApiStatusName.LIVE:
+                elif status.status not in (ApiStatusName.LIVE, ApiStatusName.CANARY):
                     pending.append(status)
             if not pending:
                 return statuses
@@ -221,10 +229,15 @@ class Client:
         return _parse_list(RevisionInfo, self._admin("GET", f"/v1/apis/{name}/revisions").json(), "revisions")
 
     def rollback(self, name: str, to: int | None = None) -> DeployResult:
-        """Serve an older revision's snapshot again (default: the one before the revision serving now),
-        as a new revision, through the ordinary rolling update; `wait_until_live` waits for it."""
+        """Abort a running canary (without `to`), or serve an older revision's snapshot again (default:
+        the one before the revision serving now) as a new revision, through the ordinary rolling
+        update; `wait_until_live` waits for it."""
         data = self._admin("POST", f"/v1/apis/{name}/rollback", json={} if to is None else {"to": to}).json()
         return DeployResult.model_validate(data)
+
+    def promote(self, name: str) -> DeployResult:
+        """A canary revision takes every request; the revision that served drains once it has its replicas."""
+        return DeployResult.model_validate(self._admin("POST", f"/v1/apis/{name}/promote").json())
 
     @overload
     def get(self, name: None = None) -> list[ApiStatus]: ...

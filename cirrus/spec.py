@@ -381,14 +381,36 @@ class AutoscalingSpec(_Strict):
         return self.min_replicas if self.init_replicas is None else self.init_replicas
 
 
+class SplitTarget(_Strict):
+    """One API a splitter sends requests to (`weight`), or copies them to (`shadow: true`)."""
+
+    name: str = Field(description="the API's name")
+    weight: float | None = Field(
+        None, ge=0, le=100, description="percent of the splitter's requests it answers (the weights add up to 100)"
+    )
+    shadow: bool = Field(
+        False,
+        description="gets a copy of every request; its answer is discarded and it never slows or fails the caller",
+    )
+
+    @model_validator(mode="after")
+    def _weight_or_shadow(self) -> SplitTarget:
+        if self.shadow and self.weight:
+            raise ValueError(f"{self.name!r}: a shadow gets a copy of every request; give it no weight")
+        if not self.shadow and self.weight is None:
+            raise ValueError(f"{self.name!r}: give it a weight (percent of requests) or `shadow: true`")
+        return self
+
+
 class ApiSpec(_Strict):
     name: str = Field(description="URL-safe API name: lowercase letters, digits and '-'")
-    kind: Literal["realtime", "async", "batch"] = Field(
+    kind: Literal["realtime", "async", "batch", "splitter"] = Field(
         "realtime",
         description="realtime: answer in the HTTP request; async: 202 + id, result fetched later; "
-        "batch: runs jobs (cirrus jobs submit) through predict_batch",
+        "batch: runs jobs (cirrus jobs submit) through predict_batch; "
+        "splitter: sends each request to one of `apis` by weight (no predictor of its own)",
     )
-    predictor: PredictorSpec
+    predictor: PredictorSpec | None = Field(None, description="the code that answers (every kind but splitter)")
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
     concurrency: ConcurrencySpec = Field(default_factory=lambda: ConcurrencySpec())
     autoscaling: AutoscalingSpec = Field(default_factory=lambda: AutoscalingSpec())
@@ -415,6 +437,14 @@ class ApiSpec(_Strict):
         description="500 bodies show the predictor's exception message (it may carry paths, hosts or secrets); "
         "default: false, and true under `cirrus serve`. The message and traceback always go to the replica log",
     )
+    apis: list[SplitTarget] | None = Field(
+        None, description="a splitter: the APIs it sends requests to, by weight, and its shadows"
+    )
+    sticky_header: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="a splitter: requests with the same value of this header go to the same API",
+    )
 
     @field_validator("models")
     @classmethod
@@ -429,6 +459,40 @@ class ApiSpec(_Strict):
     def target_concurrency(self) -> float:
         """In-flight requests per replica the autoscaler aims for (default: one per inference slot)."""
         return self.autoscaling.target_concurrency or float(self.concurrency.inference_slots)
+
+    @property
+    def required_predictor(self) -> PredictorSpec:
+        """The predictor of a kind that runs one (every kind but a splitter, which the spec checks)."""
+        if self.predictor is None:
+            raise SpecError(f"API {self.name!r} ({self.kind}) runs no predictor")
+        return self.predictor
+
+    @model_validator(mode="after")
+    def _splitter(self) -> ApiSpec:
+        if self.kind != "splitter":
+            if self.predictor is None:
+                raise ValueError("`predictor` is required (a `path` to the Python file and its `class`)")
+            if self.apis is not None or self.sticky_header is not None:
+                raise ValueError("`apis` and `sticky_header` belong to a splitter (`kind: splitter`)")
+            return self
+        given = [name for name in ("predictor", "batching", "multi_model") if getattr(self, name) is not None]
+        if self.models:
+            given.append("models")
+        if given:
+            raise ValueError(f"a splitter runs no code of its own; remove {', '.join(given)}")
+        targets = self.apis or []
+        if not any(not t.shadow for t in targets):
+            raise ValueError("a splitter needs `apis`: at least one API with a weight")
+        names = [t.name for t in targets]
+        if self.name in names:
+            raise ValueError("a splitter cannot send requests to itself")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"apis: each API once; repeated: {', '.join(repeated)}")
+        total = sum(t.weight or 0 for t in targets if not t.shadow)
+        if abs(total - 100) > 1e-6:
+            raise ValueError(f"apis: the weights add up to {total:g}, not 100")
+        return self
 
     @model_validator(mode="after")
     def _batch_kind(self) -> ApiSpec:
@@ -472,7 +536,7 @@ class Deployment(_Strict):
 
     @property
     def predictor_file(self) -> Path:
-        return Path(self.project_dir) / self.spec.predictor.path
+        return Path(self.project_dir) / self.spec.required_predictor.path
 
 
 def _format_error(source: str, raw: Any, error: ValidationError) -> str:
@@ -580,6 +644,8 @@ def check_model_paths(deployment: Deployment, source: str) -> None:
 def check_predictor_path(deployment: Deployment, source: str) -> None:
     """The predictor file must exist inside the project directory (no `..` or absolute escapes)."""
     spec = deployment.spec
+    if spec.predictor is None:  # a splitter
+        return
     project = Path(deployment.project_dir).resolve()
     target = (project / spec.predictor.path).resolve()
     if not target.is_relative_to(project):

@@ -26,6 +26,7 @@ class ApiStatusName(StrEnum):
     UPDATING = "updating"  # some replicas starting, or an older revision still serving
     DEGRADED = "degraded"  # some ready, some failing
     ERROR = "error"  # no replica ready and the last start failed
+    CANARY = "canary"  # a new revision takes a share of requests beside the serving one
 
 
 class _Record(BaseModel):
@@ -55,6 +56,24 @@ class ModelStatus(_Record):
     error: str | None = None
 
 
+class TrafficShare(_Record):
+    """Where an API's requests went over the last minute: a revision of a canary rollout, or one of a
+    splitter's APIs, with how it answered."""
+
+    target: str  # "revision 3", or an API's name
+    role: str  # serving | canary | split | shadow
+    weight: float | None = None  # percent of requests it is meant to get (None: a shadow's copy of all)
+    requests: int = 0
+    errors: int = 0  # answered 5xx
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    replicas_ready: int | None = None  # a revision's
+
+    @property
+    def error_rate(self) -> float | None:
+        return None if not self.requests else self.errors / self.requests
+
+
 class ApiStatus(_Record):
     name: str
     kind: str = "realtime"
@@ -78,6 +97,8 @@ class ApiStatus(_Record):
     last_cold_start_s: float | None = None  # first queued request -> first replica serving, from zero
     replicas: list[ReplicaStatus] = Field(default_factory=list)
     models: list[ModelStatus] = Field(default_factory=list)
+    canary_percent: float | None = None  # a canary rollout runs: its revision's share of requests
+    traffic: list[TrafficShare] = Field(default_factory=list)  # a canary's revisions, or a splitter's APIs
 
 
 class DeployResult(_Record):

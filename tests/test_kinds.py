@@ -66,10 +66,10 @@ def autoscale(world: World, seconds: float) -> None:
 
 
 def test_every_kind_of_the_spec_has_a_behaviour() -> None:
-    assert set(KINDS) == {"realtime", "async", "batch"}
+    assert set(KINDS) == {"realtime", "async", "batch", "splitter"}
     assert [kind_of(name).name for name in KINDS] == list(KINDS)
-    with pytest.raises(ValueError, match="unknown API kind 'splitter'; known: realtime, async, batch"):
-        kind_of("splitter")
+    with pytest.raises(ValueError, match="unknown API kind 'stream'; known: realtime, async, batch, splitter"):
+        kind_of("stream")
 
 
 def test_the_gateway_serves_each_kind_by_its_behaviour() -> None:

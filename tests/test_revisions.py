@@ -175,20 +175,20 @@ def test_rollback_serves_an_old_snapshot_as_a_new_revision(world: World) -> None
         v1 = world.deployment(code="v1")
         await serve(world, code="v1")
         await serve(world, code="v2")
-        result = world.controller.rollback("api")
+        result = world.controller.rollouts.rollback("api")
         assert (result.action, result.revision) == ("updated", 3)
         await world.reconcile()
         [launch] = [launch for launch in world.runtime.launches if launch.revision == 3]
         assert v1.snapshot is not None
         assert launch.project_dir == str(world.snapshots.unpacked(v1.snapshot))
-        roles = {r.revision: r.role for r in world.controller.revisions("api")}
+        roles = {r.revision: r.role for r in world.controller.rollouts.revisions("api")}
         assert roles == {1: "", 2: "serving", 3: "rolling out"}
         world.runtime.make_ready(launch.replica_id)
         await world.reconcile()
-        roles = {r.revision: (r.role, r.note) for r in world.controller.revisions("api")}
+        roles = {r.revision: (r.role, r.note) for r in world.controller.rollouts.revisions("api")}
         assert roles[3] == ("serving", "rollback to 1")
         with pytest.raises(KeyError):
-            world.controller.rollback("api", to=99)
+            world.controller.rollouts.rollback("api", to=99)
 
     run(main())
 

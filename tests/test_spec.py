@@ -160,7 +160,7 @@ def test_unknown_field_in_a_loaded_file_names_the_file(tmp_path: Path) -> None:
 
 def test_missing_required_fields() -> None:
     message = spec_error({"name": "x"})
-    assert "API 'x': predictor: Field required" in message
+    assert "API 'x': (top level): `predictor` is required" in message
     message = spec_error({"predictor": {"path": "p.py"}})
     assert "name: Field required" in message
 
@@ -171,7 +171,49 @@ def test_not_a_list_of_apis(raw: Any) -> None:
 
 
 def test_unsupported_kind() -> None:
-    assert "kind:" in spec_error(api(kind="splitter"))
+    assert "kind:" in spec_error(api(kind="stream"))
+
+
+# --- splitters ------------------------------------------------------------------------------------
+
+
+def splitter(**fields: Any) -> dict[str, Any]:
+    return {"name": "front", "kind": "splitter", **fields}
+
+
+def test_a_splitter_names_apis_by_weight_and_shadows() -> None:
+    (spec,) = parse_specs(
+        splitter(
+            apis=[{"name": "a", "weight": 90}, {"name": "b", "weight": 10}, {"name": "c", "shadow": True}],
+            sticky_header="X-User",
+        )
+    )
+    assert spec.predictor is None and spec.apis is not None
+    assert [(t.name, t.weight, t.shadow) for t in spec.apis] == [("a", 90, False), ("b", 10, False), ("c", None, True)]
+    with pytest.raises(SpecError, match="runs no predictor"):
+        _ = spec.required_predictor
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, "needs `apis`: at least one API with a weight"),
+        ({"apis": [{"name": "c", "shadow": True}]}, "at least one API with a weight"),
+        ({"apis": [{"name": "a", "weight": 60}, {"name": "b", "weight": 30}]}, "the weights add up to 90, not 100"),
+        ({"apis": [{"name": "a", "weight": 100}, {"name": "a", "shadow": True}]}, "each API once; repeated: a"),
+        ({"apis": [{"name": "front", "weight": 100}]}, "cannot send requests to itself"),
+        ({"apis": [{"name": "a"}]}, "give it a weight"),
+        ({"apis": [{"name": "a", "weight": 100}, {"name": "b", "weight": 5, "shadow": True}]}, "give it no weight"),
+        ({"apis": [{"name": "a", "weight": 100}], "predictor": {"path": "p.py"}}, "remove predictor"),
+        ({"apis": [{"name": "a", "weight": 100}], "sticky_header": "bad header"}, "sticky_header"),
+    ],
+)
+def test_bad_splitters_are_refused_with_the_reason(fields: dict[str, Any], expected: str) -> None:
+    assert expected in spec_error(splitter(**fields))
+
+
+def test_only_a_splitter_takes_apis() -> None:
+    assert "`apis` and `sticky_header` belong to a splitter" in spec_error(api(apis=[{"name": "a", "weight": 100}]))
 
 
 # --- names ----------------------------------------------------------------------------------------

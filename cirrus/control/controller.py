@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cirrus.control.keys import KeyStore
 from cirrus.control.models import ModelFetcher
+from cirrus.control.rollouts import Rollouts, canary_replicas
 from cirrus.control.scaling import ApiScaler
 from cirrus.control.status import api_status
 from cirrus.control.store import Action, Store, StoredApi
 from cirrus.kinds import Kind, kind_of
 from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
-from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, CorsSpec, Deployment, QueueSpec
+from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, CorsSpec, Deployment, QueueSpec, SplitTarget
 from cirrus.store.base import API_DELETED, QueueStore
-from cirrus.types import ApiKey, ApiStatus, DeployResult, ReplicaState, RevisionInfo
+from cirrus.types import ApiKey, ApiStatus, DeployResult, ReplicaState, TrafficShare
 from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
@@ -66,9 +67,24 @@ class GatewayControl(Protocol):
         multi_model: bool = False,
         auth_required: bool = False,
         cors: CorsSpec | None = None,
+        split: list[SplitTarget] | None = None,
+        sticky_header: str | None = None,
     ) -> None: ...
 
     def remove_api(self, name: str) -> None: ...
+
+    def set_canary(self, name: str, serving: int | None, canary: int | None, percent: float) -> None:
+        """Send `percent` of requests to revision `canary`'s replicas, the rest to `serving`'s (None: no
+        canary; one that ran is aborted: its replicas drain, its waiting requests go to `serving`)."""
+        ...
+
+    def promote_canary(self, name: str) -> None:
+        """The canary's replicas serve every request from now on, with no request dropped."""
+        ...
+
+    def traffic(self, name: str, now: float) -> list[TrafficShare]:
+        """Where the API's requests went over the last minute (a canary's revisions, a splitter's APIs)."""
+        ...
 
     def set_unavailable(self, name: str, reason: str | None) -> None:
         """While `reason` is set, requests to the API get 503 with it at once instead of waiting."""
@@ -85,6 +101,7 @@ class GatewayControl(Protocol):
         report: ReplicaReady,
         secret: bytes,
         on_lost: Callable[[str], None] | None = None,
+        revision: int = 0,
     ) -> None:
         """Connect to a ready replica, proving the gateway knows the `secret` it was launched with, and
         route to it; should that connection be lost, it leaves routing and `on_lost(reason)` is called."""
@@ -143,6 +160,7 @@ class ApiState:
     loaded: set[int] = field(default_factory=set)  # revisions a replica of which became ready
     unavailable: str | None = None  # why requests get 503 at once (no revision can serve), as told the gateway
     saved: int | None = None  # the serving revision the store records
+    canary: float | None = None  # `stored` is a canary taking this percent of requests beside `serving`
 
     @property
     def name(self) -> str:
@@ -201,6 +219,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
+        self.rollouts = Rollouts(self)  # canaries, promotions, rollbacks
         runtime.subscribe(self)
 
     # --- public operations --------------------------------------------------------------
@@ -213,6 +232,7 @@ class Controller:
             self._install(stored)
             state = self.apis[stored.name]
             state.saved = serving
+            state.canary = self.store.canary(stored.name) if serving not in (None, stored.revision) else None
             if serving == stored.revision:
                 state.loaded.add(serving)
             elif serving is not None:
@@ -226,12 +246,20 @@ class Controller:
         """Tell the gateway the keys it accepts (after a change, and on restore)."""
         self.gateway.set_keys(self.keys.list())
 
-    def deploy(self, deployments: list[Deployment], force: bool = False) -> list[DeployResult]:
-        """Record and roll out each deployment (`force`: a new revision even if nothing changed)."""
+    def deploy(
+        self, deployments: list[Deployment], force: bool = False, canary: float | None = None
+    ) -> list[DeployResult]:
+        """Record and roll out each deployment (`force`: a new revision even if nothing changed;
+        `canary`: the new revision takes that percent of requests beside the serving one, until
+        promoted or rolled back). DeployRefused: nothing was recorded."""
+        self.rollouts.check(deployments, force, canary)
         results = []
         for deployment in deployments:
+            self.rollouts.replacing(deployment, force)
             stored, action = self.store.put(deployment, force=force)
-            self._apply(stored, action)
+            self.apply(stored, action)
+            if canary is not None:
+                self.rollouts.started(self.apis[stored.name], canary)
             results.append(
                 DeployResult(
                     name=stored.name, action=action, revision=stored.revision, endpoint=self.endpoint(stored.name)
@@ -240,55 +268,18 @@ class Controller:
         self._wake.set()
         return results
 
-    def rollback(self, name: str, to: int | None = None) -> DeployResult:
-        """Serve revision `to` (default: the one before the revision serving now) again, as a new
-        revision with today's scale settings, through the ordinary rolling update."""
-        state = self.apis.get(name)
-        if state is None or state.deleted:
-            raise KeyError(f"no API named {name!r}")
-        if to is None:
-            now = state.serving.revision if state.serving is not None else state.revision
-            earlier = [r.api.revision for r in self.store.revisions(name) if r.api.revision < now]
-            if not earlier:
-                raise ValueError(f"API {name!r} has no revision before {now} to roll back to")
-            to = earlier[-1]
-        stored = self.store.rollback(name, to)
-        log.info("%s: revision %d rolls back to revision %d", name, stored.revision, to)
-        self._apply(stored, "updated")
-        self._wake.set()
-        return DeployResult(name=name, action="updated", revision=stored.revision, endpoint=self.endpoint(name))
-
-    def revisions(self, name: str) -> list[RevisionInfo]:
-        state = self.apis.get(name)
-        serving = None if state is None else (state.serving.revision if state.serving else state.saved)
-        target = None if state is None else state.revision
-        out = []
-        for record in self.store.revisions(name):
-            revision = record.api.revision
-            role = ", ".join(
-                word
-                for word, holds in (("serving", revision == serving), ("rolling out", revision == target != serving))
-                if holds
-            )
-            out.append(
-                RevisionInfo(
-                    revision=revision,
-                    created_at=record.created_at,
-                    note=record.note,
-                    snapshot=record.api.deployment.snapshot,
-                    role=role,
-                )
-            )
-        return out
-
-    def _apply(self, stored: StoredApi, action: Action) -> None:
+    def apply(self, stored: StoredApi, action: Action) -> None:
         state = self.apis.get(stored.name)
         if action == "scaled" and state is not None and not state.deleted:
             state.stored = stored  # same revision, new scale settings: no replica restarts
             state.scaler.update_spec(stored.deployment.spec)
-            self._set_route(stored)
+            self.set_route(stored)
         elif action != "unchanged" or state is None or state.deleted:
             self._install(stored)
+
+    def wake(self) -> None:
+        """Reconcile soon (something changed)."""
+        self._wake.set()
 
     def redeploy(self, name: str, reason: str) -> StoredApi | None:
         """A new revision of an API's current deployment (e.g. a model changed at its source): the
@@ -446,7 +437,12 @@ class Controller:
     async def _connect(self, replica: Replica, report: ReplicaReady) -> None:
         try:
             await self.gateway.add_replica(
-                replica.api, replica.id, report, replica.secret, partial(self._connection_lost, replica, report.pid)
+                replica.api,
+                replica.id,
+                report,
+                replica.secret,
+                partial(self._connection_lost, replica, report.pid),
+                replica.revision,
             )
         except Exception as exc:
             log.warning("cannot reach replica %s at %s: %s", replica.id, report.address, exc)
@@ -521,22 +517,22 @@ class Controller:
             state = ApiState(stored=stored, scaler=scaler, replicas=old, prepared=prepared)
             self.apis[stored.name] = state
         else:
-            if state.revision in state.loaded:
+            if state.revision in state.loaded and state.canary is None:
                 state.serving = state.stored  # it serves (or scales from zero) until the new revision can
             state.stored = stored
             state.scaler.update_spec(stored.deployment.spec)
         self._prepare(state, stored)
-        self._set_route(stored)
+        self.set_route(stored)
 
     def _prepare(self, state: ApiState, stored: StoredApi) -> None:
-        if stored.revision not in state.prepared:
+        if stored.revision not in state.prepared and state.kind.runs_replicas:
             # A template process imports the predictor's module now, so replicas (even the first,
             # from zero) start by forking instead of importing everything again.
             state.prepared.add(stored.revision)
             launch, env = self._launch_for(stored, f"{stored.name}-template")
             self._run_in_background(self.runtime.prepare(launch, env))
 
-    def _set_route(self, stored: StoredApi) -> None:
+    def set_route(self, stored: StoredApi) -> None:
         spec = stored.deployment.spec
         self.gateway.set_api(
             stored.name,
@@ -545,6 +541,8 @@ class Controller:
             multi_model=spec.multi_model is not None,
             auth_required=spec.auth == "required",
             cors=spec.cors,
+            split=spec.apis,
+            sticky_header=spec.sticky_header,
         )
 
     def _reconcile(self, state: ApiState) -> None:
@@ -556,9 +554,11 @@ class Controller:
                 del self.apis[state.name]
             return
         job = self._wanted(state)
-        current = self._fleet(state, state.stored, state.desired, job)
+        canary = state.canary
+        wanted = state.desired if canary is None else canary_replicas(state.desired, canary)
+        current = self._fleet(state, state.stored, wanted, job)
         ready = sum(1 for r in current if r.state is ReplicaState.READY)
-        if state.proven and ready >= state.desired:
+        if state.proven and ready >= state.desired and canary is None:
             self._promote(state)
         fallback = state.serving
         if fallback is not None:  # the last revision that served keeps serving until the new one can
@@ -632,6 +632,10 @@ class Controller:
         if reason != state.unavailable:
             state.unavailable = reason
             self.gateway.set_unavailable(state.name, reason)
+        if state.kind.runs_replicas and state.kind.takes_predictions:
+            serving = state.serving.revision if state.serving is not None else state.revision
+            canary = state.revision if state.canary is not None else None
+            self.gateway.set_canary(state.name, serving, canary, state.canary or 0.0)
 
     def _place_pending(self) -> None:
         """Start pending replicas, oldest API first, as far as the node's capacity allows."""
@@ -668,8 +672,9 @@ class Controller:
         self, stored: StoredApi, replica_id: str, job: str | None = None, models: dict[str, str] | None = None
     ) -> tuple[ReplicaLaunch, dict[str, str]]:
         spec = stored.deployment.spec
+        predictor = spec.required_predictor
         queue = None
-        config = dict(spec.predictor.config)
+        config = dict(predictor.config)
         if job is not None and self.jobs is not None and self.queue_url is not None:
             queue, job_config = self.jobs.launch(job, spec, self.queue_url)
             config.update(job_config)
@@ -680,8 +685,8 @@ class Controller:
             replica_id=replica_id,
             revision=stored.revision,
             project_dir=self.code_dir(stored),
-            predictor_path=spec.predictor.path,
-            class_name=spec.predictor.class_name,
+            predictor_path=predictor.path,
+            class_name=predictor.class_name,
             config=config,
             inference_slots=spec.concurrency.inference_slots,
             secret=secrets.token_bytes(32),
@@ -699,7 +704,7 @@ class Controller:
             model_cache_size=None if spec.multi_model is None else spec.multi_model.cache_size,
             model_versions={m.name: m.version for m in spec.models if m.version is not None},
         )
-        return launch, {**spec.predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
+        return launch, {**predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 
     def snapshot(self, deployment: Deployment, spec_file: str | None = None) -> Deployment:
         """The deployment with a snapshot of its project directory (packed here, on this node), which

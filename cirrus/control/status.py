@@ -25,7 +25,13 @@ def _health(state: ApiState, models: list[ModelFetch]) -> tuple[ApiStatusName, s
     old_serving = any(r.revision != state.revision and r.state is ReplicaState.READY for r in state.replicas.values())
     failing = [r for r in current if r.consecutive_failures > 0]
     message = None
-    if ready >= state.desired and not old_serving:
+    if state.canary is not None and ready and state.serving is not None:
+        status = ApiStatusName.CANARY
+        message = (
+            f"revision {state.revision} takes {state.canary:g}% of requests beside revision "
+            f"{state.serving.revision}: `cirrus promote {state.name}` or `cirrus rollback {state.name}`"
+        )
+    elif ready >= state.desired and not old_serving:
         status = ApiStatusName.LIVE
         if state.desired == 0:
             message = state.kind.idle_message(state.name)
@@ -91,6 +97,8 @@ def api_status(
         batch_size_mean=None if batch_mean is None else round(batch_mean, 2),
         slot_wait_p50_ms=None if slot_wait is None else round(slot_wait * 1000, 3),
         predict_p50_ms=None if predict is None else round(predict * 1000, 3),
+        canary_percent=state.canary,
+        traffic=gateway.traffic(state.name, time.time()),
         replicas=[
             ReplicaStatus(
                 id=r.id,

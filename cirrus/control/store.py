@@ -6,7 +6,8 @@ A change to those makes a new revision; a change to scale-only fields (`autoscal
 `max_queue_length` and `timeout_s`) is applied to the current revision in place, restarting nothing.
 
 Each API row records the revision the controller rolls to (`revision`) and the last one that served
-in full (`serving`), so a restart restores exactly what served, even while a newer revision fails.
+in full (`serving`), so a restart restores exactly what served, even while a newer revision fails,
+and the share of requests the revision rolled to takes while it is a canary (`canary`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ CREATE TABLE IF NOT EXISTS apis (
     updated_at REAL NOT NULL
 );
 """
-_COLUMNS = {"apis": {"serving": "INTEGER"}, "revisions": {"note": "TEXT"}}
+_COLUMNS = {"apis": {"serving": "INTEGER", "canary": "REAL"}, "revisions": {"note": "TEXT"}}
 
 Action = Literal["created", "updated", "scaled", "unchanged"]
 
@@ -68,7 +69,9 @@ def fingerprint(deployment: Deployment) -> str:
         if name in scale:
             data["spec"]["concurrency"][name] = None
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
-    if deployment.snapshot is None:  # no snapshot (an embedding that runs from project_dir): the predictor file
+    if (
+        deployment.snapshot is None and deployment.spec.predictor is not None
+    ):  # no snapshot (an embedding that runs from project_dir): the predictor file
         try:
             digest.update(deployment.predictor_file.read_bytes())
         except OSError:
@@ -130,6 +133,18 @@ class Store(StateTables):
 
     def set_serving(self, name: str, revision: int) -> None:
         self._db.execute("UPDATE apis SET serving = ? WHERE name = ?", (revision, name))
+
+    def canary(self, name: str) -> float | None:
+        """The percent of requests the revision rolled to takes as a canary (None: no canary)."""
+        rows = self._db.fetchall("SELECT canary FROM apis WHERE name = ?", (name,))
+        return float(str(rows[0][0])) if rows and rows[0][0] is not None else None
+
+    def set_canary(self, name: str, percent: float | None) -> None:
+        self._db.execute("UPDATE apis SET canary = ? WHERE name = ?", (percent, name))
+
+    def set_target(self, name: str, revision: int) -> None:
+        """Roll to an existing revision again (an aborted canary's API goes back to the serving one)."""
+        self._db.execute("UPDATE apis SET revision = ?, updated_at = ? WHERE name = ?", (revision, time.time(), name))
 
     def put(self, deployment: Deployment, force: bool = False, note: str = "deploy") -> tuple[StoredApi, Action]:
         """Record a deployment: a new revision when what replicas run changed (or `force`), the current

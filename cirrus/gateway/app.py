@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 from cirrus.gateway.async_api import AsyncFront
@@ -20,6 +21,7 @@ from cirrus.gateway.cors import CorsPolicy, cors_front
 from cirrus.gateway.docs import docs_page
 from cirrus.gateway.keys import KeyRing, presented_key
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
+from cirrus.gateway.split import Split
 from cirrus.gateway.transport import ReplicaGone, RequestTooLarge
 from cirrus.kinds import kind_of
 from cirrus.predictor import encode_json
@@ -85,6 +87,7 @@ class Gateway:
         self.async_front: AsyncFront | None = None  # async APIs: the queue store's front
         self.keys = KeyRing()  # the API keys requests may carry (checked where an API needs one)
         self.require_keys = False  # every API needs a key (`--require-keys`), not only `auth: required` ones
+        self._shadow_tasks: set[asyncio.Task[None]] = set()  # copies of requests on their way to shadows
 
     # --- control side -------------------------------------------------------------------
     def set_api(
@@ -98,20 +101,23 @@ class Gateway:
         multi_model: bool = False,
         auth_required: bool = False,
         cors: CorsPolicy | None = None,
+        split: Split | None = None,
     ) -> ApiRoute:
         route = self.routes.get(name)
         if route is None:
             route = ApiRoute(name, max_concurrency, max_queue_length, timeout_s, kind, multi_model=multi_model)
             self.routes[name] = route
-        else:
-            route.kind = kind
-            route.behaviour = kind_of(kind)
-            route.multi_model = multi_model
-            route.max_concurrency = max_concurrency
-            route.max_queue_length = max_queue_length
-            route.timeout_s = timeout_s
+        for each in (route,) if route.canary is None else (route, route.canary):
+            each.kind = kind
+            each.behaviour = kind_of(kind)
+            each.multi_model = multi_model
+            each.max_concurrency = max_concurrency
+            each.max_queue_length = max_queue_length
+            each.timeout_s = timeout_s
         route.auth_required = auth_required
         route.cors = cors
+        if split is None or route.split is None or not route.split.same_as(split):
+            route.split = split  # (an unchanged splitter keeps its counters and its place in the rotation)
         return route
 
     def remove_api(self, name: str) -> None:
@@ -147,7 +153,9 @@ class Gateway:
             if (route.auth_required or self.require_keys) and await self._refused(route, scope, send):
                 return
             if not rest:
-                if method == "POST" and route.behaviour.takes_predictions:
+                if method == "POST" and route.split is not None:
+                    await self._split(route, route.split, scope, receive, send)
+                elif method == "POST" and route.behaviour.takes_predictions:
                     await self._predict(route, scope, receive, send)
                 else:
                     await self._api_root(route, method, send)
@@ -235,7 +243,7 @@ class Gateway:
     def describe(self, route: ApiRoute) -> dict[str, Any]:
         return {
             "api": route.name,
-            "replicas_ready": len(route.replicas),
+            "replicas_ready": len(route.replicas) + (0 if route.canary is None else len(route.canary.replicas)),
             "in_flight": route.metrics.in_flight,
             "queued": route.metrics.queued,
         }
@@ -269,9 +277,16 @@ class Gateway:
         return b"".join(parts)
 
     async def _predict(
-        self, route: ApiRoute, scope: Scope, receive: Receive, send: Send, model: str | None = None
+        self,
+        route: ApiRoute,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        model: str | None = None,
+        on_body: Callable[[bytes, str, list[tuple[str, str]], str], None] | None = None,
     ) -> None:
-        """`model`: named in the path (`POST /<api>/<model>`); it overrides an `X-Cirrus-Model` header."""
+        """`model`: named in the path (`POST /<api>/<model>`); it overrides an `X-Cirrus-Model` header.
+        `on_body(body, content_type, headers, request_id)`: told the request once its body has come."""
         started = time.perf_counter()
         content_type = ""
         request_id = ""
@@ -317,14 +332,104 @@ class Gateway:
             why = f"the request body did not arrive within {route.timeout_s:g}s (the API's timeout_s)"
             await self._reply_error(send, route, started, 408, why, request_id, [(b"connection", b"close")])
             return
+        if on_body is not None:
+            on_body(body, content_type, forwarded, request_id)
         if route.behaviour.queued:
             await self._accept(route, scope, send, body, content_type, forwarded, request_id, started)
             return
+        route = route.pick()  # a canary revision gets its share
+        metrics = route.metrics
         metrics.in_flight += 1
         try:
             await self._forward(route, scope, receive, send, body, content_type, forwarded, request_id, started, model)
         finally:
             metrics.in_flight -= 1
+
+    async def _split(self, route: ApiRoute, split: Split, scope: Scope, receive: Receive, send: Send) -> None:
+        """A splitter: send the request to one of its APIs (by weight, or by the sticky header) and a
+        copy to each shadow, counting what each answered."""
+        started = time.perf_counter()
+        name = split.choose(scope["headers"])
+        backend = self.routes.get(name)
+        status = 0
+
+        async def counted(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if backend is None or backend.split is not None or not backend.behaviour.takes_predictions:
+            why = f"the splitter {route.name!r} sent this request to {name!r}, which is not deployed; retry later"
+            await self._reply_error(counted, route, started, 503, why, _request_id(scope), _RETRY_AFTER)
+        elif not (backend.auth_required and await self._refused(backend, scope, counted)):
+            copy = partial(self._copy_to_shadows, split) if split.shadows else None
+            await self._predict(backend, scope, receive, counted, on_body=copy)
+            route.metrics.observe(status, time.perf_counter() - started, time.time())
+        split.sent[name].observe(status, time.perf_counter() - started, time.time())
+
+    def _copy_to_shadows(
+        self, split: Split, body: bytes, content_type: str, forwarded: list[tuple[str, str]], request_id: str
+    ) -> None:
+        """Send a copy of a request to each shadow with room now; a shadow that is full, cold or gone
+        gets none (it starts a replica when cold): a shadow never makes the caller wait."""
+        for name in split.shadows:
+            shadow = self.routes.get(name)
+            slot = None
+            if shadow is not None and shadow.behaviour.takes_predictions and not shadow.behaviour.queued:
+                slot = shadow.try_acquire()
+                if slot is None and not shadow.replicas:
+                    self._note_waiting(shadow, time.perf_counter())
+            if shadow is None or slot is None:
+                split.shadows_dropped += 1
+                continue
+            call = self._shadow_call(split, shadow, slot, body, content_type, forwarded, request_id)
+            task = asyncio.get_running_loop().create_task(call)
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow_call(
+        self,
+        split: Split,
+        shadow: ApiRoute,
+        slot: ReplicaSlot,
+        body: bytes,
+        content_type: str,
+        forwarded: list[tuple[str, str]],
+        request_id: str,
+    ) -> None:
+        """One shadow copy: its answer only counts in the shadow's metrics; a stream is stopped at once."""
+        started = time.perf_counter()
+        shadow.metrics.in_flight += 1
+        status = 502
+        try:
+            request_no, future = slot.conn.call(
+                request_id=request_id,
+                body=body,
+                content_type=content_type,
+                query_string=b"",
+                headers=forwarded,
+                timeout_s=shadow.timeout_s,
+            )
+            try:
+                async with asyncio.timeout(shadow.timeout_s + REPLY_GRACE_S):
+                    response = await future
+            except BaseException:
+                slot.conn.forget(request_no)
+                raise
+            status = response.status
+            if response.stream:
+                slot.conn.forget(request_no)  # nobody reads a shadow's stream: the replica stops generating it
+        except (ReplicaGone, RequestTooLarge):
+            status = 502
+        except TimeoutError:
+            status = 504
+        finally:
+            shadow.metrics.in_flight -= 1
+            shadow.release(slot)
+            elapsed, now = time.perf_counter() - started, time.time()
+            shadow.metrics.observe(status, elapsed, now)
+            split.sent[shadow.name].observe(status, elapsed, now)
 
     async def _accept(
         self,

@@ -17,6 +17,7 @@ from typing import Any
 
 from cirrus.gateway.cors import CorsPolicy
 from cirrus.gateway.metrics import ApiMetrics
+from cirrus.gateway.split import Split, WeightedPicker
 from cirrus.kinds import Kind, kind_of
 
 
@@ -70,6 +71,9 @@ class ReplicaSlot:
     completed: int = 0
     draining: bool = False
     held: frozenset[str] = frozenset()  # a multi-model API: the models it reported holding last
+    owner: ApiRoute | None = field(
+        default=None, repr=False
+    )  # the route it serves in now (a promoted canary's replicas move)
 
 
 @dataclass
@@ -91,6 +95,10 @@ class ApiRoute:
     unavailable: str | None = None  # set by the controller while no revision can serve: 503 at once
     auth_required: bool = False  # requests need an API key (the spec's `auth: required`)
     cors: CorsPolicy | None = None  # cross-origin requests from browsers (the spec's `cors`); None: no CORS
+    split: Split | None = None  # a splitter: the APIs it sends requests to
+    revision: int | None = None  # the revision its replicas run, while a canary runs beside it
+    canary: ApiRoute | None = None  # a canary revision's replicas, waiters and metrics
+    _canary_picker: WeightedPicker | None = None
     _turn: int = 0
 
     def __post_init__(self) -> None:
@@ -145,7 +153,63 @@ class ApiRoute:
 
     def release(self, slot: ReplicaSlot) -> None:
         slot.in_flight -= 1
-        if not slot.draining and slot in self.replicas:
+        owner = slot.owner or self
+        if not slot.draining and slot in owner.replicas:
+            owner._hand_over(slot)
+
+    # --- canaries -----------------------------------------------------------------------
+    def pick(self) -> ApiRoute:
+        """Where a request goes: this route, or its canary by the canary's share (once it has a replica)."""
+        canary = self.canary
+        if canary is None or not canary.replicas or self._canary_picker is None:
+            return self
+        return canary if self._canary_picker.pick() == 1 else self
+
+    @property
+    def canary_percent(self) -> float:
+        """The share of requests its canary is set to get (0: no canary)."""
+        return 0.0 if self._canary_picker is None else self._canary_picker.weights[1]
+
+    def set_canary(self, serving: int | None, canary: int | None, percent: float) -> None:
+        """Route `percent` of requests to revision `canary`'s replicas, the rest to `serving`'s (None:
+        no canary; one that ran is aborted: its waiters come back here, its replicas drain)."""
+        self.revision = serving
+        current = self.canary
+        if current is not None and current.revision == canary:
+            if self._canary_picker is None or self._canary_picker.weights[1] != percent:
+                self._canary_picker = WeightedPicker((100.0 - percent, percent))
+            return
+        if current is not None:
+            self._end_canary(promote=False)
+        if canary is None:
+            return
+        route = ApiRoute(
+            self.name, self.max_concurrency, self.max_queue_length, self.timeout_s, self.kind, self.openapi
+        )
+        route.multi_model, route.revision = self.multi_model, canary
+        self.canary, self._canary_picker = route, WeightedPicker((100.0 - percent, percent))
+
+    def promote_canary(self) -> None:
+        """The canary takes over: its replicas and waiters serve here, with no request dropped."""
+        if self.canary is not None:
+            self._end_canary(promote=True)
+
+    def _end_canary(self, promote: bool) -> None:
+        canary = self.canary
+        assert canary is not None
+        self.canary, self._canary_picker = None, None
+        if promote:
+            self.revision = canary.revision
+        for slot in canary.replicas:
+            if promote:
+                slot.owner = self
+                self.replicas.append(slot)
+            else:
+                slot.draining = True  # the controller stops it
+        canary.replicas.clear()
+        self.waiters.extend(canary.waiters)
+        canary.waiters.clear()
+        for slot in list(self.replicas):
             self._hand_over(slot)
 
     def _hand_over(self, slot: ReplicaSlot) -> None:
@@ -159,6 +223,7 @@ class ApiRoute:
             waiter.set_result(slot)
 
     def add_replica(self, slot: ReplicaSlot, now: float | None = None) -> None:
+        slot.owner = self
         self.replicas.append(slot)
         if self.cold_since is not None:
             now = time.perf_counter() if now is None else now
@@ -181,9 +246,11 @@ class ApiRoute:
                 self.replicas.remove(slot)
                 slot.draining = True
                 return slot
-        return None
+        return None if self.canary is None else self.canary.remove_replica(replica_id)
 
     def fail_waiters(self, error: Exception) -> None:
+        if self.canary is not None:
+            self.canary.fail_waiters(error)
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():

@@ -13,8 +13,9 @@ from cirrus.kinds.async_ import AsyncKind
 from cirrus.kinds.base import Kind, KindHost, Wanted
 from cirrus.kinds.batch import BatchKind
 from cirrus.kinds.realtime import RealtimeKind
+from cirrus.kinds.splitter import SplitterKind
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (RealtimeKind(), AsyncKind(), BatchKind())}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (RealtimeKind(), AsyncKind(), BatchKind(), SplitterKind())}
 
 __all__ = ["KINDS", "Kind", "KindHost", "Wanted", "kind_of"]
 

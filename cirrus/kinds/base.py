@@ -49,6 +49,7 @@ class Kind:
     # `runs_jobs`: `cirrus jobs submit` works on it; `replica_timeout`: replicas enforce `timeout_s`
     # themselves (so changing it restarts them), else the gateway does (a scale-only change).
     autoscaled: ClassVar[bool] = True
+    runs_replicas: ClassVar[bool] = True  # False: no predictor, no replicas, no template (a splitter)
     proves_load: ClassVar[bool] = True
     runs_jobs: ClassVar[bool] = False
     replica_timeout: ClassVar[bool] = False

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
 from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
-from cirrus.spec import ComputeSpec, ConcurrencySpec, CorsSpec
-from cirrus.types import ApiKey
+from cirrus.spec import ComputeSpec, ConcurrencySpec, CorsSpec, SplitTarget
+from cirrus.types import ApiKey, TrafficShare
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
@@ -260,6 +260,9 @@ class FakeGateway:
     keys: list[ApiKey] = field(default_factory=list)  # the API keys last published
     auth_required: dict[str, bool] = field(default_factory=dict)  # API -> needs a key
     cors: dict[str, CorsSpec | None] = field(default_factory=dict)  # API -> its CORS policy (None: no CORS)
+    splits: dict[str, list[SplitTarget] | None] = field(default_factory=dict)  # API -> a splitter's targets
+    canaries: dict[str, tuple[int | None, int, float] | None] = field(default_factory=dict)  # (serving, canary, %)
+    promoted: list[str] = field(default_factory=list)  # APIs whose canary was promoted
 
     def set_api(
         self,
@@ -269,7 +272,10 @@ class FakeGateway:
         multi_model: bool = False,
         auth_required: bool = False,
         cors: CorsSpec | None = None,
+        split: list[SplitTarget] | None = None,
+        sticky_header: str | None = None,
     ) -> None:
+        self.splits[name] = split
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
         self.auth_required[name] = auth_required
@@ -277,6 +283,15 @@ class FakeGateway:
 
     def set_unavailable(self, name: str, reason: str | None) -> None:
         self.unavailable[name] = reason
+
+    def set_canary(self, name: str, serving: int | None, canary: int | None, percent: float) -> None:
+        self.canaries[name] = None if canary is None else (serving, canary, percent)
+
+    def promote_canary(self, name: str) -> None:
+        self.promoted.append(name)
+
+    def traffic(self, name: str, now: float) -> list[TrafficShare]:
+        return []
 
     def set_keys(self, keys: list[ApiKey]) -> None:
         self.keys = list(keys)
@@ -293,6 +308,7 @@ class FakeGateway:
         report: ReplicaReady,
         secret: bytes,
         on_lost: Callable[[str], None] | None = None,
+        revision: int = 0,
     ) -> None:
         if self.add_error is not None:
             raise self.add_error
