@@ -19,6 +19,7 @@ from typing import Any
 from cirrus.gateway.async_api import AsyncFront
 from cirrus.gateway.cors import CorsPolicy, cors_front
 from cirrus.gateway.docs import docs_page
+from cirrus.gateway.edge import EdgeLog
 from cirrus.gateway.keys import KeyRing, presented_key
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
 from cirrus.gateway.split import Split
@@ -88,6 +89,7 @@ class Gateway:
         self.keys = KeyRing()  # the API keys requests may carry (checked where an API needs one)
         self.require_keys = False  # every API needs a key (`--require-keys`), not only `auth: required` ones
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # copies of requests on their way to shadows
+        self.refusals = EdgeLog("gateway")  # overload 503s, logged at most once a second per API
 
     # --- control side -------------------------------------------------------------------
     def set_api(
@@ -549,7 +551,9 @@ class Gateway:
         else:
             await self._reply_error(send, route, started, 404, str(exc), request_id)
             return
-        await self._reply_error(send, route, started, 503, why, request_id, _RETRY_AFTER)
+        await self._reply_error(send, route, started, 503, why, request_id, _RETRY_AFTER, logged=False)
+        # Under overload these come by the thousand a second: a line per second (with a count), not per request.
+        self.refusals.event(f"503 {route.name}", f"request {request_id} to {route.name} answered 503: {why}")
 
     async def _reply_replica_failed(
         self, send: Send, route: ApiRoute, slot: ReplicaSlot, started: float, exc: ReplicaGone, request_id: str
@@ -641,10 +645,11 @@ class Gateway:
         message: str,
         request_id: str,
         extra: list[tuple[bytes, bytes]] = [],  # noqa: B006
+        logged: bool = True,
     ) -> None:
         await send_json(send, status, {"error": message, "request_id": request_id}, request_id, extra)
         route.metrics.observe(status, time.perf_counter() - started, time.time())
-        if status >= 500:
+        if status >= 500 and logged:
             log.warning("request %s to %s answered %d: %s", request_id, route.name, status, message)
 
 
