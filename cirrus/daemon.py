@@ -33,6 +33,8 @@ from cirrus.settings import Settings, is_loopback
 from cirrus.types import ApiKey, DaemonInfo
 
 if TYPE_CHECKING:
+    import ssl
+
     from cirrus.control.controller import Controller
     from cirrus.control.statedb import StateDB
     from cirrus.gateway.app import Gateway
@@ -131,9 +133,9 @@ def _no_password() -> bytes:
     raise DaemonError("the TLS key is encrypted; give an unencrypted key (e.g. `openssl pkey -in KEY -out NEW`)")
 
 
-def tls_files(settings: Settings) -> tuple[str, str] | None:
-    """The gateway's certificate and key files (None: plain HTTP), checked now so that a bad pair is
-    one clear line at start rather than a traceback from the server."""
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The gateway's TLS, from its certificate and key files (None: plain HTTP), loaded now so that a
+    bad pair is one clear line at start rather than a traceback from the server."""
     import ssl
 
     cert, key = settings.tls_cert, settings.tls_key
@@ -154,7 +156,7 @@ def tls_files(settings: Settings) -> tuple[str, str] | None:
             ) from None
         what = exc.filename or f"{cert}, {key}"
         raise DaemonError(f"cannot read the TLS certificate or key {what}: {exc.strerror or exc}") from None
-    return cert, key
+    return context
 
 
 def _edge_limits(settings: Settings, max_connections: int) -> Any:
@@ -165,11 +167,12 @@ def _edge_limits(settings: Settings, max_connections: int) -> Any:
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
         header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
         max_connections=max_connections,
     )
 
 
-def _server(app: Any, name: str, limits: Any, keep_alive_s: float, tls: tuple[str, str] | None = None) -> Any:
+def _server(app: Any, name: str, limits: Any, keep_alive_s: float, tls: ssl.SSLContext | None = None) -> Any:
     import uvicorn
 
     from cirrus.gateway.edge import edge_protocol
@@ -181,7 +184,7 @@ def _server(app: Any, name: str, limits: Any, keep_alive_s: float, tls: tuple[st
 
     config = uvicorn.Config(
         app,
-        http=edge_protocol(name, limits),  # httptools, bounded
+        http=edge_protocol(name, limits, tls),  # httptools, bounded; TLS done there too (no `ssl` here)
         ws="none",
         loop="none",
         lifespan="off",
@@ -191,8 +194,6 @@ def _server(app: Any, name: str, limits: Any, keep_alive_s: float, tls: tuple[st
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         server_header=False,
         date_header=False,
-        ssl_certfile=tls[0] if tls else None,  # uvicorn builds the server's SSLContext from them
-        ssl_keyfile=tls[1] if tls else None,
     )
     return _Server(config)
 
@@ -287,11 +288,11 @@ async def run(
     from cirrus.spec import find_spec_file, load_deployments
 
     deployments = load_deployments(deploy_path) if deploy_path else []
-    tls = tls_files(settings)
+    tls = tls_context(settings)
     _raise_descriptor_limit(settings)
     gateway_sock = _bind(settings.host, settings.gateway_port)
     admin_sock = _bind("127.0.0.1", settings.admin_port)
-    gateway_url, admin_url = _url(gateway_sock, "https" if tls else "http"), _url(admin_sock)
+    gateway_url, admin_url = _url(gateway_sock, "https" if tls is not None else "http"), _url(admin_sock)
     info = DaemonInfo(
         pid=os.getpid(), version=VERSION, gateway_url=gateway_url, admin_url=admin_url, started_at=time.time()
     )
@@ -413,7 +414,7 @@ def serve_foreground(settings: Settings, path: str) -> None:
     from cirrus.spec import load_deployments
 
     deployments = load_deployments(path)  # fail fast on a bad spec, before anything starts
-    tls_files(settings)  # ... and on a bad certificate or key
+    tls_context(settings)  # ... and on a bad certificate or key
     _configure_logging()
     os.umask(PRIVATE_UMASK)
     with tempfile.TemporaryDirectory(prefix="cirrus-serve-") as home:

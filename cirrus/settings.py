@@ -20,6 +20,7 @@ DEFAULT_MAX_URL_BYTES = 8 * 1024
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_HEADERS = 100
 DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024  # a log file past this is rotated (one previous file kept)
@@ -85,6 +86,7 @@ class Settings:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # more header bytes in all get 431
     max_headers: int = DEFAULT_MAX_HEADERS  # more headers get 431
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # a request head must be complete within this
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a request body may not go longer without a byte (408)
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # an idle kept-alive gateway connection is closed after this
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open gateway connections; past it a new one gets 503
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # replica, template and daemon logs are rotated past this
@@ -120,6 +122,7 @@ class Settings:
             max_header_bytes=_positive_int_env(env, "CIRRUS_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
             max_headers=_positive_int_env(env, "CIRRUS_MAX_HEADERS", DEFAULT_MAX_HEADERS),
             header_timeout_s=_positive_float_env(env, "CIRRUS_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S),
+            body_timeout_s=_positive_float_env(env, "CIRRUS_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S),
             keep_alive_s=_positive_float_env(env, "CIRRUS_KEEP_ALIVE_S", DEFAULT_KEEP_ALIVE_S),
             max_connections=_positive_int_env(env, "CIRRUS_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
             log_max_bytes=_positive_int_env(env, "CIRRUS_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
@@ -142,6 +145,7 @@ class Settings:
             "CIRRUS_MAX_HEADER_BYTES": str(self.max_header_bytes),
             "CIRRUS_MAX_HEADERS": str(self.max_headers),
             "CIRRUS_HEADER_TIMEOUT_S": repr(self.header_timeout_s),
+            "CIRRUS_BODY_TIMEOUT_S": repr(self.body_timeout_s),
             "CIRRUS_KEEP_ALIVE_S": repr(self.keep_alive_s),
             "CIRRUS_MAX_CONNECTIONS": str(self.max_connections),
             "CIRRUS_LOG_MAX_BYTES": str(self.log_max_bytes),

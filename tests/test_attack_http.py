@@ -26,16 +26,12 @@ from conftest import ECHO_PREDICTOR, Cirrus, module_daemon, write_project
 from cirrus.types import ApiStatusName
 
 HEADER_TIMEOUT_S = 2.0  # the daemon's CIRRUS_HEADER_TIMEOUT_S, short so half-open cases end fast
+API_TIMEOUT_S = 3.0  # the echo API's timeout_s: it bounds a body whose bytes flow (the gateway's 408)
+# The daemon's CIRRUS_BODY_TIMEOUT_S: it bounds a body whose bytes stop coming, or never start (the
+# edge's 408); longer than the API's timeout_s, so that a body that flows and then stops meets that first.
+BODY_TIMEOUT_S = 3.5
 ANSWER_S = 5.0  # the longest any case may leave a connection silent
 SMUGGLED = "smuggled-7f3a"  # the marker in every smuggled inner request's body
-
-# Product bugs these tests found (xfail, strict: a fix turns them into failures to un-mark).
-BODY_TIMEOUT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG body-timeout: once body bytes flow, the body must be complete within the API's timeout_s "
-    "(408); but a request whose head is complete and whose first body bytes never come (endless chunk "
-    "extensions, or silence) still waits unbounded: the gateway's first receive() is not timed",
-)
 
 
 @dataclass
@@ -48,8 +44,9 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     home = tmp_path_factory.mktemp("attack-http") / "home"
-    with module_daemon(home, CIRRUS_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S)) as cirrus:
-        project = write_project(home.parent / "echo", ECHO_PREDICTOR, concurrency={"timeout_s": 3})
+    env = {"CIRRUS_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "CIRRUS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
+    with module_daemon(home, **env) as cirrus:
+        project = write_project(home.parent / "echo", ECHO_PREDICTOR, concurrency={"timeout_s": API_TIMEOUT_S})
         cirrus.client().deploy(project)
         cirrus.wait_for("echo", lambda s: s.status == ApiStatusName.LIVE)
         parts = urlsplit(cirrus.gateway_url)
@@ -238,15 +235,11 @@ BAD_CHUNKED = {
 }
 
 
-@pytest.mark.parametrize(
-    "request_bytes",
-    _cases(
-        BAD_CHUNKED,
-        # declared 9 bytes consume the rest (`{}`, the CRLF and the last chunk) and the body waits on
-        {"endless-chunk-extensions": BODY_TIMEOUT_BUG},
-    ),
-)
+@pytest.mark.parametrize("request_bytes", _cases(BAD_CHUNKED, {}))
 def test_bad_chunked_bodies_are_refused(gateway: Gateway, request_bytes: bytes) -> None:
+    """Some are malformed (400); others leave the body waiting on bytes that never come (408):
+    chunk-smaller-than-declared (its declared 9 bytes consume the rest) meets the API's timeout_s,
+    endless-chunk-extensions (not one body byte) the edge's CIRRUS_BODY_TIMEOUT_S."""
     assert_refused(exchange(gateway, request_bytes))
 
 
@@ -353,6 +346,14 @@ def test_half_a_head_then_eof_is_closed(gateway: Gateway) -> None:
 def test_half_a_body_then_eof_is_closed(gateway: Gateway) -> None:
     result = exchange(gateway, head(headers=[("Content-Length", "100")]) + b'{"n": ', shut_wr=True)
     assert_refused(result)
+
+
+def test_a_body_that_never_starts_is_answered_408(gateway: Gateway) -> None:
+    """Headers complete, then silence: the gateway's timeout never starts (no body byte reached it);
+    the edge answers 408 after CIRRUS_BODY_TIMEOUT_S."""
+    result = exchange(gateway, head(headers=[("Content-Length", "100")]))
+    assert result.statuses == [408] and result.closed, result.raw[:200]
+    assert BODY_TIMEOUT_S <= result.seconds < BODY_TIMEOUT_S + 1.5, f"{result.seconds:.1f}s"
 
 
 def test_a_body_that_stops_halfway_is_not_waited_on_forever(gateway: Gateway) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -117,3 +120,37 @@ def test_a_bad_certificate_or_key_is_one_clear_line(tmp_path: Path, certs: tuple
         project = write_project(tmp_path / "project", ECHO_PREDICTOR)
         code, out, err = cirrus.cli("serve", str(project), timeout=30)
         assert code == 1 and expected in err and "Traceback" not in err, out + err
+
+
+def test_a_connection_that_never_handshakes_counts_and_is_closed(tmp_path: Path, certs: tuple[Path, Path]) -> None:
+    """Raw TCP connections that never start (or never finish) their TLS handshake count against
+    `CIRRUS_MAX_CONNECTIONS` and are closed within `CIRRUS_HEADER_TIMEOUT_S` of connecting (asyncio's
+    own handshake timeout is 60 s, and uvicorn counts a connection only once its handshake is done)."""
+    cert, key = certs
+    env = {"CIRRUS_TLS_CERT": str(cert), "CIRRUS_TLS_KEY": str(key), "CIRRUS_TLS_CA": str(cert)}
+    cirrus = Cirrus(tmp_path / "home", **env, CIRRUS_MAX_CONNECTIONS="4", CIRRUS_HEADER_TIMEOUT_S="1")
+    cirrus.up()
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        url = cirrus.url("/healthz")
+        address = (urlsplit(url).hostname or "", urlsplit(url).port or 0)
+        started = time.monotonic()
+        silent = [socket.create_connection(address) for _ in range(4)]  # three say nothing at all ...
+        silent[-1].sendall(bytes.fromhex("16030100a5010000a10303") + b"\x00" * 16)  # ... one a ClientHello cut short
+        try:
+            time.sleep(0.3)
+            with pytest.raises(httpx.TransportError), httpx.Client(verify=trust, timeout=5) as client:
+                client.get(url)  # a fifth connection: over the cap while the four hang in their handshakes
+            for sock in silent:
+                sock.settimeout(5)
+                assert sock.recv(1024) == b""  # closed without a word
+            assert time.monotonic() - started < 1 + 1.5, "closed by asyncio's 60 s, not the 1 s header timeout"
+        finally:
+            for sock in silent:
+                sock.close()
+        with httpx.Client(verify=trust, timeout=5) as client:
+            assert client.get(url).status_code == 200  # served again once they are gone
+        log = cirrus.daemon_log()
+        assert "the limit is 4" in log and "TLS handshake was not complete within 1s" in log, log[-2000:]
+    finally:
+        assert cirrus.shutdown() == {}

@@ -287,3 +287,96 @@ def test_connections_past_the_cap_are_refused_and_logged(cirrus: Cirrus, tmp_pat
         assert _ordinary(url)[0] == 200  # served again once the attackers are gone
     finally:
         capped.shutdown()
+
+
+# --- body timeout ------------------------------------------------------------------------------
+
+SLEEPY_PREDICTOR = """
+    import time
+
+
+    class Predictor:
+        def __init__(self, config):
+            pass
+
+        def predict(self, payload):
+            time.sleep(payload.get("sleep", 0))
+            return {"echo": payload}
+"""
+
+
+def _post_head(length: int | None) -> bytes:
+    """A POST /echo head: `Content-Length: length`, or chunked when None."""
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode()
+
+
+def _answers(sock: socket.socket, count: int, timeout: float = 10.0) -> list[int]:
+    """The statuses of the next `count` answers (each with a Content-Length body)."""
+    sock.settimeout(timeout)
+    statuses = []
+    with sock.makefile("rb") as answer:
+        for _ in range(count):
+            statuses.append(int(answer.readline().split()[1]))
+            length = 0
+            while (line := answer.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            answer.read(length)
+    return statuses
+
+
+def test_a_stalled_body_is_answered_408_after_the_body_timeout(cirrus: Cirrus, tmp_path: Path) -> None:
+    """A head is complete and no byte of its body comes (silence, or chunk extensions without end,
+    which are not body bytes): the gateway's own timeout starts only once a body byte reached it, so
+    the edge answers 408 after CIRRUS_BODY_TIMEOUT_S and closes. A body that flows slowly (each gap
+    under the bound, all of it over) is served, and so is a pipelined request whose body waits
+    behind a slow request (the bound is on the client, not on the app)."""
+    timed = Cirrus(cirrus.home, CIRRUS_BODY_TIMEOUT_S="1")
+    timed.up()
+    try:
+        timed.client().deploy(write_project(tmp_path / "sleepy", SLEEPY_PREDICTOR))
+        timed.wait_for("echo", lambda s: s.status == ApiStatusName.LIVE)
+        gateway = timed.gateway_url
+
+        started = time.monotonic()
+        with _connect(gateway) as silent:
+            silent.sendall(_post_head(100))
+            assert _status(_read_until_closed(silent, 5.0)) == 408
+        assert 1.0 <= time.monotonic() - started < 2.5
+
+        stop = threading.Event()
+        with _connect(gateway) as extensions:
+            extensions.sendall(_post_head(None) + b"7")
+
+            def extend() -> None:
+                with contextlib.suppress(OSError):
+                    while not stop.wait(0.05):
+                        extensions.sendall(b";a=b")
+
+            sender = threading.Thread(target=extend, daemon=True)
+            sender.start()
+            started = time.monotonic()
+            try:
+                assert _status(_read_until_closed(extensions, 5.0)) == 408
+            finally:
+                stop.set()
+                sender.join(5)
+        assert time.monotonic() - started < 2.5
+        assert "no byte of its request body came within 1s (CIRRUS_BODY_TIMEOUT_S)" in timed.daemon_log()
+
+        with _connect(gateway) as trickle:
+            trickle.sendall(_post_head(8))
+            for byte in b'{"n": 1}':  # 8 bytes, 0.4 s apart: 2.8 s in all
+                time.sleep(0.4)
+                trickle.sendall(bytes([byte]))
+            assert _answers(trickle, 1) == [200]
+
+        with _connect(gateway) as pipelined:
+            slow = b'{"sleep": 2}'
+            pipelined.sendall(_post_head(len(slow)) + slow + _post_head(8))
+            time.sleep(1.5)  # the second body comes late, while the first request is still served
+            pipelined.sendall(b'{"n": 2}')
+            assert _answers(pipelined, 2) == [200, 200]
+    finally:
+        timed.shutdown()

@@ -12,11 +12,22 @@ share. `EdgeProtocol` is that protocol with limits (`EdgeLimits`):
   and is closed;
 - a head not complete within `header_timeout_s` of the connection (or, on a kept-alive connection,
   of its first byte) is answered 408 (closed silently when nothing came) and the connection closed;
-- past `max_connections` open connections a new one is answered 503 and closed at once.
+- once a head is complete, its body must not stall: no `body_timeout_s` may pass without a byte of
+  it, from the head's end to the first byte and between bytes, until the message is complete (chunk
+  sizes and extensions are not body bytes; time that the request waits behind a pipelined one, that
+  reading is paused for the app, or that the client awaits `100 Continue` does not count). A stalled
+  body is answered 408 and the connection closed, or closed at once when a response has begun. Once
+  body bytes flow, the gateway also bounds the whole body by the API's `timeout_s`;
+- past `max_connections` open connections a new one is answered 503 and closed at once;
+- with TLS (`tls`), the edge puts the loop's TLS layer on the accepted TCP connection itself, so that
+  a connection counts against `max_connections` from its accept and its handshake is part of its
+  first head's `header_timeout_s` (with `create_server(ssl=...)` the protocol would see it only once
+  its handshake is done, and the loop would wait 60 s for that).
 
 Each of these is logged at most once a second per server and kind, with a count. On the hot path
-the cost is an integer add and compare per read, two length checks and one clock read per request:
-about 0.5 us a request (docs/security.md).
+the cost is an integer add and compare per read, two length checks and two clock reads per request
+(one more per read of body bytes); one timer per connection, re-armed lazily, none per request
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ import asyncio
 import http
 import logging
 import resource
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +61,7 @@ class EdgeLimits:
     max_header_bytes: int = 64 * 1024  # the header lines as sent, in all
     max_headers: int = 100
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0  # the longest a request body may go without a byte, once its head is complete
     max_connections: int = 1000
 
     @property
@@ -108,17 +122,23 @@ class EdgeProtocol(HttpToolsProtocol):
 
     limits: EdgeLimits = EdgeLimits()
     edge_log: EdgeLog = EdgeLog("server")
+    tls: ssl.SSLContext | None = None  # the server's TLS, put on here (see the module's docstring)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_head = self.limits.max_head_bytes
         self._max_url = self.limits.max_url_bytes
         self._max_headers = self.limits.max_headers
+        # Whether a wait may end before the timer armed for an earlier one fires (then it is re-armed).
+        self._uneven_waits = self.limits.header_timeout_s != self.limits.body_timeout_s
         self._head_open = True  # the next bytes belong to a request head
         self._head_bytes = 0  # bytes of the open head fed to the parser so far
         self._heads = 0  # heads completed on this connection
-        self._head_started: float | None = None  # when the open head began (None: no byte of it yet)
-        self._head_timer: asyncio.TimerHandle | None = None
+        # When the client's current wait began: the open head's first byte (or the connection), or
+        # the open body's last byte (or its head's end). None: the client owes nothing now.
+        self._since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None  # one per connection, re-armed lazily
+        self._handshaking = False  # TLS: the handshake runs (self.transport is the TCP connection)
         self._refusal: int | None = None  # the status a callback refused the head with
         self._lingering = False  # refused: what comes is dropped
         self._linger_left = 0
@@ -126,11 +146,16 @@ class EdgeProtocol(HttpToolsProtocol):
     # --- connections -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self._handshaking:  # from the TLS layer, its handshake done: HTTP over TLS from here on
+            self._handshaking = False
+            super().connection_made(transport)
+            return
         if len(self.connections) >= self.limits.max_connections:
             self.transport = transport
             self._lingering = True
             self._head_open = False
-            transport.write(RESPONSES[503])
+            if self.tls is None:  # a TLS client could not read it
+                transport.write(RESPONSES[503])
             transport.close()
             self.edge_log.event(
                 "refused",
@@ -138,14 +163,49 @@ class EdgeProtocol(HttpToolsProtocol):
                 f"the limit is {self.limits.max_connections} (CIRRUS_MAX_CONNECTIONS)",
             )
             return
-        super().connection_made(transport)
-        self._head_started = self.loop.time()
-        self._arm_head_timer()
+        if self.tls is None:
+            super().connection_made(transport)
+        else:
+            self._start_tls(transport, self.tls)
+        self._since = self.loop.time()
+        self._arm_timer()
+
+    def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Put the loop's TLS layer between `transport` and this protocol, as the loop does for
+        `create_server(ssl=...)`, but from the accept on: the connection counts from now, and the
+        timer bounds the handshake as part of the first head (it closes `transport`; the layer's
+        own handshake timeout is only a backstop). The layer calls `connection_made` again, with
+        the TLS transport, once the handshake is done."""
+        self.transport = transport
+        self.connections.add(self)
+        self._handshaking = True
+        ended = self.loop.create_future()
+        ended.add_done_callback(self._handshake_ended)
+        layer = _tls_layer(self.loop)(
+            self.loop,
+            self,
+            context,
+            ended,
+            server_side=True,
+            ssl_handshake_timeout=self.limits.header_timeout_s + LINGER_S,
+        )
+        transport.set_protocol(layer)
+        layer.connection_made(transport)
+
+    def _handshake_ended(self, ended: asyncio.Future[None]) -> None:
+        if not self._handshaking:
+            return  # it succeeded: the layer called connection_made, and calls connection_lost in the end
+        self._handshaking = False
+        exc = None if ended.cancelled() else ended.exception()
+        if isinstance(exc, ssl.SSLError):
+            peer, why = _peer(self.transport), exc.reason or exc
+            self.edge_log.event("tls", f"closed a connection from {peer}: its TLS handshake failed ({why})")
+        self.connection_lost(None)  # the layer does not call it for a connection that never got past its handshake
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._lingering = True
         super().connection_lost(exc)
 
@@ -159,10 +219,10 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         if self._head_open:
-            if self._head_started is None:
-                self._head_started = self.loop.time()
-                if self._head_timer is None:
-                    self._arm_head_timer()
+            if self._since is None:
+                self._since = self.loop.time()
+                if self._timer is None or self._uneven_waits:
+                    self._arm_timer()
             room = self._max_head - self._head_bytes
             if len(data) > room:
                 self._past_room(data, room)
@@ -227,11 +287,18 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_open = False
         self._head_bytes = 0
         self._heads += 1
-        self._head_started = None
+        self._since = self.loop.time()  # the body's wait begins (a message without one ends it at once)
+        if self._uneven_waits:
+            self._arm_timer()
         HttpToolsProtocol.on_headers_complete(self)
+
+    def on_body(self, body: bytes) -> None:
+        self._since = self.loop.time()
+        HttpToolsProtocol.on_body(self, body)
 
     def on_message_complete(self) -> None:
         self._head_open = True
+        self._since = None
         HttpToolsProtocol.on_message_complete(self)
 
     # --- refusing --------------------------------------------------------------------------------
@@ -241,15 +308,20 @@ class EdgeProtocol(HttpToolsProtocol):
         finishes first and the connection closes after it), else after lingering a moment."""
         self.edge_log.event(str(status), f"answered {status} to {what} from {_peer(self.transport)}")
         self._lingering = True
-        self._linger_left = LINGER_MAX_BYTES
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False  # the response in progress ends the connection
             return
+        self._answer_and_linger(status)
+
+    def _answer_and_linger(self, status: int) -> None:
+        """Answer `status` (with `Connection: close`), then read and drop what the client still sends
+        for a moment, so that it reads the answer rather than a reset, and close."""
+        self._linger_left = LINGER_MAX_BYTES
         self.transport.write(RESPONSES[status])
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -259,20 +331,48 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _arm_head_timer(self) -> None:
-        assert self._head_started is not None
-        self._head_timer = self.loop.call_at(self._head_started + self.limits.header_timeout_s, self._head_timeout)
+    # --- timing out ------------------------------------------------------------------------------
 
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        if self._head_started is None or self._lingering or self.transport.is_closing():
-            return
-        if self.loop.time() < self._head_started + self.limits.header_timeout_s:
-            self._arm_head_timer()  # the head that timer was for completed; this one began later
-            return
+    def _deadline(self) -> float:
+        assert self._since is not None
+        return self._since + (self.limits.header_timeout_s if self._head_open else self.limits.body_timeout_s)
+
+    def _arm_timer(self) -> None:
+        """Arm the timer for the current wait, unless it is armed to fire by its deadline already."""
+        deadline = self._deadline()
+        if self._timer is not None:
+            if self._timer.when() <= deadline:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._since is None or self._lingering or self.transport.is_closing():
+            return  # the client owes nothing now: the next head's first byte re-arms the timer
+        now = self.loop.time()
+        if not self._head_open and self._body_waits_on_us():
+            self._since = now
+        if now < self._deadline():
+            self._arm_timer()  # the wait that timer was for ended; this one began later
+        elif self._head_open:
+            self._head_timed_out()
+        else:
+            self._body_timed_out()
+
+    def _body_waits_on_us(self) -> bool:
+        """Whether the open body waits on this side: its request is pipelined behind another (whose
+        app may read on), reading is paused (the app has not taken what came), or the client awaits
+        `100 Continue`."""
+        cycle = self.cycle
+        awaits_continue = cycle.waiting_for_100_continue and not cycle.response_started
+        return bool(self.pipeline) or self.flow.read_paused or awaits_continue
+
+    def _head_timed_out(self) -> None:
+        what = "TLS handshake" if self._handshaking else "request head"
         self.edge_log.event(
             "timeout",
-            f"closed a connection from {_peer(self.transport)}: its request head was not complete "
+            f"closed a connection from {_peer(self.transport)}: its {what} was not complete "
             f"within {self.limits.header_timeout_s:g}s (CIRRUS_HEADER_TIMEOUT_S)",
         )
         self._lingering = True
@@ -283,6 +383,41 @@ class EdgeProtocol(HttpToolsProtocol):
             self.transport.write(RESPONSES[408])
         self.transport.close()
 
+    def _body_timed_out(self) -> None:
+        """408 and close; or close at once when a response has begun (the app may be waiting on the
+        body to finish it). The app's `receive()` says the client went; what it sends is dropped."""
+        cycle = self.cycle
+        answered = not cycle.response_started
+        self.edge_log.event(
+            "body timeout",
+            f"{'answered 408 to' if answered else 'closed'} a connection from {_peer(self.transport)}: no byte of "
+            f"its request body came within {self.limits.body_timeout_s:g}s (CIRRUS_BODY_TIMEOUT_S)",
+        )
+        self._lingering = True
+        if not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if answered:
+            self._answer_and_linger(408)
+        else:
+            self.transport.close()
+
+
+def _tls_layer(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.BufferedProtocol]:
+    """The TLS protocol of `loop`'s kind: uvloop's own on uvloop, else asyncio's. Both take the same
+    arguments (each loop builds its own so for `create_server(ssl=...)` and `start_tls`)."""
+    try:
+        import uvloop
+    except ImportError:
+        pass
+    else:
+        if isinstance(loop, uvloop.Loop):
+            layer: Callable[..., asyncio.BufferedProtocol] = uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+            return layer
+    from asyncio import sslproto
+
+    return sslproto.SSLProtocol
+
 
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
@@ -291,12 +426,13 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return str(peer or "?")
 
 
-def edge_protocol(server: str, limits: EdgeLimits) -> type[EdgeProtocol]:
-    """The protocol class for one server (`uvicorn.Config(http=...)`): its limits and its log."""
+def edge_protocol(server: str, limits: EdgeLimits, tls: ssl.SSLContext | None = None) -> type[EdgeProtocol]:
+    """The protocol class for one server (`uvicorn.Config(http=...)`, with no `ssl` there: `tls` is
+    done here): its limits, its log and its TLS."""
     return type(
         "EdgeProtocol",
         (EdgeProtocol,),
-        {"limits": limits, "edge_log": EdgeLog(server), "__module__": __name__},
+        {"limits": limits, "edge_log": EdgeLog(server), "tls": tls, "__module__": __name__},
     )
 
 
