@@ -1,13 +1,17 @@
-"""The daemon's admin REST API (127.0.0.1 only, bearer token): deploy, get, delete, logs, jobs, shutdown."""
+"""The daemon's admin REST API (127.0.0.1 only, bearer token): deploy, get, delete, logs, jobs, shutdown.
+
+What each route takes and answers, and the OpenAPI document (`GET /v1/openapi.json`), live in
+`cirrus/admin_openapi.py`; the handlers here validate bodies with its models.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -15,33 +19,28 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cirrus import __version__
+from cirrus.admin_openapi import (
+    MAX_DEAD_LETTERS,
+    MAX_LOG_LINES,
+    REPLICA_ID_RE,
+    BodyError,
+    DeployRequest,
+    KeyRequest,
+    RollbackRequest,
+    openapi_document,
+    parse_body,
+)
 from cirrus.control.controller import Controller
 from cirrus.control.jobs import JobNotFound
 from cirrus.control.keys import KeyNotFound
 from cirrus.control.rollouts import DeployRefused
 from cirrus.jobs import JobError, parse_request
 from cirrus.snapshots import ARCHIVE_OVERHEAD_BYTES, SnapshotError, SnapshotStore
-from cirrus.spec import Deployment, SpecError, check_model_paths, check_predictor_path
+from cirrus.spec import API_NAME_RE, Deployment, SpecError, check_model_paths, check_predictor_path
 from cirrus.store.files import FileError
 from cirrus.store.view import describe
 from cirrus.types import DaemonInfo
-
-_deployments = TypeAdapter(list[Deployment])
-
-
-class _KeyRequest(BaseModel):
-    """`POST /v1/keys`: what `cirrus keys create` asks for."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    apis: list[str] | None = Field(None, description="the APIs it may call (absent: all)")
-    rate: float | None = Field(None, gt=0, description="requests per second (absent: unlimited)")
-    burst: float | None = Field(None, ge=1, description="bucket size (default: max(1, rate))")
-    expires_in_s: float | None = Field(None, gt=0, description="seconds until it expires (absent: never)")
-    name: str | None = Field(None, max_length=200, description="a label for people")
-
-
-MAX_LOG_LINES = 100_000
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -63,6 +62,26 @@ class TokenAuth:
         await self.app(scope, receive, send)
 
 
+def check_paths(deployment: Deployment) -> None:
+    """The predictor file and the local model paths exist; SpecError saying which does not, or which
+    path no file can have (a NUL byte; a model path under `~user` of no such user)."""
+    spec, where = deployment.spec, f"deploy: API {deployment.spec.name!r}"
+    paths = {"project_dir": deployment.project_dir}
+    if spec.predictor is not None:
+        paths["predictor.path"] = spec.predictor.path
+    paths |= {f"models.{index}.path": model.path for index, model in enumerate(spec.models) if not model.is_url}
+    for field, path in paths.items():
+        if "\x00" in path:
+            raise SpecError(f"{where}: {field} holds a NUL byte")
+        if field.startswith("models.") and path.startswith("~"):
+            try:
+                Path(path).expanduser()
+            except RuntimeError:  # pathlib: no home directory for that ~user
+                raise SpecError(f"{where}: {field}: {path.partition('/')[0]} is no known user's home") from None
+    check_predictor_path(deployment, "deploy")
+    check_model_paths(deployment, "deploy")
+
+
 class AdminApi:
     """The admin API's handlers, over the controller (and through it, the runtime and the stores)."""
 
@@ -73,6 +92,7 @@ class AdminApi:
         self.snapshots: SnapshotStore = controller.snapshots
         self.info = info
         self.shutdown = shutdown
+        self.document: dict[str, Any] | None = None  # the OpenAPI document, built at its first request
 
     async def health(self, request: Request) -> Response:
         return JSONResponse(self.info().model_dump(mode="json"))
@@ -95,13 +115,11 @@ class AdminApi:
         if not isinstance(body, dict) or "deployments" not in body:
             return error(400, "the body must be a JSON object with a 'deployments' list")
         try:
-            deployments = _deployments.validate_python(body["deployments"])
+            asked = parse_body(DeployRequest, body, "deploy request")
+            deployments = asked.deployments
             for deployment in deployments:
-                check_predictor_path(deployment, "deploy")
-                check_model_paths(deployment, "deploy")
-        except ValidationError as exc:
-            return error(400, f"invalid deployment: {exc}")
-        except SpecError as exc:
+                check_paths(deployment)
+        except (BodyError, SpecError) as exc:
             return error(400, str(exc))
         names = [d.spec.name for d in deployments]
         if len(set(names)) != len(names):
@@ -110,11 +128,8 @@ class AdminApi:
             deployments = await asyncio.get_running_loop().run_in_executor(None, self.with_snapshots, deployments)
         except (SnapshotError, SpecError) as exc:
             return error(400, str(exc))
-        canary = body.get("canary")
-        if canary is not None and (isinstance(canary, bool) or not isinstance(canary, int | float)):
-            return error(400, "canary must be a percent of requests (a number between 0 and 100)")
         try:
-            results = self.controller.deploy(deployments, force=body.get("force") is True, canary=canary)
+            results = self.controller.deploy(deployments, force=asked.force, canary=asked.canary)
         except DeployRefused as exc:
             return error(exc.status, str(exc))
         return JSONResponse({"results": [r.model_dump(mode="json") for r in results]})
@@ -177,11 +192,11 @@ class AdminApi:
         name = request.path_params["name"]
         try:
             body: Any = await request.json() if await request.body() else {}
+            to = parse_body(RollbackRequest, body, 'rollback request ({"to": N} or empty)').to
+        except BodyError as exc:
+            return error(400, str(exc))
         except ValueError:
             return error(400, 'the body must be JSON: {"to": N} or empty')
-        to = body.get("to") if isinstance(body, dict) else None
-        if to is not None and (not isinstance(to, int) or isinstance(to, bool) or to < 1):
-            return error(400, "to must be a revision number (a positive integer)")
         try:
             result = self.controller.rollouts.rollback(name, to)
         except KeyError as exc:
@@ -209,7 +224,7 @@ class AdminApi:
     async def logs(self, request: Request) -> Response:
         name = request.path_params["name"]
         runtime = self.controller.runtime
-        if self.controller.status(name) is None and not runtime.has_logs(name):
+        if self.controller.status(name) is None and not (API_NAME_RE.fullmatch(name) and runtime.has_logs(name)):
             return error(404, f"no API named {name!r}")
         try:
             lines = int(request.query_params.get("lines", "100"))
@@ -217,6 +232,8 @@ class AdminApi:
             return error(400, "lines must be an integer")
         lines = max(0, min(lines, MAX_LOG_LINES))
         replica = request.query_params.get("replica") or None
+        if replica is not None and not REPLICA_ID_RE.fullmatch(replica):
+            return error(400, f"replica must be a replica id, such as {name}-0a1b2c (see cirrus get {name})")
         if request.query_params.get("follow", "false").lower() in ("1", "true", "yes"):
             return StreamingResponse(runtime.logs(name, replica, lines, True), media_type="text/plain; charset=utf-8")
         text = b"".join([chunk async for chunk in runtime.logs(name, replica, lines, False)])
@@ -230,7 +247,7 @@ class AdminApi:
         if store is None:
             return JSONResponse({"dead_letters": []})
         try:
-            limit = max(1, min(int(request.query_params.get("limit", "100")), 10_000))
+            limit = max(1, min(int(request.query_params.get("limit", "100")), MAX_DEAD_LETTERS))
         except ValueError:
             return error(400, "limit must be an integer")
         records = await asyncio.get_running_loop().run_in_executor(None, store.dead_letters, name, limit)
@@ -284,11 +301,12 @@ class AdminApi:
     async def create_key(self, request: Request) -> Response:
         try:
             body: Any = await request.json() if await request.body() else {}
-            asked = _KeyRequest.model_validate(body)
+        except ValueError:
+            return error(400, "the body must be JSON: {apis, rate, burst, expires_in_s, name} or empty")
+        try:
+            asked = parse_body(KeyRequest, body, "key request")
             key, record = self.controller.keys.create(**asked.model_dump())
-        except ValidationError as exc:
-            return error(400, f"invalid key request: {exc}")
-        except ValueError as exc:
+        except ValueError as exc:  # BodyError, or what the key store refuses
             return error(400, str(exc))
         self.controller.publish_keys()
         return JSONResponse({"key": key, "record": record.model_dump(mode="json")}, status_code=201)
@@ -304,6 +322,11 @@ class AdminApi:
         self.controller.publish_keys()
         return JSONResponse(record.model_dump(mode="json"))
 
+    async def openapi(self, request: Request) -> Response:
+        if self.document is None:
+            self.document = openapi_document(request.app.routes, __version__)
+        return JSONResponse(self.document)
+
     async def stop(self, request: Request) -> Response:
         asyncio.get_running_loop().call_later(0.05, self.shutdown)
         return JSONResponse({"stopping": True})
@@ -315,6 +338,7 @@ def build_admin_app(
     api = AdminApi(controller, info, shutdown)
     return Starlette(
         routes=[
+            Route("/v1/openapi.json", api.openapi),
             Route("/v1/health", api.health),
             Route("/v1/apis", api.list_apis),
             Route("/v1/apis", api.deploy, methods=["POST"]),

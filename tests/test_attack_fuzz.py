@@ -3,8 +3,8 @@
 A predictor with a pydantic payload publishes `GET /<api>/openapi.json`; schemathesis reads it
 from the running gateway and sends generated requests (valid ones, and invalid ones: wrong types,
 missing fields, out-of-range numbers, bodies of the wrong media type) with a bounded number of
-examples. Every answer must be a 2xx or 4xx. The admin API publishes no OpenAPI document, so only
-the gateway is fuzzed this way.
+examples. Every answer must be a 2xx or 4xx. The admin API publishes its own document
+(`GET /v1/openapi.json`) and is fuzzed from it in tests/test_attack_fuzz_admin.py.
 """
 
 from __future__ import annotations

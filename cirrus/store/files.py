@@ -26,7 +26,15 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> Path:
-    return Path(url.removeprefix("file://")).expanduser()
+    """The file-system path of a local URL; FileError for one no file can have: a NUL byte, or
+    `~user` of no such user."""
+    raw = url.removeprefix("file://")
+    if "\x00" in raw:
+        raise FileError(f"{url!r}: a path cannot hold a NUL byte")
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:  # pathlib: no home directory for that ~user
+        raise FileError(f"{url}: {raw.partition('/')[0]} is not the home directory of a known user") from None
 
 
 def _fs(url: str) -> tuple[Any, str]:
