@@ -10,22 +10,38 @@ import json
 import mimetypes
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cirrus import cli_views as views
-from cirrus.settings import Settings
+from cirrus.cli_common import (
+    AdminPortOption,
+    ApiArgument,
+    HomeOption,
+    HostOption,
+    InsecureOption,
+    Output,
+    OutputOption,
+    PortOption,
+    RequireKeysOption,
+    TlsCertOption,
+    TlsKeyOption,
+    _client,
+    _errors,
+    _print_json,
+    _settings,
+    _stderr,
+    _stdout,
+    _tls,
+)
+from cirrus.cli_jobs import jobs_app
 
 if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
+    from rich.console import RenderableType
 
     from cirrus.client import Client
-    from cirrus.jobs import Job
     from cirrus.types import ApiStatus, DeployResult
 
 app = typer.Typer(
@@ -35,48 +51,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-
-
-RequireKeysOption = Annotated[
-    bool | None,
-    typer.Option(
-        "--require-keys/--no-require-keys",
-        help="every API needs an API key (default: yes when --host is not a loopback address)",
-        show_default=False,
-    ),
-]
-InsecureOption = Annotated[
-    bool, typer.Option("--insecure-no-auth", help="serve a non-loopback host with no API keys (trusted networks only)")
-]
-TlsCertOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--tls-cert",
-        help="serve the gateway over HTTPS with this PEM certificate (chain); needs --tls-key "
-        "(default: $CIRRUS_TLS_CERT)",
-        show_default=False,
-    ),
-]
-TlsKeyOption = Annotated[
-    Path | None,
-    typer.Option("--tls-key", help="the PEM private key of --tls-cert (default: $CIRRUS_TLS_KEY)", show_default=False),
-]
-HomeOption = Annotated[
-    Path | None,
-    typer.Option("--home", help="state directory (default: $CIRRUS_HOME or ~/.cirrus)", show_default=False),
-]
-HostOption = Annotated[str | None, typer.Option("--host", help="address to bind (default: $CIRRUS_HOST or 127.0.0.1)")]
-PortOption = Annotated[int | None, typer.Option("--port", help="gateway port (default: $CIRRUS_PORT or 8888)")]
-AdminPortOption = Annotated[
-    int | None, typer.Option("--admin-port", help="admin API port (default: $CIRRUS_ADMIN_PORT or 8889)")
-]
-OutputOption = Annotated[Output, typer.Option("--output", "-o", help="output format")]
-ApiArgument = Annotated[str, typer.Argument(help="API name", show_default=False)]
 
 
 def main() -> None:
@@ -105,6 +79,14 @@ def up(
     insecure_no_auth: InsecureOption = False,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option("--runtime", help="where replicas run: local or ray (default: $CIRRUS_RUNTIME or local)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="the Ray cluster, HOST:PORT (default: $CIRRUS_RAY_ADDRESS, $RAY_ADDRESS)"),
+    ] = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Start the local Cirrus daemon (gateway, controller and admin API) in the background.
@@ -120,6 +102,8 @@ def up(
             admin_port,
             require_keys=require_keys,
             insecure_no_auth=insecure_no_auth or None,
+            runtime=runtime,
+            ray_address=ray_address,
             **_tls(tls_cert, tls_key),
         )
         was_running = client.ping() is not None
@@ -417,6 +401,7 @@ def serve(
 
 keys_app = typer.Typer(help="API keys: who may call the APIs, and how often.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -502,239 +487,6 @@ def keys_revoke(
     with _errors():
         record = _client(home).revoke_key(key_id)
         typer.echo(f"key {record.id} revoked")
-
-
-# Batch jobs.
-
-jobs_app = typer.Typer(
-    help="Batch jobs: run a list of items through a `kind: batch` API's predict_batch.", no_args_is_help=True
-)
-app.add_typer(jobs_app, name="jobs")
-JobArgument = Annotated[str, typer.Argument(help="job id", show_default=False)]
-FollowOption = Annotated[
-    bool, typer.Option("--follow", "-f", help="show a progress bar until the job ends (exit 1 unless it succeeded)")
-]
-
-
-@jobs_app.command("submit")
-def jobs_submit(
-    api: ApiArgument,
-    items: Annotated[
-        str | None,
-        typer.Option("--items", help="JSONL file (one JSON value per line) or .json array: a path or an fsspec URL"),
-    ] = None,
-    items_json: Annotated[str | None, typer.Option("--items-json", help="the items as a JSON array")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="items per predict_batch call")] = 32,
-    workers: Annotated[int, typer.Option("--workers", help="worker replicas")] = 1,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="time limit of the whole job, seconds")] = None,
-    max_attempts: Annotated[
-        int | None, typer.Option("--max-attempts", help="deliveries of a batch before it fails (default: the API's)")
-    ] = None,
-    config: Annotated[
-        str | None, typer.Option("--config", help="JSON object merged over predictor.config for this job")
-    ] = None,
-    sink: Annotated[
-        str | None, typer.Option("--sink", help="results directory or fsspec URL (default $CIRRUS_HOME/jobs/ID/)")
-    ] = None,
-    follow: FollowOption = False,
-    home: HomeOption = None,
-    output: OutputOption = Output.table,
-) -> None:
-    """Submit a batch job: its items are split into batches that workers run through predict_batch."""
-    with _errors():
-        if (items is None) == (items_json is None):
-            raise ValueError("give the items with either --items FILE|URL or --items-json '[...]'")
-        inline = None if items_json is None else _json_option("--items-json", items_json, list)
-        job_config = {} if config is None else _json_option("--config", config, dict)
-        client = _client(home)
-        job = client.submit_job(
-            api,
-            inline,
-            items_url=items,
-            batch_size=batch_size,
-            workers=workers,
-            timeout_s=timeout,
-            max_attempts=max_attempts,
-            config=job_config,
-            sink=sink,
-        )
-        if follow:
-            job = _follow_job(client, job.id, output)
-        elif output is Output.table:
-            typer.echo(f"submitted job {job.id}: {job.total_items} items in {job.total_batches} batches")
-            typer.echo(f"  follow it with `cirrus jobs get {job.id} -f`; results go to {job.sink}")
-        if output is Output.json:
-            _print_json(job.model_dump(mode="json"))
-        _exit_for(job, follow)
-
-
-@jobs_app.command("list")
-def jobs_list(
-    api: Annotated[str | None, typer.Argument(help="only this API's jobs")] = None,
-    home: HomeOption = None,
-    output: OutputOption = Output.table,
-) -> None:
-    """List batch jobs, newest first."""
-    with _errors():
-        jobs = _client(home).jobs(api)
-        if output is Output.json:
-            _print_json([job.model_dump(mode="json") for job in jobs])
-            return
-        if not jobs:
-            typer.echo("no jobs; submit one with `cirrus jobs submit API --items FILE`")
-            return
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold")
-        for column in ("JOB", "API", "STATUS", "BATCHES DONE/FAILED/TOTAL", "ITEMS", "CREATED"):
-            table.add_column(column, overflow="fold")
-        for job in jobs:
-            table.add_row(
-                job.id,
-                job.api,
-                views.styled(job.status.value),
-                f"{job.batches_done}/{job.batches_failed}/{job.total_batches}",
-                str(job.total_items),
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
-            )
-        _stdout().print(table)
-
-
-@jobs_app.command("get")
-def jobs_get(
-    job_id: JobArgument, follow: FollowOption = False, home: HomeOption = None, output: OutputOption = Output.table
-) -> None:
-    """Show a job: status, progress (batches, items/s, ETA), failed batches, where its results are."""
-    with _errors():
-        client = _client(home)
-        if follow:
-            job = _follow_job(client, job_id, output)
-        else:
-            job = client.job(job_id)
-            if output is Output.table:
-                _stdout().print(views.job_view(job))
-        if output is Output.json:
-            _print_json(job.model_dump(mode="json"))
-        _exit_for(job, follow)
-
-
-@jobs_app.command("cancel")
-def jobs_cancel(job_id: JobArgument, home: HomeOption = None, output: OutputOption = Output.table) -> None:
-    """Cancel a pending or running job: its workers stop; results written so far stay."""
-    with _errors():
-        job = _client(home).cancel_job(job_id)
-        if output is Output.json:
-            _print_json(job.model_dump(mode="json"))
-        else:
-            typer.echo(f"cancelled job {job.id}")
-
-
-def _json_option(name: str, text: str, kind: type) -> Any:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{name} is not valid JSON: {exc}") from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{name} must be a JSON {'array' if kind is list else 'object'}")
-    return value
-
-
-def _exit_for(job: Job, follow: bool) -> None:
-    if follow and job.status.value != "succeeded":
-        raise typer.Exit(1)
-
-
-def _follow_job(client: Client, job_id: str, output: Output) -> Job:
-    """Poll the job until it ends, with a Rich progress bar (on stderr with `-o json`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = _stderr() if output is Output.json else _stdout()
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("batches  {task.fields[rate]}  {task.fields[eta]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(job_id, total=None, rate="", eta="")
-
-        def show(job: Job) -> None:
-            rate = "" if job.items_per_s is None else f"{job.items_per_s:,.0f} items/s"
-            eta = "" if job.eta_s is None else f"ETA {job.eta_s:,.0f}s"
-            failed = f", {job.batches_failed} failed" if job.batches_failed else ""
-            bar.update(
-                task,
-                description=f"{job.id} {job.status.value}{failed}",
-                total=job.total_batches,
-                completed=job.batches_done + job.batches_failed,
-                rate=rate,
-                eta=eta,
-            )
-
-        job = client.wait_job(job_id, on_poll=show)
-    if output is Output.table:
-        _stdout().print(views.job_view(job))
-    return job
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Expected failures become one red line on stderr and exit 1; Ctrl-C exits 130 quietly."""
-    from cirrus.client import CirrusError
-
-    try:
-        yield
-    except (CirrusError, ValueError) as exc:  # SpecError and bad settings are ValueErrors
-        _stderr().print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-def _tls(cert: Path | None, key: Path | None) -> dict[str, object]:
-    """`--tls-cert`/`--tls-key` as Settings overrides (absolute paths: the daemon may run elsewhere)."""
-    given = {"tls_cert": cert, "tls_key": key}
-    return {name: str(path.expanduser().resolve()) if path else None for name, path in given.items()}
-
-
-def _settings(
-    home: Path | None,
-    host: str | None = None,
-    port: int | None = None,
-    admin_port: int | None = None,
-    **more: object,
-) -> Settings:
-    home = home.expanduser().resolve() if home else None
-    return Settings.from_env().with_overrides(home=home, host=host, gateway_port=port, admin_port=admin_port, **more)
-
-
-def _client(
-    home: Path | None,
-    host: str | None = None,
-    port: int | None = None,
-    admin_port: int | None = None,
-    **more: object,
-) -> Client:
-    from cirrus.client import Client
-
-    return Client(_settings(home, host, port, admin_port, **more))
-
-
-def _stdout() -> Console:
-    from rich.console import Console
-
-    return Console(markup=False, highlight=False)  # names and errors are data, never markup
-
-
-def _stderr() -> Console:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2))
 
 
 def _read_payload(argument: str) -> tuple[Any, dict[str, str]]:
