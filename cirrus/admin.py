@@ -1,4 +1,5 @@
-"""The daemon's admin REST API (127.0.0.1 only, bearer token): deploy, get, delete, logs, jobs, shutdown.
+"""The daemon's admin REST API (bearer token; 127.0.0.1 unless CIRRUS_ADMIN_HOST says otherwise): deploy,
+get, delete, logs, jobs, keys, joined gateways' route table and load reports, shutdown.
 
 What each route takes and answers, and the OpenAPI document (`GET /v1/openapi.json`), live in
 `cirrus/admin_openapi.py`; the handlers here validate bodies with its models.
@@ -32,15 +33,20 @@ from cirrus.admin_openapi import (
     parse_body,
 )
 from cirrus.control.controller import Controller
+from cirrus.control.gateways import Gateways, TooManyGateways
 from cirrus.control.jobs import JobNotFound
 from cirrus.control.keys import KeyNotFound
 from cirrus.control.rollouts import DeployRefused
 from cirrus.jobs import JobError, parse_request
+from cirrus.routes import GATEWAY_ID_RE, LoadReport
 from cirrus.snapshots import ARCHIVE_OVERHEAD_BYTES, SnapshotError, SnapshotStore
 from cirrus.spec import API_NAME_RE, Deployment, SpecError, check_model_paths, check_predictor_path
 from cirrus.store.files import FileError
 from cirrus.store.view import describe
 from cirrus.types import DaemonInfo
+
+LONG_POLL_S = 20.0  # GET /v1/gateways/routes?version=V waits this long at most for a change
+NO_GATEWAYS = "this daemon takes no joined gateways"
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -85,10 +91,17 @@ def check_paths(deployment: Deployment) -> None:
 class AdminApi:
     """The admin API's handlers, over the controller (and through it, the runtime and the stores)."""
 
-    def __init__(self, controller: Controller, info: Callable[[], DaemonInfo], shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        info: Callable[[], DaemonInfo],
+        shutdown: Callable[[], None],
+        gateways: Gateways | None = None,
+    ) -> None:
         if controller.snapshots is None:
             raise ValueError("the admin API needs a controller with a snapshot store")
         self.controller = controller
+        self.gateways = gateways  # joined gateways' route table and load reports (None: takes none)
         self.snapshots: SnapshotStore = controller.snapshots
         self.info = info
         self.shutdown = shutdown
@@ -322,6 +335,40 @@ class AdminApi:
         self.controller.publish_keys()
         return JSONResponse(record.model_dump(mode="json"))
 
+    async def gateway_routes(self, request: Request) -> Response:
+        """The route table, once its version differs from `?version=` (at most LONG_POLL_S later)."""
+        if self.gateways is None:
+            return error(503, NO_GATEWAYS)
+        version = request.query_params.get("version") or None
+        if version is not None and len(version) > 200:
+            return error(400, "version must be a route table version (at most 200 characters)")
+        table = await self.gateways.changed(version, LONG_POLL_S)
+        return JSONResponse(table.model_dump(mode="json"))
+
+    async def gateway_load(self, request: Request) -> Response:
+        gateway_id = request.path_params["id"]
+        if not GATEWAY_ID_RE.fullmatch(gateway_id):
+            return error(400, "a gateway id is 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if self.gateways is None:
+            return error(503, NO_GATEWAYS)
+        try:
+            report = parse_body(LoadReport, await request.json(), "load report")
+        except BodyError as exc:
+            return error(400, str(exc))
+        except ValueError:
+            return error(400, 'the body must be JSON: {"apis": {API: load}, "cold": [API, ...], ...}')
+        try:
+            count = self.gateways.report(gateway_id, report)
+        except TooManyGateways as exc:
+            return error(429, str(exc))
+        for name in report.cold:
+            self.controller.demand(name)  # a request waits at zero replicas there: start one now
+        return JSONResponse({"gateways": count})
+
+    async def list_gateways(self, request: Request) -> Response:
+        joined = [] if self.gateways is None else self.gateways.joined()
+        return JSONResponse({"gateways": [g.model_dump(mode="json") for g in joined]})
+
     async def openapi(self, request: Request) -> Response:
         if self.document is None:
             self.document = openapi_document(request.app.routes, __version__)
@@ -333,9 +380,14 @@ class AdminApi:
 
 
 def build_admin_app(
-    controller: Controller, *, token: str, info: Callable[[], DaemonInfo], shutdown: Callable[[], None]
+    controller: Controller,
+    *,
+    token: str,
+    info: Callable[[], DaemonInfo],
+    shutdown: Callable[[], None],
+    gateways: Gateways | None = None,
 ) -> ASGIApp:
-    api = AdminApi(controller, info, shutdown)
+    api = AdminApi(controller, info, shutdown, gateways)
     return Starlette(
         routes=[
             Route("/v1/openapi.json", api.openapi),
@@ -357,6 +409,9 @@ def build_admin_app(
             Route("/v1/keys", api.list_keys),
             Route("/v1/keys", api.create_key, methods=["POST"]),
             Route("/v1/keys/{id}", api.revoke_key, methods=["DELETE"]),
+            Route("/v1/gateways", api.list_gateways),
+            Route("/v1/gateways/routes", api.gateway_routes),
+            Route("/v1/gateways/{id}/load", api.gateway_load, methods=["POST"]),
             Route("/v1/shutdown", api.stop, methods=["POST"]),
         ],
         middleware=[Middleware(TokenAuth, token=token)],

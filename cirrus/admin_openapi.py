@@ -19,6 +19,7 @@ from pydantic.json_schema import JsonSchemaMode
 from starlette.routing import BaseRoute, Route
 
 from cirrus.jobs import Job, JobRequest
+from cirrus.routes import GatewayList, LoadAccepted, LoadReport, RouteTable
 from cirrus.spec import API_NAME_RE, RESERVED_NAMES, Deployment
 from cirrus.types import ApiKey, ApiStatus, DaemonInfo, DeployResult, RevisionInfo
 
@@ -242,6 +243,28 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/keys"): Operation("the API keys (their records, never the keys)", KeyList),
     ("POST", "/v1/keys"): Operation("create an API key", NewKey, BAD, status=201, body=KeyRequest, body_required=False),
     ("DELETE", "/v1/keys/{id}"): Operation("revoke an API key", ApiKey, {404: "no key with that id"}),
+    ("GET", "/v1/gateways"): Operation(
+        "the joined gateways (`cirrus gateway --join`) and their last reports", GatewayList
+    ),
+    ("GET", "/v1/gateways/routes"): Operation(
+        "the route table joined gateways follow: every API's settings and ready replicas (their secrets "
+        "included), the API keys' digests, the queue store; a long poll",
+        RouteTable,
+        {**BAD, 503: "this daemon takes no joined gateways"},
+        query=(
+            Query(
+                "version",
+                {"type": "string", "maxLength": 200},
+                "the version the caller has: the answer waits (up to 20 s) until the table's differs",
+            ),
+        ),
+    ),
+    ("POST", "/v1/gateways/{id}/load"): Operation(
+        "a joined gateway's load report (the autoscaler adds it to the daemon gateway's)",
+        LoadAccepted,
+        {**BAD, 429: "too many gateways report already", 503: "this daemon takes no joined gateways"},
+        body=LoadReport,
+    ),
     ("POST", "/v1/shutdown"): Operation("drain and stop every replica, then the daemon", Stopping),
 }
 
@@ -275,7 +298,8 @@ def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any
         "info": {
             "title": "Cirrus admin API",
             "version": version,
-            "description": "The daemon's admin API (127.0.0.1 only); see docs/admin-api.md.",
+            "description": "The daemon's admin API (127.0.0.1 unless CIRRUS_ADMIN_HOST says otherwise); "
+            "see docs/admin-api.md.",
         },
         "paths": paths,
         "components": {
@@ -289,7 +313,7 @@ def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any
 
 
 def _path_parameters(route: Route) -> list[dict[str, Any]]:
-    schemas = {"name": {"type": "string", "pattern": API_NAME_RE.pattern}}  # {id}: a job's or a key's
+    schemas = {"name": {"type": "string", "pattern": API_NAME_RE.pattern}}  # {id}: a job's, a key's or a gateway's
     return [
         {"name": name, "in": "path", "required": True, "schema": schemas.get(name, {"type": "string", "minLength": 1})}
         for name in route.param_convertors

@@ -17,6 +17,7 @@ import typer
 
 from cirrus import cli_views as views
 from cirrus.cli_common import (
+    AdminHostOption,
     AdminPortOption,
     ApiArgument,
     HomeOption,
@@ -74,6 +75,7 @@ def up(
     host: HostOption = None,
     port: PortOption = None,
     admin_port: AdminPortOption = None,
+    admin_host: AdminHostOption = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the daemon")] = 30,
     require_keys: RequireKeysOption = None,
     insecure_no_auth: InsecureOption = False,
@@ -100,6 +102,7 @@ def up(
             host,
             port,
             admin_port,
+            admin_host=admin_host,
             require_keys=require_keys,
             insecure_no_auth=insecure_no_auth or None,
             runtime=runtime,
@@ -395,6 +398,57 @@ def serve(
             serve_foreground(settings, str(path))
         except DaemonError as exc:
             raise CirrusError(str(exc)) from None
+
+
+@app.command()
+def gateway(
+    join: Annotated[
+        str,
+        typer.Option("--join", help="the daemon's admin API URL, e.g. http://10.0.0.1:8889", show_default=False),
+    ],
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="the daemon's admin token (others can read it in `ps`: prefer --token-file)"),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="a file holding the admin token ($CIRRUS_HOME/token there)")
+    ] = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    require_keys: RequireKeysOption = None,
+    insecure_no_auth: InsecureOption = False,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+) -> None:
+    """Run one more gateway for a daemon's APIs, on any node, in the foreground until Ctrl-C.
+
+    It serves the same APIs as the daemon's gateway, follows its route changes (deploys, rollouts,
+    canaries, deletes, keys) and reports its load, which the daemon's autoscaler counts. The daemon's
+    admin API must be reachable from here (`cirrus up --admin-host`), and so must its replicas."""
+    with _errors():
+        secret = _admin_token(token, token_file)
+        more = {"require_keys": require_keys, "insecure_no_auth": insecure_no_auth or None, **_tls(tls_cert, tls_key)}
+        settings = _settings(None, host, port, None, **more)
+        from cirrus.client import CirrusError
+        from cirrus.daemon import DaemonError, serve_joined
+
+        try:
+            serve_joined(settings, join, secret)
+        except DaemonError as exc:
+            raise CirrusError(str(exc)) from None
+
+
+def _admin_token(token: str | None, token_file: Path | None) -> str:
+    if (token is None) == (token_file is None):
+        raise ValueError("give the daemon's admin token: --token-file FILE (or --token TOKEN), one of them")
+    if token_file is not None:
+        try:
+            token = token_file.expanduser().read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the token file {token_file}: {exc.strerror or exc}") from None
+    if not token:
+        raise ValueError("the admin token is empty")
+    return token
 
 
 # API keys.

@@ -57,6 +57,15 @@ PortOption = Annotated[int | None, typer.Option("--port", help="gateway port (de
 AdminPortOption = Annotated[
     int | None, typer.Option("--admin-port", help="admin API port (default: $CIRRUS_ADMIN_PORT or 8889)")
 ]
+AdminHostOption = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-host",
+        help="address the admin API binds (default: $CIRRUS_ADMIN_HOST or 127.0.0.1); another than loopback is "
+        "for trusted networks only: the admin token is its only protection",
+        show_default=False,
+    ),
+]
 OutputOption = Annotated[Output, typer.Option("--output", "-o", help="output format")]
 ApiArgument = Annotated[str, typer.Argument(help="API name", show_default=False)]
 

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -36,9 +37,10 @@ if TYPE_CHECKING:
     import ssl
 
     from cirrus.control.controller import Controller
+    from cirrus.control.gateways import Gateways
     from cirrus.control.statedb import StateDB
     from cirrus.gateway.app import Gateway
-    from cirrus.runtimes.local import LocalRuntime
+    from cirrus.runtimes.base import Runtime
     from cirrus.store.base import QueueStore
 
 log = logging.getLogger("cirrus.daemon")
@@ -204,15 +206,17 @@ class _Parts:
 
     state_db: StateDB
     queue_store: QueueStore
-    runtime: LocalRuntime
+    runtime: Runtime
     gateway: Gateway
     controller: Controller
     admin: Any
+    gateways: Gateways  # the controller's view of the gateways: its own, and the joined ones
 
 
 def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo], stop: Callable[[], None]) -> _Parts:
     from cirrus.admin import build_admin_app
     from cirrus.control.controller import Controller
+    from cirrus.control.gateways import Gateways
     from cirrus.control.jobs import JobManager, JobStore
     from cirrus.control.keys import KeyStore
     from cirrus.control.models import ModelFetcher
@@ -231,25 +235,31 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
     log.info("node capacity: %s", describe(inventory))
     state_db = StateDB(settings.db_file)
     queue_store = open_store(settings.store_url)
-    runtime = LocalRuntime(
-        settings.logs_dir,
-        python=settings.python,
-        inventory=inventory,
-        models_dir=settings.models_dir,
-        log_max_bytes=settings.log_max_bytes,
-    )
+    snapshots = SnapshotStore(settings.home / "snapshots")
+    runtime: Runtime
+    if settings.runtime == "ray":
+        runtime = _ray_runtime(settings, snapshots)
+    else:
+        runtime = LocalRuntime(
+            settings.logs_dir,
+            python=settings.python,
+            inventory=inventory,
+            models_dir=settings.models_dir,
+            log_max_bytes=settings.log_max_bytes,
+        )
     gateway = Gateway(settings.max_body_bytes)
     gateway.metrics_app = lambda: render(gateway)
+    gateways = Gateways(GatewayController(gateway), queue_store=settings.store_url)
     controller = Controller(
         Store(state_db),
         runtime,
-        GatewayController(gateway),
+        gateways,
         endpoint=lambda name: f"{gateway_url}/{name}",
         queue_store=queue_store,
         queue_url=settings.store_url,
         jobs=JobManager(JobStore(state_db), queue_store, settings.home / "jobs"),
         models=ModelFetcher(lambda: _model_cache(settings, runtime.model_cache_dir()), time.monotonic),
-        snapshots=SnapshotStore(settings.home / "snapshots"),
+        snapshots=snapshots,
         keys=KeyStore(state_db),
         debug_errors=settings.debug_errors,
     )
@@ -257,8 +267,9 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
     gateway.require_keys = settings.keys_required
     gateway.on_cold = controller.demand
     gateway.async_front = AsyncFront(queue_store, queue_spec=controller.queue_spec)
-    admin = build_admin_app(controller, token=ensure_token(settings), info=info, shutdown=stop)
-    return _Parts(state_db, queue_store, runtime, gateway, controller, admin)
+    gateways.queue_spec = controller.queue_spec
+    admin = build_admin_app(controller, token=ensure_token(settings), info=info, shutdown=stop, gateways=gateways)
+    return _Parts(state_db, queue_store, runtime, gateway, controller, admin, gateways)
 
 
 def _check_keys(settings: Settings, keys: list[ApiKey]) -> None:
@@ -291,16 +302,22 @@ async def run(
     tls = tls_context(settings)
     _raise_descriptor_limit(settings)
     gateway_sock = _bind(settings.host, settings.gateway_port)
-    admin_sock = _bind("127.0.0.1", settings.admin_port)
+    admin_sock = _bind(settings.admin_host, settings.admin_port)
+    if not is_loopback(settings.admin_host):
+        log.warning(
+            "the admin API listens on %s (CIRRUS_ADMIN_HOST): whoever reaches it with the token controls this "
+            "daemon, over plain HTTP; trusted networks only",
+            settings.admin_host,
+        )
     gateway_url, admin_url = _url(gateway_sock, "https" if tls is not None else "http"), _url(admin_sock)
     info = DaemonInfo(
         pid=os.getpid(), version=VERSION, gateway_url=gateway_url, admin_url=admin_url, started_at=time.time()
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     parts = _build(settings, gateway_url, lambda: info, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after _build: `ray.init` (the Ray runtime) sets its own
+        loop.add_signal_handler(sig, stop.set)
     servers = [
         _server(parts.gateway, "gateway", _edge_limits(settings, settings.max_connections), settings.keep_alive_s, tls),
         _server(parts.admin, "admin API", _edge_limits(settings, ADMIN_MAX_CONNECTIONS), ADMIN_KEEP_ALIVE_S),
@@ -313,7 +330,7 @@ async def run(
     background = [
         loop.create_task(parts.controller.run()),
         loop.create_task(_purge_results(parts.queue_store, settings.result_ttl_s)),
-        loop.create_task(_rotate_logs(parts.runtime, settings.daemon_log)),
+        loop.create_task(_rotate_logs(parts.runtime, settings.daemon_log, settings.log_max_bytes)),
     ]
     if stream_logs:
         background.append(loop.create_task(_print_logs(parts.runtime)))
@@ -337,6 +354,7 @@ async def _stop(
     log.info("stopping")
     with contextlib.suppress(FileNotFoundError):
         settings.daemon_file.unlink()
+    parts.gateways.close()  # joined gateways' long polls answer now
     for server in servers:
         server.should_exit = True
     # Requests in flight finish first (async accepts need the acceptor still running).
@@ -349,6 +367,24 @@ async def _stop(
     await asyncio.gather(*tasks, *background, return_exceptions=True)
     parts.state_db.close()
     parts.queue_store.close()
+
+
+def _ray_runtime(settings: Settings, snapshots: Any) -> Runtime:
+    """The Ray runtime (`--runtime ray`): a driver of the cluster at `--ray-address`."""
+    try:
+        from cirrus.runtimes.ray import RayRuntime
+    except ImportError as exc:
+        raise ValueError(f"--runtime ray needs Ray: pip install 'cirrus-serve[ray]' ({exc})") from None
+    if not settings.ray_address:
+        raise ValueError("--runtime ray needs the cluster's address: --ray-address HOST:PORT (or RAY_ADDRESS)")
+    options = {"s3": {"endpoint_url": settings.s3_endpoint_url}} if settings.s3_endpoint_url else None
+    return RayRuntime(
+        settings.ray_address,
+        snapshots,
+        log_max_bytes=settings.log_max_bytes,
+        storage_options=options,
+        agent_idle_s=settings.ray_agent_idle_s,
+    )
 
 
 def _model_cache(settings: Settings, directory: Path | None) -> Any:
@@ -388,17 +424,23 @@ def _raise_descriptor_limit(settings: Settings) -> None:
         )
 
 
-async def _rotate_logs(runtime: LocalRuntime, daemon_log: Path, every_s: float = LOG_ROTATE_EVERY_S) -> None:
-    """Keep the replicas', the templates' and the daemon's own logs bounded."""
+async def _rotate_logs(runtime: Runtime, daemon_log: Path, max_bytes: int, every_s: float = LOG_ROTATE_EVERY_S) -> None:
+    """Keep the replicas', the templates' and the daemon's own logs bounded (a cluster's nodes keep theirs)."""
+    from cirrus.logs import rotate_all
+    from cirrus.runtimes.local import LocalRuntime
+
     while True:
         await asyncio.sleep(every_s)
         try:
-            await runtime.rotate_logs(also=(daemon_log,))
+            if isinstance(runtime, LocalRuntime):
+                await runtime.rotate_logs(also=(daemon_log,))
+            else:
+                await asyncio.to_thread(rotate_all, [daemon_log], max_bytes)
         except Exception:
             log.exception("rotating logs failed")
 
 
-async def _print_logs(runtime: LocalRuntime) -> None:
+async def _print_logs(runtime: Runtime) -> None:
     async for line in runtime.logs(None, None, 0, True):
         sys.stdout.write(line.decode("utf-8", "replace"))
         sys.stdout.flush()
@@ -427,6 +469,67 @@ def serve_foreground(settings: Settings, path: str) -> None:
 
         with home_lock(local):
             run_loop(run(local, deploy_path=path, on_ready=ready, stream_logs=True))
+
+
+def serve_joined(settings: Settings, admin_url: str, token: str) -> None:
+    """`cirrus gateway --join ADMIN_URL`: one more gateway for that daemon's APIs (cirrus/gateway/join.py),
+    in the foreground until SIGTERM or Ctrl-C. DaemonError: it cannot join or cannot serve."""
+    from cirrus.loop import run_loop
+
+    if not admin_url.startswith(("http://", "https://")):
+        raise DaemonError(f"--join {admin_url!r}: give the daemon's admin API URL, e.g. http://10.0.0.1:8889")
+    tls_context(settings)  # a bad certificate or key is one clear line, before anything starts
+    _configure_logging()
+    for noisy in ("httpx", "httpcore"):  # a line per load report otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    run_loop(_run_joined(settings, admin_url, token))
+
+
+async def _run_joined(settings: Settings, admin_url: str, token: str) -> None:
+    from cirrus.gateway.app import Gateway
+    from cirrus.gateway.join import Joiner, JoinError
+    from cirrus.gateway.prometheus import render
+
+    tls = tls_context(settings)
+    gateway = Gateway(settings.max_body_bytes)
+    gateway.metrics_app = lambda: render(gateway)
+    gateway.require_keys = settings.keys_required
+    sock = _bind(settings.host, settings.gateway_port)
+    url = _url(sock, "https" if tls is not None else "http")
+    joiner = Joiner(gateway, admin_url, token, _gateway_id(), url)
+    try:
+        table = await joiner.join()
+        _check_keys(settings, table.keys)
+    except (JoinError, DaemonError) as exc:
+        await joiner.close()
+        sock.close()
+        raise DaemonError(str(exc)) from None
+    _raise_descriptor_limit(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = _server(gateway, "gateway", _edge_limits(settings, settings.max_connections), settings.keep_alive_s, tls)
+    serving = loop.create_task(server.serve(sockets=[sock]))
+    tasks = joiner.start()
+    log.info("gateway %s joined %s (%d APIs): serving %s", joiner.gateway_id, admin_url, len(table.apis), url)
+    print(f"gateway {joiner.gateway_id} joined {admin_url}: serving {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        server.should_exit = True
+        await asyncio.wait([serving], timeout=SHUTDOWN_GRACE_S + 1)  # requests in flight finish first
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(serving, *tasks, return_exceptions=True)
+        await joiner.close()
+
+
+def _gateway_id() -> str:
+    """This joined gateway's name in the daemon's reports: its host and pid."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:100] or "gateway"
+    return f"{host}-{os.getpid()}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,18 +98,18 @@ async def read_logs(
     The newest lines are counted over all the chosen files together, taken file by file, oldest
     file first. Following never ends on its own: the caller stops iterating."""
     offsets: dict[Path, int] = {}
-    tail = await asyncio.to_thread(_read_tails, logs_dir, api, replica_id, lines, offsets if follow else None)
+    tail = await asyncio.to_thread(read_tails, logs_dir, api, replica_id, lines, offsets if follow else None)
     for chunk in tail[-lines:] if lines > 0 else []:
         yield chunk
     if not follow:
         return
     while True:
         await asyncio.sleep(poll_s)
-        for chunk in await asyncio.to_thread(_read_all_new, logs_dir, api, replica_id, offsets):
+        for chunk in await asyncio.to_thread(read_all_new, logs_dir, api, replica_id, offsets):
             yield chunk
 
 
-def _read_tails(
+def read_tails(
     logs_dir: Path, api: str | None, replica_id: str | None, lines: int, offsets: dict[Path, int] | None
 ) -> list[bytes]:
     """The last `lines` lines of each chosen file; with `offsets` (following), where each tail ends."""
@@ -123,7 +123,7 @@ def _read_tails(
     return tail
 
 
-def _read_all_new(logs_dir: Path, api: str | None, replica_id: str | None, offsets: dict[Path, int]) -> list[bytes]:
+def read_all_new(logs_dir: Path, api: str | None, replica_id: str | None, offsets: dict[Path, int]) -> list[bytes]:
     return [
         _line(path, text) for path in replica_log_files(logs_dir, api, replica_id) for text in _read_new(path, offsets)
     ]

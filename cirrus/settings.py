@@ -54,6 +54,15 @@ def _bool_env(env: dict[str, str], name: str) -> bool | None:
     raise ValueError(f"environment variable {name}={raw!r} must be 1 or 0")
 
 
+RUNTIMES = ("local", "ray")
+
+
+def _runtime(name: str) -> str:
+    if name not in RUNTIMES:
+        raise ValueError(f"CIRRUS_RUNTIME={name!r}: the runtimes are {', '.join(RUNTIMES)}")
+    return name
+
+
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -77,6 +86,7 @@ class Settings:
     host: str = "127.0.0.1"
     gateway_port: int = DEFAULT_GATEWAY_PORT
     admin_port: int = DEFAULT_ADMIN_PORT
+    admin_host: str = "127.0.0.1"  # the admin API's address: another is for trusted networks only (the token guards it)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     python: str = sys.executable
     store: str = ""  # the async queue store URL; "" = SQLite at $CIRRUS_HOME/queue.db
@@ -96,6 +106,9 @@ class Settings:
     tls_cert: str = ""  # the gateway serves HTTPS with this PEM certificate (chain) ...
     tls_key: str = ""  # ... and this PEM private key; both or neither (the admin API stays plain HTTP on loopback)
     tls_ca: str = ""  # clients verify the gateway's certificate with this CA file ("": the system's trust store)
+    runtime: str = "local"  # where replicas run: "local" (processes of this machine) or "ray" (a Ray cluster)
+    ray_address: str = ""  # the Ray cluster's HOST:PORT (runtime "ray"; "": Ray's own RAY_ADDRESS, else a local one)
+    ray_agent_idle_s: float = 60.0  # a Ray node without replicas keeps its Cirrus agent (warm templates) this long
 
     @property
     def keys_required(self) -> bool:
@@ -113,6 +126,7 @@ class Settings:
             host=env.get("CIRRUS_HOST") or "127.0.0.1",
             gateway_port=_int_env(env, "CIRRUS_PORT", DEFAULT_GATEWAY_PORT),
             admin_port=_int_env(env, "CIRRUS_ADMIN_PORT", DEFAULT_ADMIN_PORT),
+            admin_host=env.get("CIRRUS_ADMIN_HOST") or "127.0.0.1",
             max_body_bytes=_int_env(env, "CIRRUS_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             python=env.get("CIRRUS_PYTHON") or sys.executable,
             store=env.get("CIRRUS_STORE") or "",
@@ -132,6 +146,9 @@ class Settings:
             tls_cert=env.get("CIRRUS_TLS_CERT") or "",
             tls_key=env.get("CIRRUS_TLS_KEY") or "",
             tls_ca=env.get("CIRRUS_TLS_CA") or "",
+            runtime=_runtime(env.get("CIRRUS_RUNTIME") or "local"),
+            ray_address=env.get("CIRRUS_RAY_ADDRESS") or env.get("RAY_ADDRESS") or "",
+            ray_agent_idle_s=_positive_float_env(env, "CIRRUS_RAY_AGENT_IDLE_S", 60.0),
         )
 
     def daemon_env(self) -> dict[str, str]:
@@ -139,6 +156,7 @@ class Settings:
         ports and python come as flags)."""
         env = {
             "CIRRUS_HOME": str(self.home),
+            "CIRRUS_ADMIN_HOST": self.admin_host,
             "CIRRUS_MAX_BODY_BYTES": str(self.max_body_bytes),
             "CIRRUS_RESULT_TTL_S": str(self.result_ttl_s),
             "CIRRUS_MAX_URL_BYTES": str(self.max_url_bytes),
@@ -164,6 +182,11 @@ class Settings:
             env["CIRRUS_TLS_CERT"] = os.path.abspath(self.tls_cert)
         if self.tls_key:
             env["CIRRUS_TLS_KEY"] = os.path.abspath(self.tls_key)
+        if self.runtime != "local":
+            env["CIRRUS_RUNTIME"] = self.runtime
+        if self.ray_address:
+            env["CIRRUS_RAY_ADDRESS"] = self.ray_address
+        env["CIRRUS_RAY_AGENT_IDLE_S"] = repr(self.ray_agent_idle_s)
         return env
 
     def with_overrides(self, **changes: object) -> Settings:

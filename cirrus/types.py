@@ -44,6 +44,7 @@ class ReplicaStatus(_Record):
     started_at: float | None = None
     reason: str | None = None  # why a pending replica waits, e.g. "needs gpu: 1, 0 free"
     devices: dict[str, str] = Field(default_factory=dict)  # assigned devices, e.g. {"gpu": "0"}
+    node: str | None = None  # the node it runs on (a cluster runtime's; None: this machine)
 
 
 class ModelStatus(_Record):

@@ -238,6 +238,8 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     model_cache_size: int | None = None  # multi_model: models held in memory at most; None: not multi-model
     model_versions: dict[str, str] = {}  # the version label of each model that has one
     debug_errors: bool = False  # 500 bodies show the predictor's exception message (else only the request id)
+    snapshot: str | None = None  # the digest of the code snapshot at project_dir (a cluster runtime ships it)
+    model_urls: dict[str, str] = {}  # the models that come from a URL: a node other than the daemon's fetches its own
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

@@ -77,9 +77,11 @@ def parse_request_log(text: str) -> list[Request]:
 
 
 class MotoServer:
-    """One `moto_server` process on 127.0.0.1 (all state in memory), logging to `directory`."""
+    """One `moto_server` process on `host` (127.0.0.1 unless another address of this machine is given,
+    e.g. a test cluster's bridge), all state in memory, logging to `directory`."""
 
-    def __init__(self, directory: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, env: Mapping[str, str] | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.executable = moto_server_binary()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ class MotoServer:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def storage_options(self) -> dict[str, dict[str, Any]]:
@@ -120,7 +122,7 @@ class MotoServer:
         env = {**os.environ, **TEST_ENV, **self.extra_env, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [self.executable, "-H", "127.0.0.1", "-p", str(self.port)],
+                [self.executable, "-H", self.host, "-p", str(self.port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -139,7 +141,7 @@ class MotoServer:
             time.sleep(0.05)
 
     def _get(self, target: str, method: str = "GET") -> int:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=5)
         try:
             connection.request(method, target)
             response = connection.getresponse()

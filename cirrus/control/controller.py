@@ -208,7 +208,11 @@ class Controller:
         self.endpoint = endpoint
         self.clock = clock
         self.queue_store = queue_store  # async APIs' requests; its backlog drives their autoscaling
-        self.queue_url = None if queue_url is None else runtime.replica_store_url(queue_url)  # as replicas reach it
+        self.queue_refused: str | None = None  # why replicas cannot reach the queue store (async APIs, jobs)
+        try:
+            self.queue_url = None if queue_url is None else runtime.replica_store_url(queue_url)  # as replicas reach it
+        except ValueError as exc:
+            self.queue_url, self.queue_refused = None, str(exc)
         self.jobs = jobs  # batch APIs' jobs: they decide how many workers a batch API runs
         self.models = models or ModelFetcher(None, clock)  # each revision's models, fetched before it starts
         self.snapshots = snapshots  # where revisions' code lives (None: run from project_dir, as tests may)
@@ -318,15 +322,16 @@ class Controller:
         state = self.apis.get(name)
         if state is None or state.deleted:
             return None
-        return api_status(
-            state, self.gateway, self.endpoint(state.name), self.models.status((state.name, state.revision))
-        )
+        return self._status(state)
 
     def statuses(self) -> list[ApiStatus]:
         live = sorted((s for s in self.apis.values() if not s.deleted), key=lambda s: s.name)
-        return [
-            api_status(s, self.gateway, self.endpoint(s.name), self.models.status((s.name, s.revision))) for s in live
-        ]
+        return [self._status(s) for s in live]
+
+    def _status(self, state: ApiState) -> ApiStatus:
+        placements = {r.id: self.runtime.placement(r.id) for r in state.replicas.values()}
+        models = self.models.status((state.name, state.revision))
+        return api_status(state, self.gateway, self.endpoint(state.name), models, placements)
 
     def demand(self, name: str) -> None:
         """A request is waiting for an API with no ready replica: decide now, not at the next tick."""
@@ -685,6 +690,7 @@ class Controller:
             replica_id=replica_id,
             revision=stored.revision,
             project_dir=self.code_dir(stored),
+            snapshot=stored.deployment.snapshot,
             predictor_path=predictor.path,
             class_name=predictor.class_name,
             config=config,
@@ -703,6 +709,7 @@ class Controller:
             models=models or {},
             model_cache_size=None if spec.multi_model is None else spec.multi_model.cache_size,
             model_versions={m.name: m.version for m in spec.models if m.version is not None},
+            model_urls={m.name: m.path for m in spec.models if m.is_url},
         )
         return launch, {**predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 

@@ -50,6 +50,11 @@ class Rollouts:
     def check(self, deployments: list[Deployment], force: bool, canary: float | None) -> None:
         """Refuse (DeployRefused) a deploy that cannot start as asked, before anything is recorded."""
         self._check_splitters(deployments)
+        refused = self.controller.queue_refused
+        for deployment in deployments:
+            kind = kind_of(deployment.spec.kind)
+            if refused is not None and (kind.queued or kind.runs_jobs):
+                raise DeployRefused(f"API {deployment.spec.name!r} ({deployment.spec.kind}): {refused}", 400)
         if canary is None:
             return
         if not 0 < canary < 100:

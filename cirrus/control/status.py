@@ -8,12 +8,26 @@ from typing import TYPE_CHECKING
 from cirrus.types import ApiStatus, ApiStatusName, ModelStatus, ReplicaState, ReplicaStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from cirrus.control.controller import ApiState, GatewayControl, Replica
     from cirrus.control.models import ModelFetch
+    from cirrus.runtimes.base import Placement
 
 
-def _devices(replica: Replica) -> dict[str, str]:
+def _devices(replica: Replica, placement: Placement | None) -> dict[str, str]:
+    if placement is not None and placement.devices:
+        return dict(placement.devices)
     return dict(replica.reservation.devices) if replica.reservation is not None else {}
+
+
+def _reason(replica: Replica, placement: Placement | None) -> str | None:
+    """Why a replica is not serving yet: waiting for the controller to place it, or for the runtime."""
+    if replica.state is ReplicaState.PENDING:
+        return replica.reason
+    if replica.state is ReplicaState.STARTING and placement is not None:
+        return placement.waiting
+    return None
 
 
 def _health(state: ApiState, models: list[ModelFetch]) -> tuple[ApiStatusName, str | None, int]:
@@ -56,9 +70,15 @@ def _health(state: ApiState, models: list[ModelFetch]) -> tuple[ApiStatusName, s
 
 
 def api_status(
-    state: ApiState, gateway: GatewayControl, endpoint: str, models: list[ModelFetch] | None = None
+    state: ApiState,
+    gateway: GatewayControl,
+    endpoint: str,
+    models: list[ModelFetch] | None = None,
+    placements: Mapping[str, Placement | None] | None = None,
 ) -> ApiStatus:
+    """`placements`: where the runtime put each started replica (or why it waits), by replica id."""
     models = models or []
+    placements = placements or {}
     status, message, pending = _health(state, models)
     ready = sum(1 for r in state.replicas.values() if r.revision == state.revision and r.state is ReplicaState.READY)
     requests, p50, p99, in_flight, queued, replica_load = gateway.api_metrics(state.name, time.time())
@@ -109,8 +129,9 @@ def api_status(
                 in_flight=replica_load.get(r.id, 0),
                 last_error=r.last_error,
                 started_at=r.started_at,
-                reason=r.reason if r.state is ReplicaState.PENDING else None,
-                devices=_devices(r),
+                reason=_reason(r, placements.get(r.id)),
+                devices=_devices(r, placements.get(r.id)),
+                node=None if (where := placements.get(r.id)) is None else where.node,
             )
             for r in sorted(state.replicas.values(), key=lambda r: (r.revision, r.id))
         ],

@@ -12,7 +12,7 @@ from cirrus.runtimes.placement import Unplaceable
 from cirrus.spec import ComputeSpec
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
-__all__ = ["ReplicaExit", "Reservation", "Runtime", "RuntimeEvents", "Unplaceable"]
+__all__ = ["Placement", "ReplicaExit", "Reservation", "Runtime", "RuntimeEvents", "Unplaceable"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,15 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a replica runs (`node`), the devices it was given, or why it is not placed yet (`waiting`)."""
+
+    node: str | None = None
+    devices: dict[str, str] = field(default_factory=dict)
+    waiting: str | None = None
+
+
+@dataclass(frozen=True)
 class ReplicaExit:
     """How a replica process ended."""
 
@@ -36,8 +45,11 @@ class ReplicaExit:
     signal: int | None = None  # the signal that killed it
     error: str | None = None  # the replica's own ReplicaFailed message (load failures)
     log_tail: list[str] = field(default_factory=list)
+    lost: str | None = None  # it went with its node, or the runtime lost track of it: why
 
     def describe(self) -> str:
+        if self.lost:
+            return f"lost: {self.lost}"
         if self.error:
             head = f"failed to load the predictor: {self.error}"
         elif self.signal is not None:
@@ -98,6 +110,10 @@ class Runtime(Protocol):
 
     def address(self, replica_id: str) -> str | None:
         """Where a running replica listens (its `ReplicaReady.address`); None before it is ready or after it exits."""
+        ...
+
+    def placement(self, replica_id: str) -> Placement | None:
+        """Where a started replica runs and what it holds, or why it waits to be placed; None: unknown."""
         ...
 
     def logs(self, api: str | None, replica_id: str | None, lines: int, follow: bool) -> AsyncIterator[bytes]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cirrus.logs import FOLLOW_POLL_S, read_logs, rotate_all, tail_lines
-from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
+from cirrus.runtimes.base import Placement, ReplicaExit, Reservation, RuntimeEvents
 from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
 from cirrus.spec import ComputeSpec
 from cirrus.wire import (
@@ -248,6 +248,9 @@ class LocalRuntime:
     def address(self, replica_id: str) -> str | None:
         entry = self._processes.get(replica_id)
         return entry.address if entry is not None else None
+
+    def placement(self, replica_id: str) -> Placement | None:
+        return None  # this node; its devices are in the reservation
 
     def _full_env(self, env: dict[str, str]) -> dict[str, str]:
         return {**os.environ, **env, "PYTHONUNBUFFERED": "1"}

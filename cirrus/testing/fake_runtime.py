@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cirrus.runtimes.base import ReplicaExit, Reservation, RuntimeEvents
+from cirrus.runtimes.base import Placement, ReplicaExit, Reservation, RuntimeEvents
 from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
 from cirrus.spec import ComputeSpec, ConcurrencySpec, CorsSpec, SplitTarget
 from cirrus.types import ApiKey, TrafficShare
@@ -62,6 +62,7 @@ class FakeRuntime:
         self.released: list[tuple[str, int]] = []  # (API, revision) of every release(), in order
         self.templates: set[tuple[str, int]] = set()  # prepared and not yet released
         self.store_urls: dict[str, str] = {}  # daemon store URL -> the one replicas get
+        self.placements: dict[str, Placement] = {}  # replica id -> where tests say it runs (or waits)
         self.closed = False
         self._events: RuntimeEvents | None = None
         self._live: dict[str, FakeReplica] = {}
@@ -127,6 +128,9 @@ class FakeRuntime:
     def address(self, replica_id: str) -> str | None:
         replica = self._live.get(replica_id)
         return f"fake:{replica_id}" if replica is not None and replica.ready else None
+
+    def placement(self, replica_id: str) -> Placement | None:
+        return self.placements.get(replica_id)
 
     def model_cache_dir(self) -> Path | None:
         return self.models_dir
