@@ -164,7 +164,11 @@ def daemon_events(daemon: procs.Daemon, api: str | None = None, since: float = 0
 
 def replica_start_mode(daemon: procs.Daemon, api: str, replica_id: str) -> str:
     """'forked' or 'fresh', from the header the runtime writes at the top of the replica's log."""
-    path = daemon.settings.logs_dir / api / f"{replica_id}.log"
+    return start_mode(daemon.settings.logs_dir / api / f"{replica_id}.log")
+
+
+def start_mode(path: Path) -> str:
+    """'forked' or 'fresh' from a replica's log (its last header line), '?' without one."""
     with contextlib.suppress(OSError):
         headers = [line for line in path.read_text(errors="replace").splitlines() if line.startswith("---")]
         if headers:

@@ -732,14 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"daemon and replicas stopped; logs in {args.logdir / 'models'}")
     results["run_s"] = round(time.monotonic() - t_start, 1)
     log(f"run took {results['run_s']} s; temporary files removed")
-    print(markdown(results))
-    found = targets(results)
-    if args.json:
-        versions = report.versions(("numpy", "torch", "safetensors"))
-        report.write_json(args.json, args, {**results, "targets": found}, versions=versions, targets=Targets(), log=log)
-    if args.check and not report.all_met(found):
-        return 1
-    return 0
+    versions = report.versions(("numpy", "torch", "safetensors"))
+    return report.conclude(args, markdown(results), results, targets(results), versions, Targets(), log)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -139,6 +140,15 @@ def cmdline(pid: int, limit: int = 60) -> str:
     return "?"
 
 
+def stats_of(pids: Iterable[int]) -> dict[int, ProcStat]:
+    """`read_stat` of each of `pids` still there."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            out[pid] = read_stat(pid)
+    return out
+
+
 class Tree:
     """Every process of one server: the root's descendants and its session; remembers each PID seen.
 
@@ -163,6 +173,57 @@ class Tree:
 
     def cpu(self) -> dict[int, float]:
         return {pid: st.cpu_s for pid, st in self.pids().items()}
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """Where a machine's CPU went over `elapsed_s` seconds (all in CPU seconds): `tree` (by PID, those alive at
+    the end), this process (`own_s`), its children reaped meanwhile (`children_s`: wrk, CLI calls) and the rest
+    (`other_s`: unrelated processes, loopback softirq, and what processes that ended meanwhile used)."""
+
+    elapsed_s: float
+    tree_by_pid: dict[int, float]
+    own_s: float
+    children_s: float
+    busy_s: float
+
+    @property
+    def tree_s(self) -> float:
+        return sum(self.tree_by_pid.values())
+
+    @property
+    def other_s(self) -> float:
+        return self.busy_s - self.tree_s - self.children_s - self.own_s
+
+    def pct(self, cpu_s: float) -> float:
+        """`cpu_s` in % of one core over the window."""
+        return round(100 * cpu_s / self.elapsed_s, 1) if self.elapsed_s > 0 else 0.0
+
+
+class CpuWindow:
+    """Measures from its creation to `stop()` where the CPU went (`CpuSplit`), from /proc."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self.cpu0 = tree.cpu()
+        self.busy0 = machine_busy_s()
+        self.own0 = time.process_time()
+        self.children0 = self._children()
+        self.t0 = time.monotonic()
+
+    @staticmethod
+    def _children() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def stop(self) -> CpuSplit:
+        elapsed = time.monotonic() - self.t0
+        children = self._children() - self.children0
+        cpu1 = self.tree.cpu()
+        busy = machine_busy_s() - self.busy0
+        own = time.process_time() - self.own0
+        by_pid = {pid: c - self.cpu0.get(pid, 0.0) for pid, c in cpu1.items()}
+        return CpuSplit(elapsed, by_pid, own, children, busy)
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -347,7 +408,10 @@ class Server:
 class Daemon:
     """One `cirrus up` daemon with a throw-away CIRRUS_HOME; `stop()` ends it and everything it started."""
 
-    def __init__(self, label: str, workdir: Path, logdir: Path, log: Log, fork: bool = True) -> None:
+    def __init__(
+        self, label: str, workdir: Path, logdir: Path, log: Log, fork: bool = True, env: Mapping[str, str] | None = None
+    ) -> None:
+        """`env`: more variables for the daemon's environment (a runtime and its settings)."""
         self.label = label
         self.home = workdir / f"home-{label}"
         self.home.mkdir(mode=0o700)
@@ -360,6 +424,7 @@ class Daemon:
             "CIRRUS_PORT": "0",
             "CIRRUS_ADMIN_PORT": "0",
             TAG_ENV: self.tag,
+            **(env or {}),
         }
         if not fork:
             self.env["CIRRUS_FORK_REPLICAS"] = "0"

@@ -158,10 +158,7 @@ class TaggedTree(procs.Tree):
         self.tag = tag
 
     def pids(self) -> dict[int, procs.ProcStat]:
-        out = {}
-        for pid in procs.tagged_pids(self.tag):
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                out[pid] = procs.read_stat(pid)
+        out = procs.stats_of(procs.tagged_pids(self.tag))
         self.known.update(out)
         return out
 

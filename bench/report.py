@@ -107,3 +107,20 @@ def write_json(
     path.write_text(json.dumps({**meta, **results}, indent=2) + "\n")
     if log is not None:
         log(f"raw numbers written to {path}")
+
+
+def conclude(
+    args: argparse.Namespace,
+    text: str,
+    results: Mapping[str, Any],
+    found: Mapping[str, Mapping[str, Any]],
+    versions: dict[str, str],
+    targets: Any,
+    log: Log,
+) -> int:
+    """The end of a run: print `text`; with --json, write `results` and the target checks `found`; the exit
+    status (1 with --check when a target is missed)."""
+    print(text)
+    if args.json:
+        write_json(args.json, args, {**results, "targets": found}, versions=versions, targets=targets, log=log)
+    return 1 if getattr(args, "check", False) and not all_met(found) else 0

@@ -10,16 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from procs import BenchError, Tree, cmdline, machine_busy_s
+from procs import BenchError, CpuWindow, Tree, cmdline
 
 UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
@@ -99,21 +97,11 @@ class Wrk:
 
     def run(self, url: str, conns: int, duration_s: int, tree: Tree) -> dict[str, Any]:
         """One wrk run; adds the server tree's, wrk's and the rest of the machine's CPU over it."""
-        cpu0 = tree.cpu()
-        busy0 = machine_busy_s()
-        self0 = time.process_time()
-        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.monotonic()
+        window = CpuWindow(tree)
         cmd = [self.binary, "-t1", f"-c{conns}", f"-d{duration_s}s", "--latency", "--timeout", "10s"]
         cmd += ["-s", self.lua, url]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60, check=False)
-        elapsed = time.monotonic() - t0
-        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu1 = tree.cpu()
-        busy = machine_busy_s() - busy0
-        harness = time.process_time() - self0
-        server_s = sum(c - cpu0.get(pid, 0.0) for pid, c in cpu1.items())
-        wrk_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        cpu = window.stop()
         res = parse_wrk(done.stdout)
         if res["rps"] is None:
             raise BenchError(f"wrk gave no result (exit {done.returncode}): {(done.stdout + done.stderr)[-500:]}")
@@ -123,14 +111,12 @@ class Wrk:
         res.update(
             conns=conns,
             duration_s=duration_s,
-            server_cpu_pct=round(100 * server_s / elapsed, 1),
-            server_cpu_us_per_req=round(1e6 * server_s / requests, 1) if requests else None,
-            wrk_cpu_pct=round(100 * wrk_s / elapsed, 1),
-            other_cpu_pct=round(100 * (busy - server_s - wrk_s - harness) / elapsed, 1),
-            server_procs=len(cpu1),
-            server_cpu_pct_by_proc={
-                f"{pid} {cmdline(pid)}": round(100 * (c - cpu0.get(pid, 0.0)) / elapsed, 1) for pid, c in cpu1.items()
-            },
+            server_cpu_pct=cpu.pct(cpu.tree_s),
+            server_cpu_us_per_req=round(1e6 * cpu.tree_s / requests, 1) if requests else None,
+            wrk_cpu_pct=cpu.pct(cpu.children_s),
+            other_cpu_pct=cpu.pct(cpu.other_s),
+            server_procs=len(cpu.tree_by_pid),
+            server_cpu_pct_by_proc={f"{pid} {cmdline(pid)}": cpu.pct(c) for pid, c in cpu.tree_by_pid.items()},
         )
         return res
 
