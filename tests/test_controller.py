@@ -371,6 +371,25 @@ def test_failing_new_revision_keeps_the_old_serving(world: World) -> None:
     run(main())
 
 
+def test_a_replica_lost_with_its_node_is_replaced_at_once(world: World) -> None:
+    async def main() -> None:
+        world.controller.deploy([world.deployment()])
+        await world.reconcile()
+        [replica_id] = world.runtime.running()
+        world.runtime.make_ready(replica_id)
+        await world.settle()
+        for _ in range(3):  # not a crash: no backoff, however often it happens
+            world.runtime.lose(replica_id, "its node (abc) died")
+            status = world.controller.status("api")
+            assert status is not None and status.replicas[0].last_error == "lost: its node (abc) died"
+            await world.reconcile()
+            assert world.runtime.running() == [replica_id]
+            world.runtime.make_ready(replica_id)
+            await world.settle()
+
+    asyncio.run(main())
+
+
 def test_old_revision_that_crashes_during_an_update_restarts_with_its_own_revision(world: World) -> None:
     async def main() -> None:
         world.controller.deploy([world.deployment()])

@@ -498,17 +498,19 @@ class Controller:
             replica.state = ReplicaState.STOPPED
             self._forget(replica)
         else:
+            # A replica lost with its node did not fail: it is replaced at once, with no backoff.
             replica.restarts += 1
-            replica.consecutive_failures += 1
+            replica.consecutive_failures += 0 if exit.lost else 1
             replica.last_error = stop_reason or exit.describe()
             replica.state = ReplicaState.BACKOFF
-            replica.next_start_at = self.clock() + backoff_s(replica.consecutive_failures)
+            delay = 0.0 if exit.lost else backoff_s(replica.consecutive_failures)
+            replica.next_start_at = self.clock() + delay
             log.warning(
                 "replica %s of %s %s; restarting in %.1fs",
                 replica.id,
                 replica.api,
                 replica.last_error.splitlines()[0],
-                backoff_s(replica.consecutive_failures),
+                delay,
             )
         self._wake.set()
 

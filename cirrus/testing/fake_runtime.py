@@ -225,6 +225,13 @@ class FakeRuntime:
         self._exit(replica_id, exit)
         return exit
 
+    def lose(self, replica_id: str, why: str = "its node died") -> ReplicaExit:
+        """The replica went with its node (a cluster runtime reports it lost, not exited)."""
+        self.replica(replica_id)
+        exit = ReplicaExit(lost=why)
+        self._exit(replica_id, exit)
+        return exit
+
     def fail_load(self, replica_id: str, error: str) -> ReplicaExit:
         """The replica reported that its predictor failed to load, then exited with code 1."""
         replica = self.replica(replica_id)
