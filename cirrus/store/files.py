@@ -49,8 +49,12 @@ def _fs(url: str) -> tuple[Any, str]:
     return fs, path
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
+def _reason(exc: Exception) -> str:
+    """What went wrong, for a message: an OSError's text; another error (a filesystem's own, e.g.
+    botocore's EndpointConnectionError, which is no OSError) with its type."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def read_bytes(url: str, limit: int) -> bytes:
@@ -66,9 +70,11 @@ def read_bytes(url: str, limit: int) -> bytes:
             fs, path_in_fs = _fs(url)
             with fs.open(path_in_fs, "rb") as handle:
                 data = handle.read(limit + 1)
+    except FileError:
+        raise
     except FileNotFoundError:
         raise FileError(f"{url}: no such file") from None
-    except OSError as exc:
+    except Exception as exc:  # OSError, or a remote filesystem's own error (unreachable endpoint, ...)
         raise FileError(f"{url}: cannot read: {_reason(exc)}") from None
     if len(data) > limit:
         raise FileError(f"{url}: larger than the limit of {limit} bytes")
@@ -89,7 +95,7 @@ def prepare_dir(url: str) -> str:
     fs, path_in_fs = _fs(url)
     try:
         fs.makedirs(path_in_fs, exist_ok=True)
-    except OSError as exc:
+    except Exception as exc:  # OSError, or a remote filesystem's own error (unreachable endpoint, ...)
         raise FileError(f"{url}: cannot create the results location: {_reason(exc)}") from None
     return url.rstrip("/")
 
