@@ -384,6 +384,7 @@ def _ray_runtime(settings: Settings, snapshots: Any) -> Runtime:
         log_max_bytes=settings.log_max_bytes,
         storage_options=options,
         agent_idle_s=settings.ray_agent_idle_s,
+        replica_env={"CIRRUS_S3_ENDPOINT_URL": settings.s3_endpoint_url} if settings.s3_endpoint_url else None,
     )
 
 

@@ -53,7 +53,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NetnsClu
         try:
             made.start_head(num_cpus=0)  # the daemon's node: replicas go to the worker nodes
             nodes = [made.add_node(num_cpus=2, resources={"spread": 1}, wait=False) for _ in range(3)]
-            made.wait_joined(*nodes)
+            gpu_node = made.add_node(num_cpus=2, num_gpus=1, wait=False)  # stands in for a GPU node (no CUDA)
+            made.wait_joined(*nodes, gpu_node)
             print(f"cluster timings: {made.timings}")
             yield made, nodes, s3
         finally:
@@ -156,6 +157,49 @@ def test_a_model_from_s3_is_fetched_on_the_replica_s_node(
     assert "/tmp/cirrus-ray-" in answer["path"] and "/models/" in answer["path"], answer  # the node's own cache
     assert not Path(answer["path"]).is_relative_to(daemon.settings.models_dir)
     code, _, err = daemon.cli("delete", "modelled")
+    assert code == 0, err
+
+
+GPU_SHARE = """
+    import os
+
+
+    class Predictor:
+        def predict(self, payload):
+            return {"devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "netns": os.readlink("/proc/self/ns/net")}
+"""
+
+
+def test_half_gpu_replicas_pack_two_on_a_gpu_node_and_a_third_waits_saying_why(
+    daemon: Cirrus, cluster: tuple[NetnsCluster, list[NetnsNode], MotoServer], tmp_path: Path
+) -> None:
+    made, _, _ = cluster
+    gpu_node = made.nodes[3]
+    project = write_project(
+        tmp_path / "shared-gpu",
+        GPU_SHARE,
+        name="shared-gpu",
+        compute={"gpu": 0.5},
+        autoscaling={"min_replicas": 3, "max_replicas": 3},
+    )
+    code, _, _ = daemon.cli("deploy", str(project), "--no-wait")
+    assert code == 0
+    deadline = time.monotonic() + 60
+    while True:
+        replicas = _get(daemon, "shared-gpu")["replicas"]
+        ready = [r for r in replicas if r["state"] == "ready"]
+        waiting = [
+            r for r in replicas if r["state"] != "ready" and "waiting for a node with room" in (r["reason"] or "")
+        ]
+        if len(ready) == 2 and len(waiting) == 1:
+            break
+        assert time.monotonic() < deadline, replicas
+        time.sleep(0.5)
+    assert {r["node"] for r in ready} == {gpu_node.ip}
+    assert all(r["devices"] == {"gpu": "0"} for r in ready), ready
+    answers = {tuple(httpx.post(daemon.url("shared-gpu"), json={}, timeout=30).json().values()) for _ in range(20)}
+    assert {devices for devices, _ in answers} == {"0"}  # both halves see device 0
+    code, _, err = daemon.cli("delete", "shared-gpu")
     assert code == 0, err
 
 

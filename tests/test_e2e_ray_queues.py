@@ -54,17 +54,6 @@ CRUNCH = """
 REQUESTS = 1000
 ITEMS = 200
 SINK_BUCKET = "ray-sink"
-# The job sink reads no Cirrus setting: the daemon and its replicas reach `s3://` through fsspec's
-# defaults, i.e. AWS itself (see the xfail below).
-S3_SINK_IGNORES_ENDPOINT = (
-    "a job sink on S3 ignores CIRRUS_S3_ENDPOINT_URL: cirrus/store/files.py opens sinks with "
-    "fsspec.core.url_to_fs(url) and no storage options, so the daemon's prepare_dir at submit (and "
-    "the replicas' write_file) go to AWS's own endpoint (botocore EndpointConnectionError: Could not "
-    'connect to the endpoint URL: "https://ray-sink.s3.amazonaws.com/"); settings.s3_endpoint_url '
-    "reaches only model caches (cirrus/daemon.py, RayRuntime storage_options -> NodeAgent's "
-    "ModelCache), JobConfig (cirrus/wire.py) carries only job_id and sink, and the Ray runtime gives "
-    "replicas on nodes the node's own environment plus predictor.env, not the daemon's"
-)
 
 Cluster = tuple[NetnsCluster, list[NetnsNode], MotoServer]
 
@@ -186,7 +175,7 @@ def _sink_lines(sink: str, s3: MotoServer) -> list[dict[str, Any]]:
     [
         # The namespaces share this machine's file system, so a directory is a sink every node reaches.
         pytest.param("shared-directory"),
-        pytest.param("s3", marks=pytest.mark.xfail(strict=True, reason=S3_SINK_IGNORES_ENDPOINT)),
+        pytest.param("s3"),  # the daemon's CIRRUS_S3_ENDPOINT_URL reaches the replicas on every node
     ],
 )
 def test_a_batch_job_across_nodes_writes_every_item_once_to_the_sink(

@@ -102,6 +102,7 @@ class RayRuntime:
         namespace: str | None = None,
         storage_options: dict[str, Any] | None = None,
         agent_idle_s: float = AGENT_IDLE_S,
+        replica_env: dict[str, str] | None = None,
     ) -> None:
         """`storage_options`: how nodes reach model sources (fsspec options by protocol, e.g. an S3 endpoint)."""
         self.snapshots = snapshots
@@ -110,6 +111,7 @@ class RayRuntime:
         self.python = python
         self.log_max_bytes = log_max_bytes
         self.storage_options = storage_options
+        self.replica_env = dict(replica_env or {})  # the daemon's settings replicas on other nodes need too
         self.agent_idle_s = agent_idle_s  # a node's agent (and its warm templates) ends after this without replicas
         self._end_agent_task: asyncio.Task[None] | None = None
         try:
@@ -210,7 +212,8 @@ class RayRuntime:
             project_dir = await self._ship(agent, launch)
             await self._prepare_on(where["node_id"], agent, launch, project_dir)
             placed = _on_node(launch, project_dir, where["node_ip"])
-            pid: int | None = await agent.start.remote(encode_launch(placed), {**env, **where["device_env"]})
+            env = {**self.replica_env, **env, **where["device_env"]}
+            pid: int | None = await agent.start.remote(encode_launch(placed), env)
         except BaseException:
             self._forget(launch.replica_id)
             raise

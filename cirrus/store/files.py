@@ -43,10 +43,21 @@ def _fs(url: str) -> tuple[Any, str]:
     except ImportError:
         raise FileError(f"{url}: reading or writing URLs needs fsspec: pip install fsspec") from None
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **_options(url))
     except (ImportError, ValueError) as exc:
         raise FileError(f"{url}: {exc}") from None
     return fs, path
+
+
+def _options(url: str) -> dict[str, Any]:
+    """The filesystem's options: an S3-compatible server's endpoint (CIRRUS_S3_ENDPOINT_URL) for s3://,
+    as model sources use (the daemon passes it to its replicas, on every node)."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    from cirrus.settings import Settings
+
+    endpoint = Settings.from_env().s3_endpoint_url
+    return {"endpoint_url": endpoint} if endpoint else {}
 
 
 def _reason(exc: Exception) -> str:
