@@ -207,8 +207,14 @@ def test_encode_results_one_line_per_item() -> None:
         encode_results(0, [1, 2], [1])
     with pytest.raises(BatchFailed, match="not a list"):
         encode_results(0, [1], {"a": 1})
-    with pytest.raises(BatchFailed, match="item 1: ValueError: bad"):
-        encode_results(0, [1, 2], [1, ValueError("bad")])
+
+    # An exception in the list fails that item only: its line carries the error instead of a result.
+    data = encode_results(0, [1, 2, 3], [10, ValueError("bad"), 30])
+    assert [json.loads(line) for line in data.splitlines()] == [
+        {"index": 0, "item": 1, "result": 10},
+        {"index": 1, "item": 2, "error": "ValueError: bad"},
+        {"index": 2, "item": 3, "result": 30},
+    ]
 
 
 def test_local_sink_writes_whole_files(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """A batch job's worker: one leased queue request is one batch for `predict_batch`.
 
 The batch's results are written to the job's sink as `part-<index>.jsonl` (one JSON line per
-item, in order: `{"index", "item", "result"}`) *before* the lease is completed. A batch delivered
+item, in order: `{"index", "item", "result"}`, or `{"index", "item", "error"}` for an item whose
+place in `predict_batch`'s list holds an exception) *before* the lease is completed. A batch delivered
 again (its worker died, or its lease ran out) rewrites the same file whole, so the sink holds
 every item's result exactly once however often a batch ran.
 
@@ -48,7 +49,11 @@ def encode_results(start: int, items: list[Any], results: Any) -> bytes:
     lines = []
     for offset, (item, result) in enumerate(zip(items, results, strict=True)):
         if isinstance(result, BaseException):
-            raise BatchFailed(f"item {start + offset}: {type(result).__name__}: {result}")
+            # As with realtime batching: an exception in the list fails that item only, recorded
+            # with its error in place of a result (the sink is the job owner's, so the message stays).
+            error = f"{type(result).__name__}: {result}"
+            lines.append(encode_json({"index": start + offset, "item": item, "error": error}))
+            continue
         try:
             lines.append(encode_json({"index": start + offset, "item": item, "result": result}))
         except TypeError as exc:
