@@ -5,66 +5,93 @@ The CLI is a thin layer over this class, so scripts and notebooks get the same b
     client = Client()
     client.deploy("examples/iris")
     client.predict("iris", {"sepal_length": 5.1, ...}).json()
+
+Every error it raises is a `CirrusError` (the hierarchy is in `cirrus/client_common.py`, shared with
+the asyncio client of `cirrus/async_client.py`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from cirrus.jobs import Job, JobError, JobRequest, parse_request
+from cirrus.client_common import (
+    ADMIN_TIMEOUT,
+    NOT_RUNNING,
+    POLL_INTERVAL_S,
+    AsyncRequest,
+    CirrusError,
+    CirrusTimeoutError,
+    DaemonNotRunningError,
+    InvalidSettingsError,
+    InvalidSpecError,
+    NotFoundError,
+    RequestFailedError,
+    RequestPendingError,
+    SseDecoder,
+    StreamError,
+    encode_payload,
+    event_data,
+    gateway_errors,
+    join,
+    parse,
+    parse_list,
+    raise_for_error,
+    request_parts,
+    stream_headers,
+    submitted_id,
+    tls_verify,
+    translate_errors,
+)
+from cirrus.jobs import DEFAULT_BATCH_SIZE, Job, JobError, JobRequest, parse_request
 from cirrus.settings import Settings
-from cirrus.spec import find_spec_file, load_deployments
+from cirrus.spec import SpecError, find_spec_file, load_deployments
 from cirrus.types import ApiKey, ApiStatus, ApiStatusName, DaemonInfo, DeployResult, RevisionInfo
 
-NOT_RUNNING = "the Cirrus daemon is not running; start it with `cirrus up`"
-ADMIN_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
+__all__ = [
+    "NOT_RUNNING",
+    "AsyncRequest",
+    "CirrusError",
+    "CirrusTimeoutError",
+    "Client",
+    "DaemonNotRunningError",
+    "InvalidSettingsError",
+    "InvalidSpecError",
+    "NotFoundError",
+    "RequestFailedError",
+    "RequestPendingError",
+    "StreamError",
+    "encode_payload",
+]
+
 PROBE_TIMEOUT = httpx.Timeout(2.0)
 STREAM_TIMEOUT = httpx.Timeout(10.0, connect=2.0, read=None)  # a followed log may stay quiet for long
-POLL_INTERVAL_S = 0.25
 LOG_TAIL_LINES = 20
 
 # Daemons this process spawned: kept referenced so they are reaped (no zombies, no ResourceWarning).
 _children: list[subprocess.Popen[bytes]] = []
-
-M = TypeVar("M", bound=BaseModel)
-
-
-class CirrusError(Exception):
-    """Any failure of the client; `status` is the HTTP status when the daemon answered with an error."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _verify(ca_file: str) -> ssl.SSLContext | bool:
-    """How the gateway's certificate is verified over HTTPS: with `CIRRUS_TLS_CA`, else the system's trust."""
-    if not ca_file:
-        return True
-    try:
-        return ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise CirrusError(f"CIRRUS_TLS_CA={ca_file}: not a readable PEM CA file ({exc})") from None
 
 
 class Client:
     """Talks to the Cirrus daemon of one state directory (`settings.home`)."""
 
     def __init__(self, settings: Settings | None = None, *, transport: httpx.BaseTransport | None = None):
-        self.settings = settings or Settings.from_env()
-        self._http = httpx.Client(transport=transport, timeout=ADMIN_TIMEOUT, verify=_verify(self.settings.tls_ca))
+        if settings is None:
+            try:
+                settings = Settings.from_env()
+            except ValueError as exc:
+                raise InvalidSettingsError(str(exc)) from None
+        self.settings = settings
+        self._http = httpx.Client(transport=transport, timeout=ADMIN_TIMEOUT, verify=tls_verify(self.settings.tls_ca))
 
     def close(self) -> None:
         self._http.close()
@@ -83,7 +110,7 @@ class Client:
         if info is None or not _pid_alive(info.pid):
             return None
         try:
-            response = self._http.get(_join(info.admin_url, "/v1/health"), headers=self._auth(), timeout=PROBE_TIMEOUT)
+            response = self._http.get(join(info.admin_url, "/v1/health"), headers=self._auth(), timeout=PROBE_TIMEOUT)
         except httpx.HTTPError:
             return None
         if response.status_code == 401:
@@ -118,7 +145,7 @@ class Client:
                 )
             if time.monotonic() >= deadline:
                 proc.terminate()
-                raise CirrusError(
+                raise CirrusTimeoutError(
                     f"the Cirrus daemon did not become ready within {timeout:g}s" + self._log_tail(log_offset)
                 )
             time.sleep(POLL_INTERVAL_S)
@@ -131,7 +158,7 @@ class Client:
         try:
             asked = (
                 self._http.post(
-                    _join(info.admin_url, "/v1/shutdown"), headers=self._auth(), timeout=PROBE_TIMEOUT
+                    join(info.admin_url, "/v1/shutdown"), headers=self._auth(), timeout=PROBE_TIMEOUT
                 ).status_code
                 < 400
             )
@@ -148,13 +175,13 @@ class Client:
             return True
         if _wait_for_exit(info.pid, timeout - grace):
             return True
-        raise CirrusError(f"the Cirrus daemon (pid {info.pid}) did not stop within {timeout:g}s")
+        raise CirrusTimeoutError(f"the Cirrus daemon (pid {info.pid}) did not stop within {timeout:g}s")
 
     def daemon_info(self) -> DaemonInfo:
         """What `daemon.json` says (without checking that the daemon answers)."""
         info = self._read_daemon_file()
         if info is None:
-            raise CirrusError(NOT_RUNNING)
+            raise DaemonNotRunningError(NOT_RUNNING)
         return info
 
     # APIs.
@@ -171,12 +198,15 @@ class Client:
         """Validate the spec at `path`, snapshot its directory, start the daemon if needed, deploy,
         and if `wait` wait until live. `force`: a new revision even if nothing changed; `canary`: the
         new revision takes that percent of requests beside the serving one until `promote` (or
-        `rollback` aborts it)."""
-        from cirrus.snapshots import pack
+        `rollback` aborts it). A path it cannot deploy raises InvalidSpecError (a SpecError too)."""
+        from cirrus.snapshots import SnapshotError, pack
 
-        deployments = load_deployments(path)
-        spec_file = find_spec_file(path).resolve().name  # the revision records the spec itself
-        archives = {d.project_dir: pack(Path(d.project_dir), leave_out=(spec_file,)) for d in deployments}
+        try:
+            deployments = load_deployments(path)
+            spec_file = find_spec_file(path).resolve().name  # the revision records the spec itself
+            archives = {d.project_dir: pack(Path(d.project_dir), leave_out=(spec_file,)) for d in deployments}
+        except (SpecError, SnapshotError) as exc:
+            raise InvalidSpecError(str(exc)) from exc
         self.up()
         digests = {}
         for project_dir, (data, snapshot) in archives.items():
@@ -192,7 +222,7 @@ class Client:
         if canary is not None:
             body["canary"] = canary
         data = self._admin("POST", "/v1/apis", json=body).json()
-        results = _parse_list(DeployResult, data, "results")
+        results = parse_list(DeployResult, data, "results")
         if wait:
             self.wait_until_live(results, timeout=timeout, on_poll=on_poll)
         return results
@@ -221,12 +251,12 @@ class Client:
                 return statuses
             if time.monotonic() >= deadline:
                 waiting = "; ".join(_describe(status) for status in pending)
-                raise CirrusError(f"timed out after {timeout:g}s waiting for APIs to become live: {waiting}")
+                raise CirrusTimeoutError(f"timed out after {timeout:g}s waiting for APIs to become live: {waiting}")
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
 
     def revisions(self, name: str) -> list[RevisionInfo]:
         """Every revision of an API, oldest first, with the one serving and the one rolling out marked."""
-        return _parse_list(RevisionInfo, self._admin("GET", f"/v1/apis/{name}/revisions").json(), "revisions")
+        return parse_list(RevisionInfo, self._admin("GET", f"/v1/apis/{name}/revisions").json(), "revisions")
 
     def rollback(self, name: str, to: int | None = None) -> DeployResult:
         """Abort a running canary (without `to`), or serve an older revision's snapshot again (default:
@@ -247,8 +277,8 @@ class Client:
     def get(self, name: str | None = None) -> list[ApiStatus] | ApiStatus:
         """All APIs, or one API with its replicas."""
         if name is None:
-            return _parse_list(ApiStatus, self._admin("GET", "/v1/apis").json(), "apis")
-        return _parse(ApiStatus, self._admin("GET", f"/v1/apis/{name}").json())
+            return parse_list(ApiStatus, self._admin("GET", "/v1/apis").json(), "apis")
+        return parse(ApiStatus, self._admin("GET", f"/v1/apis/{name}").json())
 
     def delete(self, name: str) -> None:
         self._admin("DELETE", f"/v1/apis/{name}")
@@ -266,15 +296,15 @@ class Client:
     def follow_logs(self, name: str, lines: int = 10) -> Iterator[str]:
         """The last `lines` log lines, then new ones as they come, until the daemon ends the stream."""
         info = self.daemon_info()
-        url = _join(info.admin_url, f"/v1/apis/{name}/logs")
+        url = join(info.admin_url, f"/v1/apis/{name}/logs")
         params: dict[str, str | int] = {"lines": lines, "follow": "true"}
         with (
-            _translate_errors(info.admin_url),
+            translate_errors(info.admin_url),
             self._http.stream("GET", url, params=params, headers=self._auth(), timeout=STREAM_TIMEOUT) as response,
         ):
             if response.status_code >= 400:
                 response.read()
-                _raise_for_error(response)
+                raise_for_error(response)
             yield from response.iter_lines()
 
     def predict(
@@ -286,27 +316,107 @@ class Client:
         Content-Type in `headers` wins.
         """
         info = self.daemon_info()
-        content, content_type = encode_payload(payload)
-        request_headers = httpx.Headers(headers or {})
-        request_headers.setdefault("content-type", content_type)
-        try:
+        content, request_headers = request_parts(payload, headers)
+        with gateway_errors(name, timeout):
             return self._http.post(
-                _join(info.gateway_url, f"/{name}"),
+                join(info.gateway_url, f"/{name}"),
                 content=content,
                 headers=request_headers,
                 timeout=httpx.Timeout(timeout, connect=2.0),
             )
-        except httpx.ConnectError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                raise CirrusError(
-                    f"the gateway's TLS certificate is not trusted ({exc}): set CIRRUS_TLS_CA to the file of "
-                    "the CA that signed it (for a self-signed certificate, the certificate itself)"
-                ) from None
-            raise CirrusError(NOT_RUNNING) from None
-        except httpx.TimeoutException:
-            raise CirrusError(f"API {name!r} did not answer within {timeout:g}s") from None
-        except httpx.HTTPError as exc:
-            raise CirrusError(f"request to API {name!r} failed: {exc}") from None
+
+    def stream(
+        self, name: str, payload: Any, headers: Mapping[str, str] | None = None, timeout: float = 60.0
+    ) -> Iterator[bytes]:
+        """POST `payload` to a streaming API and yield the body's chunks as they arrive (network
+        chunks: they need not match the predictor's `yield`s; `stream_events` keeps those apart).
+
+        CirrusError (with `status`) when the API answers an error; StreamError when the stream fails
+        midway (the gateway then cuts the body short); `timeout` bounds each wait for a chunk.
+        """
+        with (
+            self._open_stream(name, payload, headers, timeout, events=False) as response,
+            gateway_errors(name, timeout, streaming=True),
+        ):
+            yield from response.iter_bytes()
+
+    def stream_events(
+        self, name: str, payload: Any, headers: Mapping[str, str] | None = None, timeout: float = 60.0
+    ) -> Iterator[str]:
+        """Like `stream`, as server-sent events: one str per chunk the predictor yielded (a dict as
+        its JSON); an `error` event, or a stream that ends before its last event, raises StreamError."""
+        decoder = SseDecoder()
+        with (
+            self._open_stream(name, payload, headers, timeout, events=True) as response,
+            gateway_errors(name, timeout, streaming=True),
+        ):
+            for line in response.iter_lines():
+                data = event_data(name, decoder.line(line))
+                if data is not None:
+                    yield data
+
+    @contextmanager
+    def _open_stream(
+        self, name: str, payload: Any, headers: Mapping[str, str] | None, timeout: float, events: bool
+    ) -> Iterator[httpx.Response]:
+        info = self.daemon_info()
+        content, request_headers = request_parts(payload, stream_headers(headers, events))
+        url = join(info.gateway_url, f"/{name}")
+        with gateway_errors(name, timeout):
+            request = self._http.build_request(
+                "POST", url, content=content, headers=request_headers, timeout=httpx.Timeout(timeout, connect=2.0)
+            )
+            response = self._http.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                with gateway_errors(name, timeout):
+                    response.read()
+                raise_for_error(response)
+            yield response
+        finally:
+            response.close()
+
+    # Async APIs.
+
+    def submit(self, name: str, payload: Any, headers: Mapping[str, str] | None = None, timeout: float = 60.0) -> str:
+        """Queue `payload` on an async API (`kind: async`); returns the request's id once it is stored."""
+        return submitted_id(name, self.predict(name, payload, headers, timeout))
+
+    def status(self, name: str, request_id: str, timeout: float = 10.0) -> AsyncRequest:
+        """An async request's record: its status, attempts, and result or error once it has finished."""
+        info = self.daemon_info()
+        url = join(info.gateway_url, f"/{name}/{request_id}")
+        with gateway_errors(name, timeout):
+            response = self._http.get(url, timeout=httpx.Timeout(timeout, connect=2.0))
+        raise_for_error(response)
+        return parse(AsyncRequest, response.json())
+
+    def wait(
+        self,
+        name: str,
+        request_id: str,
+        timeout: float = 60.0,
+        on_poll: Callable[[AsyncRequest], None] | None = None,
+    ) -> AsyncRequest:
+        """Poll until the async request has finished (completed or failed) and return its record;
+        CirrusTimeoutError when `timeout` runs out first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            request = self.status(name, request_id)
+            if on_poll is not None:
+                on_poll(request)
+            if request.finished:
+                return request
+            if time.monotonic() >= deadline:
+                raise CirrusTimeoutError(
+                    f"request {request_id} of API {name!r} is still {request.status.value} after {timeout:g}s"
+                )
+            time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+
+    def result(self, name: str, request_id: str) -> Any:
+        """The result of a completed async request (bytes when neither JSON nor text); RequestFailedError
+        when it failed, RequestPendingError while it is queued or running."""
+        return self.status(name, request_id).value()
 
     # Batch jobs.
 
@@ -316,7 +426,7 @@ class Client:
         items: Sequence[Any] | None = None,
         *,
         items_url: str | Path | None = None,
-        batch_size: int,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int = 1,
         timeout_s: float | None = None,
         max_attempts: int | None = None,
@@ -336,15 +446,15 @@ class Client:
             sink=_location(sink),
         )
         body = request.model_dump(mode="json", exclude_none=True)
-        return _parse(Job, self._admin("POST", f"/v1/apis/{api}/jobs", json=body).json())
+        return parse(Job, self._admin("POST", f"/v1/apis/{api}/jobs", json=body).json())
 
     def jobs(self, api: str | None = None) -> list[Job]:
         """Jobs, newest first (of one API, or all)."""
         params = {"api": api} if api else None
-        return _parse_list(Job, self._admin("GET", "/v1/jobs", params=params).json(), "jobs")
+        return parse_list(Job, self._admin("GET", "/v1/jobs", params=params).json(), "jobs")
 
     def job(self, job_id: str) -> Job:
-        return _parse(Job, self._admin("GET", f"/v1/jobs/{job_id}").json())
+        return parse(Job, self._admin("GET", f"/v1/jobs/{job_id}").json())
 
     def create_key(
         self,
@@ -358,16 +468,16 @@ class Client:
         body: dict[str, Any] = {"apis": list(apis) if apis else None, "rate": rate, "burst": burst}
         body |= {"expires_in_s": expires_in_s, "name": name}
         data = self._admin("POST", "/v1/keys", json=body).json()
-        return str(data["key"]), _parse(ApiKey, data["record"])
+        return str(data["key"]), parse(ApiKey, data["record"])
 
     def keys(self) -> list[ApiKey]:
-        return _parse_list(ApiKey, self._admin("GET", "/v1/keys").json(), "keys")
+        return parse_list(ApiKey, self._admin("GET", "/v1/keys").json(), "keys")
 
     def revoke_key(self, key_id: str) -> ApiKey:
-        return _parse(ApiKey, self._admin("DELETE", f"/v1/keys/{key_id}").json())
+        return parse(ApiKey, self._admin("DELETE", f"/v1/keys/{key_id}").json())
 
     def cancel_job(self, job_id: str) -> Job:
-        return _parse(Job, self._admin("POST", f"/v1/jobs/{job_id}/cancel").json())
+        return parse(Job, self._admin("POST", f"/v1/jobs/{job_id}/cancel").json())
 
     def wait_job(self, job_id: str, timeout: float | None = None, on_poll: Callable[[Job], None] | None = None) -> Job:
         """Poll until the job has ended (any final status); CirrusError when `timeout` runs out first."""
@@ -379,7 +489,7 @@ class Client:
             if job.status.finished:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise CirrusError(f"job {job_id} is still {job.status.value} after {timeout:g}s")
+                raise CirrusTimeoutError(f"job {job_id} is still {job.status.value} after {timeout:g}s")
             time.sleep(POLL_INTERVAL_S)
 
     # Plumbing.
@@ -395,16 +505,16 @@ class Client:
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         info = self.daemon_info()
-        with _translate_errors(info.admin_url, f"{method} {path}"):
+        with translate_errors(info.admin_url, f"{method} {path}"):
             response = self._http.request(
                 method,
-                _join(info.admin_url, path),
+                join(info.admin_url, path),
                 json=json,
                 params=params,
                 content=content,
                 headers={**self._auth(), **(headers or {})},
             )
-        _raise_for_error(response)
+        raise_for_error(response)
         return response
 
     def _auth(self) -> dict[str, str]:
@@ -485,56 +595,6 @@ def _location(target: str | Path | None) -> str | None:
     return str(Path(text).expanduser().resolve())
 
 
-def encode_payload(payload: Any) -> tuple[bytes, str]:
-    """A predict payload as (body, content type)."""
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload), "application/octet-stream"
-    if isinstance(payload, str):
-        return payload.encode(), "text/plain; charset=utf-8"
-    if isinstance(payload, BaseModel):
-        return payload.model_dump_json().encode(), "application/json"
-    try:
-        return json.dumps(payload).encode(), "application/json"
-    except (TypeError, ValueError) as exc:
-        raise CirrusError(f"the payload cannot be sent as JSON: {exc}") from None
-
-
-@contextmanager
-def _translate_errors(url: str, what: str = "the request") -> Iterator[None]:
-    """Turn httpx transport errors into CirrusError with a message a user can act on."""
-    try:
-        yield
-    except httpx.ConnectError:
-        raise CirrusError(NOT_RUNNING) from None
-    except httpx.TimeoutException:
-        raise CirrusError(f"the Cirrus daemon at {url} did not answer {what} in time") from None
-    except httpx.HTTPError as exc:
-        raise CirrusError(f"cannot talk to the Cirrus daemon at {url}: {exc}") from None
-
-
-def _raise_for_error(response: httpx.Response) -> None:
-    if response.status_code < 400:
-        return
-    try:
-        message = str(response.json()["error"])
-    except (ValueError, KeyError, TypeError):
-        message = response.text.strip() or response.reason_phrase
-    raise CirrusError(f"{message} (HTTP {response.status_code})", status=response.status_code)
-
-
-def _parse(model: type[M], data: Any) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise CirrusError(f"unexpected answer from the Cirrus daemon: {exc}") from None
-
-
-def _parse_list(model: type[M], data: Any, key: str) -> list[M]:
-    if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise CirrusError(f"unexpected answer from the Cirrus daemon: no {key!r} list in {data!r:.200}")
-    return [_parse(model, item) for item in data[key]]
-
-
 def _failure(status: ApiStatus) -> str:
     reasons = [status.message] + [r.last_error for r in status.replicas if r.revision == status.revision]
     seen = list(dict.fromkeys(reason for reason in reasons if reason))
@@ -546,10 +606,6 @@ def _describe(status: ApiStatus) -> str:
     text = f"{status.name} is {status.status} ({ready})"
     errors = [r.last_error for r in status.replicas if r.last_error and r.revision == status.revision]
     return f"{text}, last error: {errors[-1]}" if errors else text
-
-
-def _join(base: str, path: str) -> str:
-    return base.rstrip("/") + path
 
 
 def _pid_alive(pid: int) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_ITEMS = 10_000_000
+DEFAULT_BATCH_SIZE = 32  # items per predict_batch call when the client or the CLI is not told
 MAX_BATCHES = 100_000
 MAX_FAILED_LISTED = 1000  # failed batches kept in the job record
 HOOK_ID = "on-job-complete"  # the queue request that runs the predictor's `on_job_complete`
