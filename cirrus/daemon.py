@@ -1,8 +1,9 @@
 """The local daemon: gateway, controller and admin API in one process.
 
 `python -m cirrus.daemon` runs in the background (started by `cirrus up` / `cirrus deploy`);
-`serve_foreground` is `cirrus serve PATH`: the same pieces in the foreground with a throw-away
-state directory, replica logs printed to the terminal, and Ctrl-C stopping everything.
+`serve_foreground` is `cirrus serve PATH`: the same daemon in the foreground, on the same state
+directory and ports (so every CLI command finds it), with replica logs printed to the terminal, a
+new revision rolled out on each edit of the project (cirrus/reload.py), and Ctrl-C stopping everything.
 
 The daemon's files are private: it runs with umask 077 (so do its replicas), and a state directory
 readable by others is tightened to 0700 at start. Both servers are bounded at the edge
@@ -23,7 +24,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -114,10 +114,10 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # fails, not bind, when the port's holder bound it with SO_REUSEADDR too
     except OSError as exc:
         sock.close()
-        raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another port") from None
-    sock.listen(2048)
+        raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another port") from None
     sock.set_inheritable(False)
     return sock
 
@@ -294,15 +294,21 @@ async def run(
     deploy_path: str | None = None,
     on_ready: Callable[[DaemonInfo], None] | None = None,
     stream_logs: bool = False,
+    reload: bool = False,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT or an admin shutdown."""
+    """Run the daemon until SIGTERM/SIGINT or an admin shutdown (`reload`: roll out a new revision of
+    the spec at `deploy_path` whenever its directory changes)."""
     from cirrus.spec import find_spec_file, load_deployments
 
     deployments = load_deployments(deploy_path) if deploy_path else []
     tls = tls_context(settings)
     _raise_descriptor_limit(settings)
     gateway_sock = _bind(settings.host, settings.gateway_port)
-    admin_sock = _bind(settings.admin_host, settings.admin_port)
+    try:
+        admin_sock = _bind(settings.admin_host, settings.admin_port)
+    except DaemonError:
+        gateway_sock.close()
+        raise
     if not is_loopback(settings.admin_host):
         log.warning(
             "the admin API listens on %s (CIRRUS_ADMIN_HOST): whoever reaches it with the token controls this "
@@ -334,6 +340,10 @@ async def run(
     ]
     if stream_logs:
         background.append(loop.create_task(_print_logs(parts.runtime)))
+    if reload and deploy_path:
+        from cirrus.reload import Reloader
+
+        background.append(loop.create_task(Reloader(parts.controller, deploy_path, settings.home).run(stop)))
     settings.daemon_file.write_text(info.model_dump_json())
     log.info("Cirrus daemon %s: gateway %s, admin %s, state %s", VERSION, gateway_url, admin_url, settings.home)
     if on_ready is not None:
@@ -452,7 +462,9 @@ def _configure_logging() -> None:
 
 
 def serve_foreground(settings: Settings, path: str) -> None:
-    """`cirrus serve PATH`: no daemon; a throw-away state directory; Ctrl-C stops everything."""
+    """`cirrus serve PATH`: the daemon in the foreground on `settings`' state directory and ports, the
+    spec deployed, a new revision on each edit; Ctrl-C stops everything. DaemonError: it cannot start
+    (a daemon already runs on that state directory, a port is taken ...)."""
     from cirrus.loop import run_loop
     from cirrus.spec import load_deployments
 
@@ -460,16 +472,22 @@ def serve_foreground(settings: Settings, path: str) -> None:
     tls_context(settings)  # ... and on a bad certificate or key
     _configure_logging()
     os.umask(PRIVATE_UMASK)
-    with tempfile.TemporaryDirectory(prefix="cirrus-serve-") as home:
-        local = settings.with_overrides(home=Path(home), admin_port=0, debug_errors=True)
+    local = settings.with_overrides(debug_errors=True)
 
-        def ready(info: DaemonInfo) -> None:
-            for deployment in deployments:
-                print(f"{deployment.spec.name}: {info.gateway_url}/{deployment.spec.name}", flush=True)
-            print("serving; Ctrl-C stops", flush=True)
+    def ready(info: DaemonInfo) -> None:
+        for deployment in deployments:
+            print(f"{deployment.spec.name}: {info.gateway_url}/{deployment.spec.name}", flush=True)
+        print(f"serving (admin {info.admin_url}, state {local.home}); edits roll out; Ctrl-C stops", flush=True)
 
-        with home_lock(local):
-            run_loop(run(local, deploy_path=path, on_ready=ready, stream_logs=True))
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(home_lock(local))
+        except DaemonError:
+            raise DaemonError(
+                f"a Cirrus daemon already runs with the state directory {local.home}: stop it (`cirrus down`) "
+                "or give `cirrus serve` another --home"
+            ) from None
+        run_loop(run(local, deploy_path=path, on_ready=ready, stream_logs=True, reload=True))
 
 
 def serve_joined(settings: Settings, admin_url: str, token: str) -> None:

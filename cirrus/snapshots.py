@@ -78,7 +78,7 @@ def pack(
     root = directory.resolve()
     if not root.is_dir():
         raise SnapshotError(f"{directory} is not a directory; give the API's project directory")
-    entries = _walk(root, _ignore_spec(root), max_bytes, frozenset(leave_out))
+    entries = _walk(root, ignore_spec(root), max_bytes, frozenset(leave_out))
     if not entries:
         raise SnapshotError(f"{directory} has no files to pack (all are ignored?); check {IGNORE_FILE}")
     buffer, total = io.BytesIO(), 0
@@ -96,7 +96,8 @@ def pack(
     return data, Snapshot(hashlib.sha256(data).hexdigest(), len(data), len(entries))
 
 
-def _ignore_spec(root: Path) -> GitIgnoreSpec:
+def ignore_spec(root: Path) -> GitIgnoreSpec:
+    """What a snapshot of `root` leaves out: ALWAYS_IGNORED, then its .cirrusignore (re-read on each call)."""
     lines = list(ALWAYS_IGNORED)
     ignore_file = root / IGNORE_FILE
     if ignore_file.is_file():
