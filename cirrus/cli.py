@@ -10,6 +10,7 @@ import json
 import mimetypes
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,10 +33,13 @@ from cirrus.cli_common import (
     _client,
     _errors,
     _print_json,
+    _print_json_line,
     _settings,
+    _status,
     _stderr,
     _stdout,
     _tls,
+    is_terminal,
 )
 from cirrus.cli_jobs import jobs_app
 
@@ -110,7 +114,7 @@ def up(
             **_tls(tls_cert, tls_key),
         )
         was_running = client.ping() is not None
-        with _stderr().status("starting the Cirrus daemon"):
+        with _status("starting the Cirrus daemon"):
             info = client.up(timeout=timeout)
         if output is Output.json:
             _print_json(info.model_dump(mode="json"))
@@ -159,8 +163,7 @@ def deploy(
     replicas run that snapshot, so later edits change nothing until the next deploy."""
     with _errors():
         client = _client(home, host, port, admin_port)
-        err = _stderr()
-        with err.status("deploying"):
+        with _status("deploying"):
             results = client.deploy(path, wait=False, force=force, canary=canary)
         _wait_for(client, results, wait, timeout, output)
 
@@ -220,7 +223,6 @@ def promote(
 
 def _wait_for(client: Client, results: list[DeployResult], wait: bool, timeout: float, output: Output) -> None:
     """Print what a deploy (or rollback) did and, with `wait`, wait until every API is live."""
-    err = _stderr()
     gateway_url = client.daemon_info().gateway_url
     if output is Output.table:
         for result in results:
@@ -229,23 +231,40 @@ def _wait_for(client: Client, results: list[DeployResult], wait: bool, timeout: 
                 f"{views.endpoint(gateway_url, result.name)}"
             )
     if wait:
-        from rich.live import Live
-        from rich.spinner import Spinner
-
-        spinner = Spinner("dots", "waiting for the APIs to become live")
-        with Live(spinner, console=err, refresh_per_second=8) as live:
-
-            def show(statuses: list[ApiStatus]) -> None:
-                spinner.update(text=f"waiting: {views.progress(statuses)}")
-                live.update(views.waiting_view(spinner, statuses))
-
-            client.wait_until_live(results, timeout=timeout, on_poll=show)
-        if not err.is_terminal:
-            err.line()  # the last frame, printed once, ends without a newline
+        _wait_live(client, results, timeout)
         if output is Output.table:
             typer.echo("all APIs are live" if len(results) > 1 else f"{results[0].name} is live")
     if output is Output.json:
         _print_json([result.model_dump(mode="json") for result in results])
+
+
+def _wait_live(client: Client, results: list[DeployResult], timeout: float) -> None:
+    """Wait until every API is live: a spinner (and a bar per model fetched) on a terminal; piped, a
+    plain stderr line each time the APIs' progress or a model's fetch changes."""
+    err = _stderr()
+    if not is_terminal(sys.stderr):
+        printed: dict[str, str] = {}
+
+        def note(statuses: list[ApiStatus]) -> None:
+            lines = {"": f"waiting: {views.progress(statuses)}", **views.model_lines(statuses)}
+            for key, line in lines.items():
+                if printed.get(key) != line:
+                    printed[key] = line
+                    typer.echo(line, err=True)
+
+        client.wait_until_live(results, timeout=timeout, on_poll=note)
+        return
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    spinner = Spinner("dots", "waiting for the APIs to become live")
+    with Live(spinner, console=err, refresh_per_second=8) as live:
+
+        def show(statuses: list[ApiStatus]) -> None:
+            spinner.update(text=f"waiting: {views.progress(statuses)}")
+            live.update(views.waiting_view(spinner, statuses))
+
+        client.wait_until_live(results, timeout=timeout, on_poll=show)
 
 
 @app.command()
@@ -256,17 +275,18 @@ def get(
     home: HomeOption = None,
     output: OutputOption = Output.table,
 ) -> None:
-    """List the deployed APIs, or show one API with its replicas."""
+    """List the deployed APIs, or show one API with its replicas.
+
+    With `--watch` it refreshes every `--interval` seconds: in place on a terminal; piped, each
+    snapshot is printed (and flushed) after the last, and `-o json` prints one JSON document per
+    line (NDJSON)."""
     with _errors():
         client = _client(home)
-        if output is Output.json:
-            if watch:
-                raise ValueError("--watch works with table output only")
+
+        def data() -> Any:
             if api:
-                _print_json(client.get(api).model_dump(mode="json"))
-            else:
-                _print_json([status.model_dump(mode="json") for status in client.get()])
-            return
+                return client.get(api).model_dump(mode="json")
+            return [status.model_dump(mode="json") for status in client.get()]
 
         def render() -> RenderableType:
             gateway_url = client.daemon_info().gateway_url
@@ -274,18 +294,44 @@ def get(
                 return views.api_view(client.get(api), gateway_url)
             return views.apis_table(client.get(), gateway_url)
 
-        if not watch:
+        if not watch and output is Output.json:
+            _print_json(data())
+        elif not watch:
             _stdout().print(render())
-            return
-        from rich.live import Live
+        else:
+            _watch(render, data, output, interval)
 
-        with Live(render(), console=_stdout(), auto_refresh=False) as live:
-            try:
-                while True:
-                    time.sleep(interval)
-                    live.update(render(), refresh=True)
-            except KeyboardInterrupt:
-                return
+
+def _watch(render: Callable[[], RenderableType], data: Callable[[], Any], output: Output, interval: float) -> None:
+    try:
+        if output is Output.table and is_terminal(sys.stdout):
+            _watch_live(render, interval)
+        else:
+            _watch_snapshots(data if output is Output.json else render, output, interval)
+    except KeyboardInterrupt:
+        return
+
+
+def _watch_live(render: Callable[[], RenderableType], interval: float) -> None:
+    from rich.live import Live
+
+    with Live(render(), console=_stdout(), auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            live.update(render(), refresh=True)
+
+
+def _watch_snapshots(snapshot: Callable[[], Any], output: Output, interval: float) -> None:
+    """Piped `get -w`: every snapshot printed and flushed at once (a JSON line each with `-o json`)."""
+    console = _stdout()
+    while True:
+        if output is Output.json:
+            _print_json_line(snapshot())
+        else:
+            console.print(snapshot())
+            console.print()
+            sys.stdout.flush()
+        time.sleep(interval)
 
 
 @app.command()
@@ -317,23 +363,22 @@ def predict(
     header: Annotated[
         list[str] | None, typer.Option("--header", "-H", help="extra header 'Name: value' (repeatable)")
     ] = None,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 60,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer (each chunk of a stream)")] = 60,
     home: HomeOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Send one request to an API and print the answer (non-2xx exits 1)."""
+    """Send one request to an API and print the answer, a stream chunk by chunk as it arrives.
+
+    Non-2xx, or a stream that fails midway, exits 1. `-o json` prints {"status", "headers", "body"}
+    (a JSON answer parsed; "body_base64" for bytes; "error" when a stream failed) once it has ended."""
     with _errors():
         body, headers = _read_payload(payload)
         headers.update(_parse_headers(header or []))
-        response = _client(home).predict(api, body, headers=headers, timeout=timeout)
-        content_type = response.headers.get("content-type", "")
-        if response.is_success:
-            _print_body(response.content, content_type)
-            return
-        _stderr().print(
-            f"HTTP {response.status_code} {response.reason_phrase}", style="red", markup=False, highlight=False
-        )
-        _print_body(response.content, content_type, to_stderr=True)
-        raise typer.Exit(1)
+        from cirrus import cli_predict
+
+        code = cli_predict.predict(_client(home), api, body, headers, timeout, output is Output.json)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -354,9 +399,13 @@ def dead_letters(
     home: HomeOption = None,
     output: OutputOption = Output.table,
 ) -> None:
-    """List an async API's failed requests (dead letters) with their last error."""
+    """List an async API's failed requests (dead letters) with their last error (another kind exits 1)."""
     with _errors():
-        records = _client(home).dead_letters(api, limit=limit)
+        client = _client(home)
+        kind = client.get(api).kind
+        if kind != "async":
+            raise ValueError(f"API {api!r} is {kind}, not async: only an async API keeps dead letters")
+        records = client.dead_letters(api, limit=limit)
         if output is Output.json:
             _print_json(records)
             return
@@ -387,7 +436,10 @@ def serve(
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
 ) -> None:
-    """Serve a spec in the foreground (development mode) until Ctrl-C."""
+    """Serve a spec in the foreground (development mode) until Ctrl-C: the daemon `cirrus up` starts, on
+    the same state directory and ports (so `cirrus get`, `predict`, `logs` ... work against it), with
+    the spec deployed and a new revision rolled out on each edit of its directory (what .cirrusignore
+    leaves out excepted). An edit that breaks the spec or the code is logged; the old revision serves on."""
     with _errors():
         more = {"require_keys": require_keys, "insecure_no_auth": insecure_no_auth or None, **_tls(tls_cert, tls_key)}
         settings = _settings(home, host, port, admin_port, **more)
@@ -573,24 +625,6 @@ def _parse_headers(values: list[str]) -> dict[str, str]:
             raise ValueError(f"header {value!r} must look like 'Name: value'")
         headers[name.strip()] = content.strip()
     return headers
-
-
-def _print_body(body: bytes, content_type: str, to_stderr: bool = False) -> None:
-    if "json" in content_type:
-        try:
-            typer.echo(json.dumps(json.loads(body), indent=2, ensure_ascii=False), err=to_stderr)
-            return
-        except ValueError:
-            pass
-    try:
-        text = body.decode()
-    except UnicodeDecodeError:
-        stream = sys.stderr if to_stderr else sys.stdout
-        stream.flush()
-        stream.buffer.write(body)
-        stream.buffer.flush()
-        return
-    typer.echo(text, nl=bool(text) and not text.endswith("\n"), err=to_stderr)
 
 
 if __name__ == "__main__":

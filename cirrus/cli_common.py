@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -72,7 +74,8 @@ ApiArgument = Annotated[str, typer.Argument(help="API name", show_default=False)
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Expected failures become one red line on stderr and exit 1; Ctrl-C exits 130 quietly."""
+    """Expected failures become one red line on stderr and exit 1; Ctrl-C exits 130 quietly, and so
+    does a closed pipe (141)."""
     from cirrus.client import CirrusError
 
     try:
@@ -82,6 +85,9 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # the reader went away (`cirrus get -w -o json | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        raise typer.Exit(141) from None
 
 
 def _tls(cert: Path | None, key: Path | None) -> dict[str, object]:
@@ -113,17 +119,46 @@ def _client(
     return Client(_settings(home, host, port, admin_port, **more))
 
 
-def _stdout() -> Console:
+# Piped output (not a terminal) is for scripts: no colours or escape codes, no animation, and a table
+# row stays one line however long its cells (a console this wide never wraps).
+PIPED_WIDTH = 100_000
+
+
+def is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _console(stderr: bool, **options: Any) -> Console:
     from rich.console import Console
 
-    return Console(markup=False, highlight=False)  # names and errors are data, never markup
+    if is_terminal(sys.stderr if stderr else sys.stdout):
+        return Console(stderr=stderr, **options)
+    return Console(stderr=stderr, width=PIPED_WIDTH, color_system=None, force_terminal=False, **options)
+
+
+def _stdout() -> Console:
+    return _console(False, markup=False, highlight=False)  # names and errors are data, never markup
 
 
 def _stderr() -> Console:
-    from rich.console import Console
+    return _console(True)
 
-    return Console(stderr=True)
+
+def _status(text: str) -> AbstractContextManager[object]:
+    """A spinner on stderr while something runs, on a terminal only (piped, nothing is drawn)."""
+    if not is_terminal(sys.stderr):
+        return nullcontext()
+    return _stderr().status(text)
 
 
 def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2))
+
+
+def _print_json_line(data: Any) -> None:
+    """One compact JSON document on one line, flushed at once (NDJSON for a watching script)."""
+    sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
+    sys.stdout.flush()

@@ -165,7 +165,7 @@ def _exit_for(job: Job, follow: bool) -> None:
 
 
 def _follow_job(client: Client, job_id: str, output: Output) -> Job:
-    """Poll the job until it ends, with a Rich progress bar (on stderr with `-o json`)."""
+    """Poll the job until it ends, with a Rich progress bar on a terminal (on stderr with `-o json`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = _stderr() if output is Output.json else _stdout()
@@ -176,7 +176,7 @@ def _follow_job(client: Client, job_id: str, output: Output) -> Job:
         TextColumn("batches  {task.fields[rate]}  {task.fields[eta]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:  # piped: none
         task = bar.add_task(job_id, total=None, rate="", eta="")
 
         def show(job: Job) -> None:

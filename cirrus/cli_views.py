@@ -91,6 +91,23 @@ def waiting_view(spinner: RenderableType, statuses: list[ApiStatus]) -> Renderab
     return Group(spinner, table)
 
 
+def model_lines(statuses: list[ApiStatus]) -> dict[str, str]:
+    """Plain text for piped output: a line per model fetched from a URL, by model, its percent in
+    steps of ten (so a script's log gets a line per step, not one per poll)."""
+    from rich.filesize import decimal
+
+    lines = {}
+    for s in statuses:
+        for model in s.models:
+            if "://" not in model.source:
+                continue
+            done = model.total_bytes if model.state == "ready" else model.done_bytes
+            percent = 100 * done // model.total_bytes if model.total_bytes else (100 if model.state == "ready" else 0)
+            step = f"{percent // 10 * 10}% of {decimal(model.total_bytes)}"
+            lines[f"{s.name}/{model.name}"] = f"model {model.name} ({s.name}) {step} {model.state}"
+    return lines
+
+
 _STATUS_STYLE = {
     "live": "green",
     "ready": "green",
@@ -119,6 +136,30 @@ def styled(status: str) -> Any:
 
 def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
+def request_rows(s: ApiStatus) -> list[tuple[str, Any]]:
+    return [
+        ("requests", f"{s.requests_last_minute} last minute, {s.in_flight} in flight, {s.queued} queued"),
+        ("latency", f"p50 {ms(s.p50_ms)} ms, p99 {ms(s.p99_ms)} ms"),
+    ]
+
+
+def backlog_rows(s: ApiStatus) -> list[tuple[str, Any]]:
+    """An async API's requests: what waits in its queue, what runs, how old the oldest
+    waiting one is, and how long one takes from arrival to result (none for other kinds)."""
+    if s.backlog_in_queue is None:
+        return []
+    oldest = "" if s.backlog_oldest_age_s is None else f", the oldest waiting {seconds(s.backlog_oldest_age_s)}"
+    return [
+        ("requests", f"{s.requests_last_minute} last minute"),
+        ("backlog", f"{s.backlog_in_queue} queued, {s.backlog_in_progress} in progress{oldest}"),
+        ("processing", f"arrival to result p50 {seconds(s.result_latency_p50_s)} (last minute)"),
+    ]
 
 
 def apis_table(statuses: list[ApiStatus], gateway_url: str) -> RenderableType:
@@ -159,8 +200,7 @@ def api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
         ("status", styled(s.status)),
         ("revision", str(s.revision)),
         ("replicas", f"{s.replicas_ready} ready, {s.replicas_desired} desired, {s.replicas_pending} pending"),
-        ("requests", f"{s.requests_last_minute} last minute, {s.in_flight} in flight, {s.queued} queued"),
-        ("latency", f"p50 {ms(s.p50_ms)} ms, p99 {ms(s.p99_ms)} ms"),
+        *(backlog_rows(s) or request_rows(s)),
         ("endpoint", endpoint(gateway_url, s.name)),
     ]
     if s.autoscaler:
@@ -180,7 +220,7 @@ def api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
             )
         )
     if s.cold_starts:
-        rows.append(("cold starts", f"{s.cold_starts}, the last took {s.last_cold_start_s:.2f} s"))
+        rows.append(("cold starts", f"{s.cold_starts}, the last took {seconds(s.last_cold_start_s)}"))
     if s.message:
         rows.append(("message", s.message))
     for key, value in rows:

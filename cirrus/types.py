@@ -88,6 +88,12 @@ class ApiStatus(_Record):
     p99_ms: float | None = None
     in_flight: int = 0
     queued: int = 0
+    # An async API's stored requests (None for other kinds): waiting, being worked on, how long the
+    # oldest waiting one has waited, and the median arrival-to-result time over the last minute.
+    backlog_in_queue: int | None = None
+    backlog_in_progress: int | None = None
+    backlog_oldest_age_s: float | None = None
+    result_latency_p50_s: float | None = None
     endpoint: str
     message: str | None = None
     autoscaler: str | None = None  # the autoscaler's last reasoning

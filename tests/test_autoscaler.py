@@ -4,6 +4,7 @@ injected clock and a load function; no processes, sockets or sleeps."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import FrozenInstanceError, dataclass, field
 from itertools import pairwise
@@ -204,6 +205,14 @@ def test_long_idle_goes_to_zero_exactly_after_scale_to_zero_after_s() -> None:
     assert loop.at(300) == 0
     assert "scale to zero" in loop.trace[300].reason
     assert set(loop.desired(300, 400)) == {0}
+
+
+def test_reasons_round_times_for_people() -> None:
+    loop = Loop(spec(min_replicas=0), current=1)
+    loop.run(lambda _t: 0.0, 0.0, 40.0)
+    reason = loop.tick(40.00745, 0.0).reason
+    assert re.search(r"idle \d+\.\d of 300 s before zero", reason), reason
+    assert "00745" not in reason
 
 
 def test_a_request_during_idle_restarts_the_idle_timer() -> None:

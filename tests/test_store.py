@@ -370,6 +370,23 @@ def test_backlog_counts_queued_and_in_progress(store: QueueStore) -> None:
     assert store.backlog("other", T0 + 50) == Backlog(in_queue=1, in_progress=0)
 
 
+def test_backlog_in_detail_has_the_oldest_arrival_and_the_recent_latency(store: QueueStore) -> None:
+    empty = store.backlog(API, T0, detail=True)
+    assert (empty.oldest_queued_at, empty.latency_p50_s) == (None, None)
+    store.submit(request("a"), T0)
+    store.submit(request("b"), T0 + 1)
+    store.submit(request("c"), T0 + 2)
+    assert store.backlog(API, T0 + 3, detail=True).oldest_queued_at == T0
+    assert store.backlog(API, T0 + 3).oldest_queued_at is None  # the autoscaler's cheap reading
+    assert store.complete(lease_one(store, T0 + 3), b"ok", "text/plain", 200, T0 + 4)  # a: 4 s
+    assert store.complete(lease_one(store, T0 + 4), b"ok", "text/plain", 200, T0 + 7)  # b: 6 s
+    backlog = store.backlog(API, T0 + 8, detail=True)
+    assert backlog == Backlog(in_queue=1, in_progress=0)
+    assert backlog.oldest_queued_at == T0 + 2
+    assert backlog.latency_p50_s == pytest.approx(5.0)
+    assert store.backlog(API, T0 + 7 + 61, detail=True).latency_p50_s is None  # out of the last minute
+
+
 def test_counts_by_stored_status(store: QueueStore) -> None:
     assert store.counts(API) == Counts(in_queue=0, in_progress=0, completed=0, failed=0)
     store.submit_many([request(f"r{i}", max_attempts=1) for i in range(6)] + [request("x", api="other")], T0)

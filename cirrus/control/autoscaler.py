@@ -117,7 +117,7 @@ def decide(
     recs = _remember(state.recommendations, now, demand.stable_rec, spec)
     new_state = PolicyState(recs, None, idle_since)
     if spec.min_replicas == 0 and idle_since is not None and now - idle_since >= spec.scale_to_zero_after_s:
-        return Decision(0, new_state, f"scale to zero: idle for {now - idle_since:g} s; {current} -> 0", False)
+        return Decision(0, new_state, f"scale to zero: idle for {now - idle_since:.1f} s; {current} -> 0", False)
 
     wanted, desired, why = _stabilize(spec, demand, current, tolerated, up_cap, recs, now)
     if desired == 0:
@@ -125,7 +125,7 @@ def decide(
         desired = 1
         wanted = 1
         idle_for = 0.0 if idle_since is None else now - idle_since
-        why += f"; idle {idle_for:g} of {spec.scale_to_zero_after_s:g} s before zero"
+        why += f"; idle {idle_for:.1f} of {spec.scale_to_zero_after_s:g} s before zero"
     clamped = _clamp(desired, spec)
     return Decision(clamped, new_state, _describe(why, current, clamped, wanted, spec), False)
 
@@ -181,7 +181,7 @@ def _scale_from_zero(
     wanted = max(1, demand.stable_rec, demand.panic_rec) if busy else 0
     desired = _clamp(wanted, spec)
     reason = (
-        f"scale from zero: {in_flight:g} in flight; 0 -> {desired}"
+        f"scale from zero: {round(in_flight, 1):g} in flight; 0 -> {desired}"
         if busy
         else f"idle at zero; {desired} (min_replicas {spec.min_replicas})"
         if desired

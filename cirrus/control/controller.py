@@ -24,7 +24,7 @@ from cirrus.control.keys import KeyStore
 from cirrus.control.models import ModelFetcher
 from cirrus.control.rollouts import Rollouts, canary_replicas
 from cirrus.control.scaling import ApiScaler
-from cirrus.control.status import api_status
+from cirrus.control.status import api_status, backlog_fields
 from cirrus.control.store import Action, Store, StoredApi
 from cirrus.kinds import Kind, kind_of
 from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
@@ -331,7 +331,10 @@ class Controller:
     def _status(self, state: ApiState) -> ApiStatus:
         placements = {r.id: self.runtime.placement(r.id) for r in state.replicas.values()}
         models = self.models.status((state.name, state.revision))
-        return api_status(state, self.gateway, self.endpoint(state.name), models, placements)
+        status = api_status(state, self.gateway, self.endpoint(state.name), models, placements)
+        if not state.kind.queued or self.queue_store is None:
+            return status
+        return status.model_copy(update=backlog_fields(self.queue_store, state.name, time.time()))
 
     def demand(self, name: str) -> None:
         """A request is waiting for an API with no ready replica: decide now, not at the next tick."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cirrus.types import ApiStatus, ApiStatusName, ModelStatus, ReplicaState, ReplicaStatus
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from cirrus.control.controller import ApiState, GatewayControl, Replica
     from cirrus.control.models import ModelFetch
     from cirrus.runtimes.base import Placement
+    from cirrus.store.base import QueueStore
 
 
 def _devices(replica: Replica, placement: Placement | None) -> dict[str, str]:
@@ -136,3 +138,20 @@ def api_status(
             for r in sorted(state.replicas.values(), key=lambda r: (r.revision, r.id))
         ],
     )
+
+
+def backlog_fields(store: QueueStore, api: str, now: float) -> dict[str, Any]:
+    """An async API's backlog as `ApiStatus` fields (none when the store cannot be read)."""
+    try:
+        backlog = store.backlog(api, now, detail=True)
+    except Exception:
+        logging.getLogger(__name__).exception("%s: reading the queue backlog failed", api)
+        return {}
+    oldest = backlog.oldest_queued_at
+    latency = backlog.latency_p50_s
+    return {
+        "backlog_in_queue": backlog.in_queue,
+        "backlog_in_progress": backlog.in_progress,
+        "backlog_oldest_age_s": None if oldest is None else round(max(0.0, now - oldest), 3),
+        "result_latency_p50_s": None if latency is None else round(latency, 3),
+    }

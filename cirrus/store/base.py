@@ -87,10 +87,26 @@ class RequestRecord:
     webhook_result: str | None = None  # how the webhook call ended: delivered, refused, gave up
 
 
+LATENCY_WINDOW_S = 60.0  # `Backlog.latency_p50_s` looks at requests finished this recently
+LATENCY_SAMPLE = 1000  # at most this many of them
+
+
 @dataclass(frozen=True)
 class Backlog:
     in_queue: int
     in_progress: int
+    # For people (`cirrus get`), not compared: when the oldest queued request arrived, and the median
+    # time from arrival to result of the requests completed in the last LATENCY_WINDOW_S.
+    oldest_queued_at: float | None = field(default=None, compare=False)
+    latency_p50_s: float | None = field(default=None, compare=False)
+
+
+def median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 @dataclass(frozen=True)
@@ -143,8 +159,9 @@ class QueueStore(Protocol):
 
     def get(self, api: str, id: str) -> RequestRecord | None: ...
 
-    def backlog(self, api: str, now: float) -> Backlog:
-        """Queued and in-progress counts (the autoscaler's metric for async APIs)."""
+    def backlog(self, api: str, now: float, detail: bool = False) -> Backlog:
+        """Queued and in-progress counts (the autoscaler's metric for async APIs); with `detail`, also
+        the oldest queued request's arrival and the recent latency (more reads: for people)."""
         ...
 
     def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:

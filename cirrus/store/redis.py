@@ -66,6 +66,8 @@ from typing import Any
 import redis
 
 from cirrus.store.base import (
+    LATENCY_SAMPLE,
+    LATENCY_WINDOW_S,
     Backlog,
     Counts,
     Lease,
@@ -74,6 +76,7 @@ from cirrus.store.base import (
     Status,
     StoreFull,
     StoreUnavailable,
+    median,
 )
 
 log = logging.getLogger(__name__)
@@ -532,11 +535,36 @@ class RedisQueueStore:
         values = self._redis.hmget(self._request_key(api, id), _RECORD_FIELDS)
         return self._record(api, id, values)
 
-    def backlog(self, api: str, now: float) -> Backlog:
+    def backlog(self, api: str, now: float, detail: bool = False) -> Backlog:
         """An expired lease counts as queued (the next `lease` takes it back) unless it has no attempt left."""
         keys = [self._key(api, "queue"), self._key(api, "inflight")]
         queued, in_progress = self._backlog(keys=keys, args=[_ts(now), self._request_prefix(api), RECLAIM_LIMIT])
-        return Backlog(in_queue=int(queued), in_progress=int(in_progress))
+        if not detail:
+            return Backlog(int(queued), int(in_progress))
+        oldest = self._redis.zrange(self._key(api, "queue"), 0, 0, withscores=True)
+        return Backlog(
+            int(queued),
+            int(in_progress),
+            oldest_queued_at=float(oldest[0][1]) if oldest else None,
+            latency_p50_s=self._latency_p50(api, now),
+        )
+
+    def _latency_p50(self, api: str, now: float) -> float | None:
+        """The median arrival-to-result time of the requests completed in the last LATENCY_WINDOW_S."""
+        members = self._redis.zrevrangebyscore(
+            self._key(api, "done"), "+inf", _ts(now - LATENCY_WINDOW_S), start=0, num=LATENCY_SAMPLE
+        )
+        with self._redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                key = self._request_key(api, member.decode().partition(":")[2])
+                pipe.hmget(key, "status", "created_at", "finished_at")
+            rows = pipe.execute()
+        took = [
+            float(finished) - float(created)
+            for status, created, finished in rows
+            if status == b"completed" and created is not None and finished is not None
+        ]
+        return median(took)
 
     def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:
         if limit <= 0:

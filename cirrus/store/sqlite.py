@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cirrus.store.base import (
+    LATENCY_SAMPLE,
+    LATENCY_WINDOW_S,
     Backlog,
     Counts,
     Lease,
@@ -50,6 +52,7 @@ from cirrus.store.base import (
     Status,
     StoreFull,
     StoreUnavailable,
+    median,
 )
 
 SCHEMA_VERSION = 2  # 2: webhook_result
@@ -405,7 +408,7 @@ class SqliteQueueStore:
         )
         return None if row is None else _record(row)
 
-    def backlog(self, api: str, now: float) -> Backlog:
+    def backlog(self, api: str, now: float, detail: bool = False) -> Backlog:
         """An expired lease counts as queued (the next `lease` takes it back) unless it has no attempt left."""
         queued, running, expired = (
             self._conn()
@@ -419,7 +422,20 @@ class SqliteQueueStore:
             )
             .fetchone()
         )
-        return Backlog(in_queue=queued + expired, in_progress=running)
+        if not detail:
+            return Backlog(queued + expired, running)
+        oldest, *_ = (
+            self._conn()
+            .execute("SELECT MIN(created_at) FROM requests WHERE api = ? AND status = 'in_queue'", (api,))
+            .fetchone()
+        )
+        took = self._conn().execute(
+            "SELECT finished_at - created_at FROM requests WHERE api = ? AND status = 'completed' "
+            "AND finished_at > ? ORDER BY finished_at DESC LIMIT ?",
+            (api, now - LATENCY_WINDOW_S, LATENCY_SAMPLE),
+        )
+        latency = median([row[0] for row in took.fetchall()])
+        return Backlog(queued + expired, running, oldest_queued_at=oldest, latency_p50_s=latency)
 
     def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:
         rows = (
