@@ -30,7 +30,7 @@ class Predictor:
     def __init__(self, config):
         self.log = config["log"]
 
-    def predict(self, payload):
+    def predict(self, payload, request_id):
         if payload.get("reject"):
             from cirrus import HTTPError
             raise HTTPError(422, "x must be positive")
@@ -39,7 +39,7 @@ class Predictor:
         time.sleep(0.004)
         with open(self.log, "a") as f:  # every delivery, duplicates included
             f.write(payload["key"] + "\\n")
-        return {"key": payload["key"], "double": payload["x"] * 2, "pid": os.getpid()}
+        return {"key": payload["key"], "double": payload["x"] * 2, "pid": os.getpid(), "request_id": request_id}
 """
 
 
@@ -197,7 +197,15 @@ def test_failures_dead_letters_webhooks_and_bad_input(tmp_path: Path, store_url:
                             return record
                         time.sleep(0.05)
 
-                assert final(ok)["result"] == {"key": "a", "double": 2, "pid": final(ok)["result"]["pid"]}  # type: ignore[index]
+                result = final(ok)["result"]
+                assert result == {"key": "a", "double": 2, "pid": result["pid"], "request_id": result["request_id"]}  # type: ignore[index]
+                # One id everywhere: the 202's id and request_id, its X-Request-Id and the predictor's request_id.
+                accepted = ok.json()
+                assert accepted["id"] == accepted["request_id"] == ok.headers["x-request-id"] == result["request_id"]  # type: ignore[index]
+                # A client's own X-Request-Id is not the queue's id (it could repeat): the 202 names the one to poll.
+                mine = http.post(url, json={"key": "b", "x": 2}, headers={"x-request-id": "my-correlation-id"})
+                assert mine.json()["id"] == mine.json()["request_id"] == mine.headers["x-request-id"] != "my-correlation-id"
+                assert final(mine)["result"]["request_id"] == mine.json()["id"]  # type: ignore[index]
                 record = final(rejected)
                 assert (record["status"], record["attempts"], record["error"]) == ("failed", 1, "x must be positive")
                 record = final(exploded)

@@ -449,9 +449,15 @@ class Gateway:
             why = route.unavailable or "this gateway has no queue store"
             await self._reply_error(send, route, started, 503, why, request_id)
             return
+        # One id everywhere: the queue's id is the 202's `id` and `request_id`, its X-Request-Id,
+        # and the predictor's `request_id`. It is always minted here: a client's X-Request-Id (kept
+        # with the request's headers) could repeat, and a repeat would fail its whole group commit.
+        queue_id = uuid.uuid4().hex
         status, answer, extra = await self.async_front.accept(
-            route.name, body, content_type, forwarded, scope.get("query_string", b"")
+            route.name, body, content_type, forwarded, scope.get("query_string", b""), queue_id
         )
+        if status == 202:
+            request_id = queue_id
         await send_json(send, status, {**answer, "request_id": request_id}, request_id, extra)
         route.metrics.observe(status, time.perf_counter() - started, time.time())
         if status == 202 and not route.replicas and self.on_cold is not None:

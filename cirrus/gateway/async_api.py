@@ -117,8 +117,10 @@ class AsyncFront:
         content_type: str,
         headers: list[tuple[str, str]],
         query_string: bytes,
+        request_id: str | None = None,
     ) -> Answer:
-        """(HTTP status, JSON body, extra headers) for `POST /<api>`."""
+        """(HTTP status, JSON body, extra headers) for `POST /<api>`; `request_id`: the id to store
+        it under (default: a new uuid4 hex)."""
         spec = self.queue_spec(api)
         try:
             webhook = webhook_of(headers, query_string, spec)
@@ -135,7 +137,7 @@ class AsyncFront:
         else:
             max_attempts = self.max_attempts(api) if self.max_attempts is not None else 3
         durability: Durability = "normal" if spec is None else spec.durability
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         request = NewRequest(
             api=api,
             id=request_id,
