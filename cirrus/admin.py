@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cirrus import __version__
 from cirrus.admin_openapi import (
     MAX_DEAD_LETTERS,
+    MAX_LISTED_REQUESTS,
     MAX_LOG_LINES,
     REPLICA_ID_RE,
+    REQUEST_ID_RE,
     BodyError,
     DeployRequest,
     KeyRequest,
+    RequeueRequest,
     RollbackRequest,
     openapi_document,
     parse_body,
@@ -41,8 +45,9 @@ from cirrus.jobs import JobError, parse_request
 from cirrus.routes import GATEWAY_ID_RE, LoadReport
 from cirrus.snapshots import ARCHIVE_OVERHEAD_BYTES, SnapshotError, SnapshotStore
 from cirrus.spec import API_NAME_RE, Deployment, SpecError, check_model_paths, check_predictor_path
+from cirrus.store.base import RequestRecord, Status, StoreUnavailable
 from cirrus.store.files import FileError
-from cirrus.store.view import describe
+from cirrus.store.view import describe, with_payload
 from cirrus.types import DaemonInfo
 
 LONG_POLL_S = 20.0  # GET /v1/gateways/routes?version=V waits this long at most for a change
@@ -264,7 +269,83 @@ class AdminApi:
         except ValueError:
             return error(400, "limit must be an integer")
         records = await asyncio.get_running_loop().run_in_executor(None, store.dead_letters, name, limit)
-        return JSONResponse({"dead_letters": [describe(r) for r in records]})
+        return JSONResponse({"dead_letters": [with_payload(r) for r in records]})
+
+    def async_api(self, name: str) -> Response | None:
+        """None when `name` is a live async API, else the error to answer (404: no such API; 400: another kind)."""
+        state = self.controller.apis.get(name)
+        if state is None or state.deleted:
+            return error(404, f"no API named {name!r}")
+        kind = state.stored.deployment.spec.kind
+        if kind != "async":
+            return error(400, f"API {name!r} is {kind}, not async: only an async API queues requests")
+        return None
+
+    async def requeue(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if (refused := self.async_api(name)) is not None:
+            return refused
+        try:
+            body: Any = await request.json() if await request.body() else {}
+            ids = parse_body(RequeueRequest, body, 'requeue request ({"ids": [...]} or empty)').ids
+        except BodyError as exc:
+            return error(400, str(exc))
+        except ValueError:
+            return error(400, 'the body must be JSON: {"ids": [request id, ...]} or empty')
+        store, now = self.controller.queue_store, time.time()
+        try:
+            requeued = [] if store is None else await asyncio.to_thread(store.requeue, name, ids, now)
+        except StoreUnavailable as exc:
+            return error(503, str(exc))
+        missing = [id_ for id_ in dict.fromkeys(ids or []) if id_ not in requeued]
+        return JSONResponse({"requeued": requeued, "not_dead_letters": missing})
+
+    async def list_requests(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if (refused := self.async_api(name)) is not None:
+            return refused
+        asked = request.query_params.get("status") or None
+        if asked not in (None, Status.IN_QUEUE, Status.IN_PROGRESS):
+            return error(400, f"status must be {Status.IN_QUEUE.value} or {Status.IN_PROGRESS.value}")
+        try:
+            limit = max(1, min(int(request.query_params.get("limit", "100")), MAX_LISTED_REQUESTS))
+        except ValueError:
+            return error(400, "limit must be an integer")
+        store, status = self.controller.queue_store, None if asked is None else Status(asked)
+        records = [] if store is None else await asyncio.to_thread(store.list_requests, name, status, limit)
+        return JSONResponse({"requests": [with_payload(r) for r in records]})
+
+    async def cancel_request(self, request: Request) -> Response:
+        """Cancel an async request, found under `?api=` or among every async API."""
+        request_id, api = request.path_params["id"], request.query_params.get("api") or None
+        if not REQUEST_ID_RE.fullmatch(request_id):
+            return error(400, "a request id is 32 lowercase hex digits (the id a submit answered)")
+        if api is not None and (refused := self.async_api(api)) is not None:
+            return refused
+        names = [api] if api else [s.name for s in self.controller.apis.values() if self.async_api(s.name) is None]
+        store = self.controller.queue_store
+        try:
+            found = None if store is None else await asyncio.to_thread(self._cancel, request_id, names)
+        except StoreUnavailable as exc:
+            return error(503, str(exc))
+        if found is None:
+            where = f"API {api!r}" if api else "any async API"
+            return error(404, f"no request {request_id} in {where}")
+        cancelled, record = found
+        if not cancelled:
+            return error(409, f"request {request_id} of API {record.api!r} already {record.status.value}")
+        return JSONResponse(describe(record))
+
+    def _cancel(self, request_id: str, names: list[str]) -> tuple[bool, RequestRecord] | None:
+        """Whether the request was cancelled now, and its record: the first of `names` that holds it."""
+        store = self.controller.queue_store
+        assert store is not None
+        for name in names:
+            if store.get(name, request_id) is not None:
+                cancelled, record = store.cancel(name, request_id, time.time())
+                if record is not None:
+                    return cancelled, record
+        return None
 
     async def submit_job(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -310,6 +391,23 @@ class AdminApi:
         except JobError as exc:
             return error(409, str(exc))
         return JSONResponse(job.model_dump(mode="json"))
+
+    async def retry_job(self, request: Request) -> Response:
+        jobs = self.controller.jobs
+        try:
+            if jobs is None:
+                raise JobNotFound("this daemon runs no jobs")
+            job = jobs.get(request.path_params["id"])
+            state = self.controller.apis.get(job.api)
+            if state is None or state.deleted:
+                raise JobError(f"the API {job.api!r} of job {job.id} no longer exists")
+            retry = await asyncio.to_thread(jobs.retry, state.stored.deployment.spec, job.id)
+        except JobNotFound as exc:
+            return error(404, str(exc))
+        except (JobError, FileError) as exc:
+            return error(400, str(exc))
+        jobs.track(retry)
+        return JSONResponse(retry.model_dump(mode="json"), status_code=201)
 
     async def create_key(self, request: Request) -> Response:
         try:
@@ -402,10 +500,14 @@ def build_admin_app(
             Route("/v1/apis/{name}/promote", api.promote, methods=["POST"]),
             Route("/v1/snapshots", api.upload_snapshot, methods=["POST"]),
             Route("/v1/apis/{name}/dead-letters", api.dead_letters),
+            Route("/v1/apis/{name}/dead-letters/requeue", api.requeue, methods=["POST"]),
+            Route("/v1/apis/{name}/requests", api.list_requests),
+            Route("/v1/requests/{id}/cancel", api.cancel_request, methods=["POST"]),
             Route("/v1/apis/{name}/jobs", api.submit_job, methods=["POST"]),
             Route("/v1/jobs", api.list_jobs),
             Route("/v1/jobs/{id}", api.get_job),
             Route("/v1/jobs/{id}/cancel", api.cancel_job, methods=["POST"]),
+            Route("/v1/jobs/{id}/retry", api.retry_job, methods=["POST"]),
             Route("/v1/keys", api.list_keys),
             Route("/v1/keys", api.create_key, methods=["POST"]),
             Route("/v1/keys/{id}", api.revoke_key, methods=["DELETE"]),

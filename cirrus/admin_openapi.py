@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import JsonSchemaMode
@@ -21,10 +21,13 @@ from starlette.routing import BaseRoute, Route
 from cirrus.jobs import Job, JobRequest
 from cirrus.routes import GatewayList, LoadAccepted, LoadReport, RouteTable
 from cirrus.spec import API_NAME_RE, RESERVED_NAMES, Deployment
+from cirrus.store.base import CANCELLED, REQUEUE_LIMIT
 from cirrus.types import ApiKey, ApiStatus, DaemonInfo, DeployResult, RevisionInfo
 
 MAX_LOG_LINES = 100_000
 MAX_DEAD_LETTERS = 10_000
+MAX_LISTED_REQUESTS = 10_000
+REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # an async request's id, as the gateway makes them
 MAX_REVISION = 2**53  # far beyond any real revision; keeps `to` inside what the stores hold
 REPLICA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # `<api>-<hex>`: no path separators
 
@@ -126,8 +129,47 @@ class StoredSnapshot(BaseModel):
     files: int
 
 
+PREVIEWED = (
+    "request records as `GET /<api>/<id>` shows them, with the start of each request's body: `payload` "
+    "(text or JSON as text; else base64, with `payload_encoding`), `payload_type`, `payload_bytes` (the "
+    "whole body's size) and `truncated`"
+)
+
+
 class DeadLetters(BaseModel):
-    dead_letters: list[dict[str, Any]] = Field(description="request records, as `GET /<api>/<id>` shows them")
+    dead_letters: list[dict[str, Any]] = Field(description=PREVIEWED)
+
+
+class RequeueRequest(BaseModel):
+    """`POST /v1/apis/{name}/dead-letters/requeue` (or an empty body: every dead letter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[str, Field(pattern=REQUEST_ID_RE.pattern)]] | None = Field(
+        None,
+        max_length=REQUEUE_LIMIT,
+        description=f"the dead letters to requeue (absent: every one, oldest failure first, at most {REQUEUE_LIMIT})",
+    )
+
+
+class Requeued(BaseModel):
+    requeued: list[str] = Field(description="the ids back in the queue")
+    not_dead_letters: list[str] = Field(description="ids asked for that were not dead letters of the API")
+
+
+class RequestList(BaseModel):
+    requests: list[dict[str, Any]] = Field(description=PREVIEWED)
+
+
+class RequestView(BaseModel):
+    """An async request's record, as `GET /<api>/<id>` shows it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    api: str
+    status: str
+    attempts: int
 
 
 class JobList(BaseModel):
@@ -178,6 +220,7 @@ class Operation:
 
 NO_API = {404: "no API of that name"}
 BAD = {400: "a malformed or invalid request; the error says what was wrong"}
+STORE_DOWN = {503: "the queue store cannot take writes now (full, or its server down): retry later"}
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/openapi.json"): Operation("this document", OpenApiDocument),
@@ -226,6 +269,34 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {**BAD, **NO_API},
         query=(Query("limit", {"type": "integer", "default": 100}, f"at most this many (1 to {MAX_DEAD_LETTERS})"),),
     ),
+    ("POST", "/v1/apis/{name}/dead-letters/requeue"): Operation(
+        "put an async API's dead letters back in its queue, as new requests (same id, body, headers, webhook)",
+        Requeued,
+        {**BAD, **NO_API, **STORE_DOWN},
+        body=RequeueRequest,
+        body_required=False,
+    ),
+    ("GET", "/v1/apis/{name}/requests"): Operation(
+        "an async API's queued and in-progress requests, oldest first",
+        RequestList,
+        {400: "not an async API, or a bad status or limit", **NO_API},
+        query=(
+            Query("status", {"type": "string", "enum": ["in_queue", "in_progress"]}, "only these (absent: both)"),
+            Query("limit", {"type": "integer", "default": 100}, f"at most this many (1 to {MAX_LISTED_REQUESTS})"),
+        ),
+    ),
+    ("POST", "/v1/requests/{id}/cancel"): Operation(
+        "cancel a queued or in-progress async request: it fails with the error "
+        f"{CANCELLED!r} (a dead letter, which requeue takes back)",
+        RequestView,
+        {
+            400: "not a request id (32 lowercase hex digits), or `api` is not an async API",
+            404: "no such request (or API)",
+            409: "it already finished",
+            **STORE_DOWN,
+        },
+        query=(Query("api", {"type": "string"}, "the request's API (absent: every async API is searched)"),),
+    ),
     ("POST", "/v1/apis/{name}/jobs"): Operation(
         "submit a batch job",
         Job,
@@ -238,7 +309,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("GET", "/v1/jobs/{id}"): Operation("one job's progress", Job, {404: "no job with that id"}),
     ("POST", "/v1/jobs/{id}/cancel"): Operation(
-        "cancel a job", Job, {404: "no job with that id", 409: "the job already ended"}
+        "cancel a job: `stopping` until its batches in flight end, then `cancelled`",
+        Job,
+        {404: "no job with that id", 409: "the job already ended"},
+    ),
+    ("POST", "/v1/jobs/{id}/retry"): Operation(
+        "a new job (`retry_of`) that runs again the failed (or never run) batches and failed items of an ended job",
+        Job,
+        {400: "the job has not ended, or nothing failed", 404: "no job with that id"},
+        status=201,
     ),
     ("GET", "/v1/keys"): Operation("the API keys (their records, never the keys)", KeyList),
     ("POST", "/v1/keys"): Operation("create an API key", NewKey, BAD, status=201, body=KeyRequest, body_required=False),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, overload
 
@@ -44,6 +44,7 @@ from cirrus.client_common import (
     tls_verify,
     translate_errors,
 )
+from cirrus.jobs import Job
 from cirrus.settings import Settings
 from cirrus.types import ApiStatus, DaemonInfo
 
@@ -195,12 +196,50 @@ class AsyncClient:
         """The result of a completed async request; RequestFailedError / RequestPendingError otherwise."""
         return (await self.status(name, request_id)).value()
 
+    # Queue tools (async APIs).
+
+    async def dead_letters(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        """An async API's failed requests, newest first, with the start of each payload."""
+        answer = (await self._admin("GET", f"/v1/apis/{name}/dead-letters", params={"limit": limit})).json()
+        records: list[dict[str, Any]] = answer["dead_letters"]
+        return records
+
+    async def requeue_dead_letters(self, name: str, ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Put dead letters (`ids`; None: all, up to 1000) back in the queue: `{"requeued", "not_dead_letters"}`."""
+        body = {} if ids is None else {"ids": list(ids)}
+        return dict((await self._admin("POST", f"/v1/apis/{name}/dead-letters/requeue", json=body)).json())
+
+    async def requests(self, name: str, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """An async API's queued and in-progress requests (`status`: only those), oldest first."""
+        params: dict[str, str | int] = {"limit": limit} | ({"status": status} if status else {})
+        answer = (await self._admin("GET", f"/v1/apis/{name}/requests", params=params)).json()
+        records: list[dict[str, Any]] = answer["requests"]
+        return records
+
+    async def cancel_request(self, request_id: str, name: str | None = None) -> dict[str, Any]:
+        """Cancel a queued or in-progress async request (of API `name`, else found among all): its record."""
+        params = {} if name is None else {"api": name}
+        return dict((await self._admin("POST", f"/v1/requests/{request_id}/cancel", params=params)).json())
+
+    # Batch jobs.
+
+    async def job(self, job_id: str) -> Job:
+        return parse(Job, (await self._admin("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def retry_job(self, job_id: str) -> Job:
+        """A new job (`retry_of` = job_id) running the ended job's failed batches and items again."""
+        return parse(Job, (await self._admin("POST", f"/v1/jobs/{job_id}/retry")).json())
+
     # Plumbing.
 
-    async def _admin(self, method: str, path: str) -> httpx.Response:
+    async def _admin(
+        self, method: str, path: str, *, json: Any = None, params: Mapping[str, str | int] | None = None
+    ) -> httpx.Response:
         info = self.daemon_info()
         with translate_errors(info.admin_url, f"{method} {path}"):
-            response = await self._http.request(method, join(info.admin_url, path), headers=self._auth())
+            response = await self._http.request(
+                method, join(info.admin_url, path), json=json, params=params, headers=self._auth()
+            )
         raise_for_error(response)
         return response
 

@@ -42,6 +42,7 @@ from cirrus.cli_common import (
     is_terminal,
 )
 from cirrus.cli_jobs import jobs_app
+from cirrus.cli_queue import dead_letters, requests_app
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -392,36 +393,7 @@ def delete(api: ApiArgument, home: HomeOption = None, output: OutputOption = Out
             typer.echo(f"deleted {api}")
 
 
-@app.command("dead-letters")
-def dead_letters(
-    api: ApiArgument,
-    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 100,
-    home: HomeOption = None,
-    output: OutputOption = Output.table,
-) -> None:
-    """List an async API's failed requests (dead letters) with their last error (another kind exits 1)."""
-    with _errors():
-        client = _client(home)
-        kind = client.get(api).kind
-        if kind != "async":
-            raise ValueError(f"API {api!r} is {kind}, not async: only an async API keeps dead letters")
-        records = client.dead_letters(api, limit=limit)
-        if output is Output.json:
-            _print_json(records)
-            return
-        if not records:
-            typer.echo(f"no dead letters in {api}")
-            return
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold")
-        for column in ("ID", "ATTEMPTS", "FAILED AT", "LAST ERROR"):
-            table.add_column(column, overflow="fold")
-        for record in records:
-            table.add_row(
-                record["id"], str(record["attempts"]), str(record["timestamps"]["finished"]), record.get("error", "")
-            )
-        _stdout().print(table)
+app.command("dead-letters")(dead_letters)
 
 
 @app.command()
@@ -508,6 +480,7 @@ def _admin_token(token: str | None, token_file: Path | None) -> str:
 keys_app = typer.Typer(help="API keys: who may call the APIs, and how often.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(requests_app, name="requests")
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

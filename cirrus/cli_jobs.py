@@ -140,13 +140,33 @@ def jobs_get(
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: JobArgument, home: HomeOption = None, output: OutputOption = Output.table) -> None:
-    """Cancel a pending or running job: its workers stop; results written so far stay."""
+    """Cancel a pending or running job: its workers stop once their batches in flight finish; results stay."""
     with _errors():
         job = _client(home).cancel_job(job_id)
         if output is Output.json:
             _print_json(job.model_dump(mode="json"))
+        elif job.status.value == "stopping":
+            typer.echo(f"cancelling job {job.id}: the batches in flight finish, then it is cancelled")
         else:
             typer.echo(f"cancelled job {job.id}")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: JobArgument, follow: FollowOption = False, home: HomeOption = None, output: OutputOption = Output.table
+) -> None:
+    """Run an ended job's failed (or never run) batches and failed items again, as a new job."""
+    with _errors():
+        client = _client(home)
+        job = client.retry_job(job_id)
+        if follow:
+            job = _follow_job(client, job.id, output)
+        elif output is Output.table:
+            typer.echo(f"retrying job {job_id} as job {job.id}: {job.total_items} items in {job.total_batches} batches")
+            typer.echo(f"  follow it with `cirrus jobs get {job.id} -f`; results go to {job.sink}")
+        if output is Output.json:
+            _print_json(job.model_dump(mode="json"))
+        _exit_for(job, follow)
 
 
 def _json_option(name: str, text: str, kind: type) -> Any:

@@ -44,6 +44,8 @@ def job_view(job: Job) -> RenderableType:
         ("finished", when(job.finished_at)),
         ("results", job.sink),
     ]
+    if job.retry_of:
+        rows.append(("retry of", job.retry_of))
     if job.error:
         rows.append(("error", job.error))
     if job.hook_error:
@@ -120,6 +122,7 @@ _STATUS_STYLE = {
     "canary": "cyan",
     "pending": "magenta",
     "running": "cyan",
+    "stopping": "yellow",
     "succeeded": "green",
     "completed_with_failures": "yellow",
     "failed": "red",

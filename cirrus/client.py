@@ -293,6 +293,23 @@ class Client:
         records: list[dict[str, Any]] = answer["dead_letters"]
         return records
 
+    def requeue_dead_letters(self, name: str, ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Put dead letters (`ids`; None: all, up to 1000) back in the queue: `{"requeued", "not_dead_letters"}`."""
+        body = {} if ids is None else {"ids": list(ids)}
+        return dict(self._admin("POST", f"/v1/apis/{name}/dead-letters/requeue", json=body).json())
+
+    def requests(self, name: str, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """An async API's queued and in-progress requests (`status`: only those), oldest first."""
+        params: dict[str, str | int] = {"limit": limit} | ({"status": status} if status else {})
+        answer = self._admin("GET", f"/v1/apis/{name}/requests", params=params).json()
+        records: list[dict[str, Any]] = answer["requests"]
+        return records
+
+    def cancel_request(self, request_id: str, name: str | None = None) -> dict[str, Any]:
+        """Cancel a queued or in-progress async request (of API `name`, else found among all): its record."""
+        params = {} if name is None else {"api": name}
+        return dict(self._admin("POST", f"/v1/requests/{request_id}/cancel", params=params).json())
+
     def follow_logs(self, name: str, lines: int = 10) -> Iterator[str]:
         """The last `lines` log lines, then new ones as they come, until the daemon ends the stream."""
         info = self.daemon_info()
@@ -477,7 +494,12 @@ class Client:
         return parse(ApiKey, self._admin("DELETE", f"/v1/keys/{key_id}").json())
 
     def cancel_job(self, job_id: str) -> Job:
+        """Cancel a job: `stopping` until its batches in flight end (`wait_job` for its final counts)."""
         return parse(Job, self._admin("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def retry_job(self, job_id: str) -> Job:
+        """A new job (`retry_of` = job_id) running the ended job's failed batches and items again."""
+        return parse(Job, self._admin("POST", f"/v1/jobs/{job_id}/retry").json())
 
     def wait_job(self, job_id: str, timeout: float | None = None, on_poll: Callable[[Job], None] | None = None) -> Job:
         """Poll until the job has ended (any final status); CirrusError when `timeout` runs out first."""

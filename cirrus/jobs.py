@@ -9,6 +9,14 @@ their own.
 States: `pending` (another job of the same API runs) -> `running` -> `succeeded` (every batch
 done) | `completed_with_failures` (some batches failed after their retries; listed) | `failed`
 (every batch failed, or the workers cannot start) | `cancelled` | `timed_out`.
+
+Cancel and timeout go through `stopping`: the job's workers are stopped, the batches they have in
+flight finish and write their results, and only once the job's workers are gone are
+the batches that did not complete failed and its final counts taken, so a cancelled job's
+`items_done` is the number of result lines in its sink.
+
+A finished job whose batches or items failed can be retried: a new job (`retry_of`: the first
+one's id) runs exactly those items again, each keeping its index in the original list.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class JobError(ValueError):
 class JobStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    STOPPING = "stopping"  # cancelled or timed out: waits for the batches in flight, then ends
     SUCCEEDED = "succeeded"
     COMPLETED_WITH_FAILURES = "completed_with_failures"
     FAILED = "failed"
@@ -41,7 +50,7 @@ class JobStatus(StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self not in (JobStatus.PENDING, JobStatus.RUNNING)
+        return self not in (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.STOPPING)
 
 
 class JobRequest(BaseModel):
@@ -126,6 +135,8 @@ class Job(BaseModel):
     outcome: JobStatus | None = None
     hook_started_at: float | None = None
     hook_error: str | None = None
+    stop_requested_at: float | None = None  # when it was cancelled or timed out (status `stopping`)
+    retry_of: str | None = None  # the job whose failed batches and items this one runs again
 
     @property
     def queue(self) -> str:
@@ -146,6 +157,7 @@ class Job(BaseModel):
             "sink": self.sink,
             "config": self.config,
             "started_at": self.started_at,
+            "retry_of": self.retry_of,
         }
 
 
@@ -224,7 +236,7 @@ class Progress(BaseModel):
 
 def to_start(jobs: list[Job]) -> list[Job]:
     """The pending jobs that may start now: the oldest one of each API that runs no job."""
-    busy = {job.api for job in jobs if job.status is JobStatus.RUNNING}
+    busy = {job.api for job in jobs if job.status in (JobStatus.RUNNING, JobStatus.STOPPING)}
     starting: list[Job] = []
     for job in sorted(jobs, key=lambda j: (j.created_at, j.id)):
         if job.status is JobStatus.PENDING and job.api not in busy:
@@ -245,6 +257,39 @@ def finish(job: Job, status: JobStatus, now: float, error: str | None = None) ->
     if error is not None:
         update["error"] = error
     return job.model_copy(update=update)
+
+
+def stop(job: Job, status: JobStatus, now: float, error: str) -> Job:
+    """Cancel or time out a running job: `stopping` until its batches in flight have ended, then
+    `status` (see `settle`). A pending job (no batch ran) settles at once too, in the same way."""
+    if job.status.finished or job.status is JobStatus.STOPPING:
+        return job
+    update = {"status": JobStatus.STOPPING, "outcome": status, "error": error, "stop_requested_at": now}
+    return job.model_copy(update={**update, "eta_s": None})
+
+
+def batch_size_of(job: Job, index: int) -> int:
+    return max(0, min(job.batch_size, job.total_items - index * job.batch_size))
+
+
+def settle(job: Job, failed: list[FailedBatch], not_run_error: str, now: float) -> Job:
+    """End a stopping job once none of its batches can still run: `failed` lists every batch that
+    did not complete (those that never ran carry `not_run_error`); every other batch wrote its part
+    file, so the counts are exact and match the sink."""
+    if job.status is not JobStatus.STOPPING:
+        return job
+    real = sorted((b for b in failed if b.error != not_run_error), key=lambda b: b.index)
+    failed_items = sum(batch_size_of(job, b.index) for b in failed)
+    stopped = job.model_copy(
+        update={
+            "batches_done": job.total_batches - len(failed),
+            "batches_failed": len(real),
+            "items_done": job.total_items - failed_items,
+            "failed_batches": real[:MAX_FAILED_LISTED],
+        }
+    )
+    ended = finish(stopped, job.outcome or JobStatus.CANCELLED, now)
+    return ended.model_copy(update={"outcome": None})
 
 
 def outcome(done: int, failed: int) -> JobStatus:
@@ -289,12 +334,11 @@ def advance(job: Job, now: float, hook_done: bool, hook_error: str | None, hook_
         return job
     if job.outcome is None:
         if job.timeout_s is not None and job.started_at is not None and now - job.started_at >= job.timeout_s:
-            return finish(
+            return stop(
                 job,
                 JobStatus.TIMED_OUT,
                 now,
-                f"the job did not finish within its timeout of {job.timeout_s:g}s "
-                f"({job.batches_done} of {job.total_batches} batches done)",
+                f"the job did not finish within its timeout of {job.timeout_s:g}s",
             )
         if job.batches_done + job.batches_failed < job.total_batches:
             return job

@@ -204,7 +204,12 @@ def test_failures_dead_letters_webhooks_and_bad_input(tmp_path: Path, store_url:
                 assert accepted["id"] == accepted["request_id"] == ok.headers["x-request-id"] == result["request_id"]  # type: ignore[index]
                 # A client's own X-Request-Id is not the queue's id (it could repeat): the 202 names the one to poll.
                 mine = http.post(url, json={"key": "b", "x": 2}, headers={"x-request-id": "my-correlation-id"})
-                assert mine.json()["id"] == mine.json()["request_id"] == mine.headers["x-request-id"] != "my-correlation-id"
+                assert (
+                    mine.json()["id"]
+                    == mine.json()["request_id"]
+                    == mine.headers["x-request-id"]
+                    != "my-correlation-id"
+                )
                 assert final(mine)["result"]["request_id"] == mine.json()["id"]  # type: ignore[index]
                 record = final(rejected)
                 assert (record["status"], record["attempts"], record["error"]) == ("failed", 1, "x must be positive")

@@ -144,13 +144,14 @@ def test_failed_batches_cancel_and_timeout(daemon: Cirrus, tmp_path: Path) -> No
     code, out, _ = daemon.cli("jobs", "get", job.id)
     assert code == 0 and "completed_with_failures" in out and "RuntimeError: boom" in out
 
-    # Cancel: the job ends at once, its workers stop, the hook does not run.
+    # Cancel: its workers stop once the batches in flight end; the hook does not run.
     slow = client.submit_job("crunch", list(range(40)), batch_size=1, config={"sleep": 0.5})
     _wait(daemon, slow.id, lambda j: j.batches_done >= 1)
     code, out, err = daemon.cli("jobs", "cancel", slow.id)
-    assert code == 0 and "cancelled" in out, err
-    cancelled = client.job(slow.id)
+    assert code == 0 and f"cancelling job {slow.id}" in out, err
+    cancelled = client.wait_job(slow.id, timeout=30)
     assert cancelled.status is JobStatus.CANCELLED and cancelled.finished_at is not None
+    assert cancelled.items_done == len(_results(Path(cancelled.sink)))
     _workers_gone(daemon, "crunch")
     with pytest.raises(CirrusError, match="already ended: cancelled") as info:
         client.cancel_job(slow.id)
@@ -160,7 +161,7 @@ def test_failed_batches_cancel_and_timeout(daemon: Cirrus, tmp_path: Path) -> No
     late = client.submit_job("crunch", list(range(40)), batch_size=1, timeout_s=1.5, config={"sleep": 0.5})
     ended = client.wait_job(late.id, timeout=30)
     assert ended.status is JobStatus.TIMED_OUT and ended.error and "timeout of 1.5s" in ended.error
-    assert 0 < ended.batches_done < 40
+    assert 0 < ended.batches_done < 40 and ended.items_done == len(_results(Path(ended.sink)))
     _workers_gone(daemon, "crunch")
     assert len(_hook_calls(tmp_path)) == 1  # neither cancel nor timeout ran on_job_complete
 

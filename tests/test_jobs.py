@@ -14,11 +14,12 @@ import pytest
 from store_backends import store_fixtures
 
 from cirrus.control.controller import Controller
-from cirrus.control.jobs import JobManager, JobNotFound, JobStore
+from cirrus.control.jobs import JobManager, JobNotFound, JobStore, failed_items, remove_parts
 from cirrus.control.store import Store
 from cirrus.jobs import (
     HOOK_ID,
     MAX_BATCHES,
+    FailedBatch,
     Job,
     JobError,
     JobRequest,
@@ -30,8 +31,10 @@ from cirrus.jobs import (
     observe,
     parse_items,
     parse_request,
+    settle,
     split,
     start,
+    stop,
     to_start,
 )
 from cirrus.replica.job import BatchFailed, encode_results
@@ -186,12 +189,29 @@ def test_failures_and_hook_problems() -> None:
 def test_timeout_and_finish() -> None:
     job = _job(timeout_s=30.0, batches_done=3)
     assert advance(job, 129.9, False, None, 60).status is JobStatus.RUNNING
-    timed_out = advance(job, 130.0, False, None, 60)
-    assert timed_out.status is JobStatus.TIMED_OUT and "timeout of 30s (3 of 10 batches done)" in (
-        timed_out.error or ""
+    stopping = advance(job, 130.0, False, None, 60)  # first the batches in flight end ...
+    assert (stopping.status, stopping.outcome, stopping.stop_requested_at) == (
+        JobStatus.STOPPING,
+        JobStatus.TIMED_OUT,
+        130.0,
     )
+    assert "timeout of 30s" in (stopping.error or "") and not stopping.status.finished
+    assert stop(stopping, JobStatus.CANCELLED, 131.0, "cancelled") == stopping  # stopped once
+    # ... then the job is counted from the batches that did not complete: 5 completed (the short
+    # last one, 5 items, among them), 1 failed on its own, 4 never ran.
+    failed = [FailedBatch(index=1, start=10, size=10, error="boom")] + [
+        FailedBatch(index=i, start=10 * i, size=10, error="not run") for i in (2, 3, 4, 5)
+    ]
+    timed_out = settle(stopping, failed, "not run", 140.0)
+    assert (timed_out.status, timed_out.finished_at, timed_out.error) == (
+        JobStatus.TIMED_OUT,
+        140.0,
+        stopping.error,
+    )
+    assert (timed_out.batches_done, timed_out.batches_failed, timed_out.items_done) == (5, 1, 45)
+    assert [b.index for b in timed_out.failed_batches] == [1]
     assert finish(timed_out, JobStatus.CANCELLED, 200.0) == timed_out  # an ended job stays ended
-    assert all(s.finished for s in JobStatus if s not in (JobStatus.PENDING, JobStatus.RUNNING))
+    assert all(s.finished for s in JobStatus if s not in (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.STOPPING))
 
 
 # --- results and sinks --------------------------------------------------------------------------
@@ -215,6 +235,9 @@ def test_encode_results_one_line_per_item() -> None:
         {"index": 1, "item": 2, "error": "ValueError: bad"},
         {"index": 2, "item": 3, "result": 30},
     ]
+    # A retry's batch keeps each item's index in the original job.
+    data = encode_results(0, ["x", "y"], [1, 2], indexes=[7, 42])
+    assert [json.loads(line)["index"] for line in data.splitlines()] == [7, 42]
 
 
 def test_local_sink_writes_whole_files(tmp_path: Path) -> None:
@@ -244,6 +267,16 @@ def test_fsspec_urls_read_and_write() -> None:
         read_bytes("memory://cirrus-test/missing.jsonl", 100)
     with pytest.raises(FileError, match="larger than the limit of 3 bytes"):
         read_bytes("memory://cirrus-test/items.jsonl", 3)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_sink_parts_are_read_for_failed_items_and_removed(tmp_path: Path, remote: bool) -> None:
+    sink = prepare_dir("memory://cirrus-parts/out" if remote else str(tmp_path / "out"))
+    write_file(sink, part_name(0), b'{"index": 0, "item": "a", "result": 1}\n{"index": 1, "item": "b", "error": "E"}\n')
+    write_file(sink, part_name(1), b'{"index": 2, "item": "c", "error": "E"}\n')
+    assert failed_items(sink) == {1: "b", 2: "c"}
+    assert remove_parts(sink, {1, 7}) == 1
+    assert failed_items(sink) == {1: "b"}
 
 
 def test_a_remote_filesystem_s_own_errors_are_file_errors() -> None:
@@ -383,8 +416,15 @@ def test_manager_queues_jobs_per_api_cancels_and_forgets_deleted_apis(store: Que
         (second.id, JobStatus.PENDING),
         (first.id, JobStatus.RUNNING),
     ]
-    cancelled = jobs.cancel(first.id)
+    stopping = jobs.cancel(first.id)
+    assert stopping.status is JobStatus.STOPPING and stopping.error == "cancelled"
+    assert jobs.running("crunch") is None  # its workers are stopped
+    jobs.step({"crunch": spec}, working={first.id})  # one is still finishing its batch
+    assert [j.status for j in jobs.recent()] == [JobStatus.PENDING, JobStatus.STOPPING]
+    jobs.step({"crunch": spec})  # its workers are gone
+    cancelled = jobs.get(first.id)
     assert cancelled.status is JobStatus.CANCELLED and cancelled.error == "cancelled"
+    assert (cancelled.batches_done, cancelled.batches_failed, cancelled.items_done) == (0, 0, 0)
     with pytest.raises(JobError, match="already ended: cancelled"):
         jobs.cancel(first.id)
     with pytest.raises(JobNotFound):
@@ -394,6 +434,76 @@ def test_manager_queues_jobs_per_api_cancels_and_forgets_deleted_apis(store: Que
     jobs.step({})  # the API was deleted
     gone = jobs.get(second.id)
     assert gone.status is JobStatus.FAILED and "was deleted" in (gone.error or "")
+
+
+def _finish_batch(store: QueueStore, job: Job, lease: Any, clock: Clock, complete: bool = True) -> None:
+    """A worker's part: write the batch's part file (every third item fails alone), then complete."""
+    batch = json.loads(lease.body)
+    rows = [
+        {"index": i, "item": item, **({"error": "ValueError: bad"} if item % 3 == 0 else {"result": item})}
+        for i, item in zip(batch.get("indexes") or range(batch["start"], 99), batch["items"], strict=False)
+    ]
+    write_file(job.sink, part_name(batch["index"]), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    if complete:
+        store.complete(lease, b"", "application/json", 200, clock.now)
+
+
+def _sink_rows(sink: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line) for part in sorted(Path(sink).glob("part-*.jsonl")) for line in part.read_text().splitlines()
+    ]
+
+
+def test_a_cancelled_job_counts_what_its_sink_holds_and_a_retry_runs_the_rest(
+    store: QueueStore, tmp_path: Path
+) -> None:
+    clock = Clock()
+    jobs = JobManager(JobStore(tmp_path / "state.db"), store, tmp_path / "jobs", clock=clock)
+    spec = _spec()
+    job = jobs.submit(spec, JobRequest(items=list(range(1, 13)), batch_size=2, workers=3))
+    jobs.track(job)
+    jobs.step({"crunch": spec})
+    [first] = store.lease(job.queue, "w1", 1, 30.0, clock.now)
+    _finish_batch(store, job, first, clock)
+    in_flight = store.lease(job.queue, "w2", 2, 30.0, clock.now)
+    assert jobs.cancel(job.id).status is JobStatus.STOPPING
+    with pytest.raises(JobError, match="is stopping: retry it once it has ended"):
+        jobs.retry(spec, job.id)
+    jobs.step({"crunch": spec}, working={job.id})
+    assert jobs.get(job.id).status is JobStatus.STOPPING  # its batches in flight may still write
+    _finish_batch(store, job, in_flight[0], clock)  # finished after the cancel: counted
+    _finish_batch(store, job, in_flight[1], clock, complete=False)  # its worker died before completing
+    clock.now += 1
+    jobs.step({"crunch": spec})
+    cancelled = jobs.get(job.id)
+    assert cancelled.status is JobStatus.CANCELLED and cancelled.finished_at == clock.now
+    assert (cancelled.batches_done, cancelled.batches_failed, cancelled.items_done) == (2, 0, 4)
+    assert len(_sink_rows(job.sink)) == cancelled.items_done  # the dead worker's part was removed
+
+    # The retry runs the batches that never ran and the items that failed alone (3 of the 4 done).
+    retry = jobs.retry(spec, job.id)
+    jobs.track(retry)
+    assert (retry.retry_of, retry.status, retry.batch_size) == (job.id, JobStatus.PENDING, 2)
+    assert retry.sink == f"{job.sink}/retry-{retry.id}" and Path(retry.sink).is_dir()
+    assert retry.total_items == 9 and retry.total_batches == 5
+    jobs.step({"crunch": spec})
+    leases = store.lease(retry.queue, "w", 10, 30.0, clock.now)
+    bodies = [json.loads(lease.body) for lease in leases]
+    assert [i for b in bodies for i in b["indexes"]] == [2, *range(4, 12)]
+    assert [i for b in bodies for i in b["items"]] == [3, *range(5, 13)]
+    with pytest.raises(JobError, match="has no failed batches or items"):
+        jobs.retry(spec, _ended_job_without_failures(jobs, store, spec, clock).id)
+    with pytest.raises(JobNotFound):
+        jobs.retry(spec, "nope")
+
+
+def _ended_job_without_failures(jobs: JobManager, store: QueueStore, spec: ApiSpec, clock: Clock) -> Job:
+    job = jobs.submit(spec, JobRequest(items=[1, 2], batch_size=2))
+    for lease in store.lease(job.queue, "w", 1, 30.0, clock.now):
+        store.complete(lease, b"", "application/json", 200, clock.now)
+    ended = finish(job.model_copy(update={"batches_done": 1, "items_done": 2}), JobStatus.SUCCEEDED, clock.now)
+    jobs.store.save(ended)
+    return ended
 
 
 def test_manager_refuses_bad_jobs_before_writing_anything(store: QueueStore, tmp_path: Path) -> None:

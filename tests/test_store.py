@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from store_backends import StoreTarget, store_fixtures
 
-from cirrus.store.base import Backlog, Counts, Lease, NewRequest, QueueStore, Status
+from cirrus.store.base import CANCELLED, Backlog, Counts, Lease, NewRequest, QueueStore, Status
 
 store_target, store = store_fixtures()
 
@@ -478,3 +478,102 @@ def test_fsync_durability_round_trips_on_every_backend(store: QueueStore) -> Non
     assert [lease.id for lease in store.lease(API, "w1", 10, 30, T0 + 1)] == ["f1", "n1", "f2"]
     with pytest.raises(ValueError):
         store.submit(fsynced, T0 + 2)  # duplicates are refused as before
+
+
+# --- queue tools: listing, requeue, cancel -------------------------------------------------------
+
+
+def test_listings_carry_the_body_and_get_does_not(store: QueueStore) -> None:
+    store.submit(request("r1", body=b'{"big": 1}', max_attempts=1), T0)
+    assert store.fail(lease_one(store, T0 + 1), "boom", False, T0 + 2)
+    (dead,) = store.dead_letters(API)
+    assert (dead.body, dead.content_type) == (b'{"big": 1}', "application/json")
+    record = store.get(API, "r1")
+    assert record is not None and (record.body, record.content_type) == (None, None)
+
+
+def test_list_requests_is_oldest_first_by_status(store: QueueStore) -> None:
+    store.submit_many([request(f"r{i}") for i in range(4)] + [request("x", api="other")], T0)
+    store.submit(request("early"), T0 - 10)
+    leased = lease_one(store, T0 + 1)  # "early": the oldest
+    assert store.complete(lease_one(store, T0 + 2), b"ok", "text/plain", 200, T0 + 3)  # r0
+
+    queued = store.list_requests(API, Status.IN_QUEUE)
+    assert [r.id for r in queued] == ["r1", "r2", "r3"]
+    assert all(r.status is Status.IN_QUEUE and r.body == b'{"x": 1}' for r in queued)
+    assert [r.id for r in store.list_requests(API, Status.IN_PROGRESS)] == [leased.id] == ["early"]
+    assert [r.id for r in store.list_requests(API)] == ["early", "r1", "r2", "r3"]
+    assert [r.id for r in store.list_requests(API, limit=2)] == ["early", "r1"]
+    assert [r.id for r in store.list_requests("other")] == ["x"]
+    assert store.list_requests("nobody") == []
+    with pytest.raises(ValueError, match="only pending requests"):
+        store.list_requests(API, Status.FAILED)
+
+
+def test_requeued_dead_letter_runs_again_as_new(store: QueueStore) -> None:
+    new = request("r1", max_attempts=2, headers=[("x-trace", "t")], query_string=b"q=1", webhook="http://h/x")
+    store.submit(new, T0)
+    store.submit(request("ok"), T0 + 0.5)
+    for attempt in (1, 2):
+        assert store.fail(lease_one(store, T0 + attempt), f"boom {attempt}", True, T0 + attempt)
+    assert store.requeue(API, ["ok", "r1", "nope", "r1"], T0 + 10) == ["r1"]
+
+    record = store.get(API, "r1")
+    assert record is not None
+    assert (record.status, record.attempts, record.max_attempts) == (Status.IN_QUEUE, 0, 2)
+    assert (record.error, record.finished_at, record.created_at) == (None, None, T0)
+    assert store.dead_letters(API) == []
+    assert store.counts(API) == Counts(in_queue=2, in_progress=0, completed=0, failed=0)
+    lease = lease_one(store, T0 + 11)  # its arrival place: ahead of "ok"
+    assert (lease.id, lease.attempt, lease.body) == ("r1", 1, b'{"x": 1}')
+    assert (lease.headers, lease.query_string, lease.webhook) == ([("x-trace", "t")], b"q=1", "http://h/x")
+    assert store.complete(lease, b"fine", "text/plain", 200, T0 + 12)
+    record = store.get(API, "r1")
+    assert record is not None and (record.status, record.result, record.attempts) == (Status.COMPLETED, b"fine", 1)
+    assert store.purge(T0 + 11.5) == 0  # its old failure no longer counts
+
+
+def test_requeue_of_every_dead_letter_is_per_api(store: QueueStore) -> None:
+    store.submit_many([request(f"r{i}", max_attempts=1) for i in range(3)] + [request("x", api="other")], T0)
+    for i in range(3):
+        assert store.fail(lease_one(store, T0 + i), "boom", False, T0 + i)
+    assert store.fail(lease_one(store, T0, api="other"), "boom", False, T0)
+    assert store.requeue(API, None, T0 + 10) == ["r0", "r1", "r2"]  # oldest failure first
+    assert store.requeue(API, None, T0 + 11) == []
+    assert store.requeue(API, [], T0 + 11) == []
+    assert [r.id for r in store.dead_letters("other")] == ["x"]
+    assert store.backlog(API, T0 + 12) == Backlog(in_queue=3, in_progress=0)
+
+
+def test_cancel_fails_a_queued_request_and_it_is_never_leased(store: QueueStore) -> None:
+    store.submit_many([request("r1"), request("r2")], T0)
+    cancelled, record = store.cancel(API, "r1", T0 + 1)
+    assert cancelled and record is not None
+    assert (record.status, record.error, record.finished_at) == (Status.FAILED, CANCELLED, T0 + 1)
+    assert [lease.id for lease in store.lease(API, "w1", 10, 30, T0 + 2)] == ["r2"]
+    assert [r.id for r in store.dead_letters(API)] == ["r1"]
+    assert store.cancel(API, "nope", T0 + 3) == (False, None)
+    assert store.requeue(API, ["r1"], T0 + 4) == ["r1"]  # a cancelled request is a dead letter
+    assert lease_one(store, T0 + 5).id == "r1"
+
+
+def test_cancel_of_a_leased_request_takes_the_lease_away(store: QueueStore) -> None:
+    store.submit(request("r1"), T0)
+    lease = lease_one(store, T0 + 1)
+    cancelled, record = store.cancel(API, "r1", T0 + 2)
+    assert cancelled and record is not None and (record.status, record.error) == (Status.FAILED, CANCELLED)
+    assert store.renew([lease], 30, T0 + 3) == ["r1"]
+    assert not store.complete(lease, b"late", "text/plain", 200, T0 + 3)
+    assert not store.fail(lease, "late", True, T0 + 3)
+    record = store.get(API, "r1")
+    assert record is not None and (record.status, record.result, record.error) == (Status.FAILED, None, CANCELLED)
+    assert store.backlog(API, T0 + 100) == Backlog(in_queue=0, in_progress=0)
+    assert store.lease(API, "w2", 10, 30, T0 + 100) == []
+
+
+def test_cancel_leaves_a_finished_request_as_it_is(store: QueueStore) -> None:
+    store.submit(request("r1"), T0)
+    assert store.complete(lease_one(store, T0 + 1), b"done", "text/plain", 200, T0 + 2)
+    cancelled, record = store.cancel(API, "r1", T0 + 3)
+    assert not cancelled and record is not None
+    assert (record.status, record.result, record.finished_at) == (Status.COMPLETED, b"done", T0 + 2)

@@ -413,7 +413,8 @@ class Controller:
         if self.jobs is None:
             return
         batch = {s.name: s.stored.deployment.spec for s in self.apis.values() if not s.deleted and s.kind.runs_jobs}
-        self.jobs.step(batch)
+        working = {r.job for name in batch for r in self.apis[name].replicas.values() if r.job is not None}
+        self.jobs.step(batch, working)
         for name in batch:
             job = self.jobs.running(name)
             workers = [r for r in self.apis[name].replicas.values() if job is not None and r.job == job.id]

@@ -6,7 +6,8 @@ batch in one `submit_many` (one transaction: all or nothing) into the job's own 
 
 The controller calls `JobManager.step` on every tick. It starts the oldest pending job of each
 batch API that runs none (one job per API at a time), counts each running job's batches in the
-queue store, ends jobs that time out, and once every batch has finished queues one more request,
+queue store, stops jobs that time out or are cancelled (settled once their workers are gone: see
+`_settle`), and once every batch has finished queues one more request,
 `on-job-complete`, which a worker answers by calling the predictor's `on_job_complete(job)`. That
 request is queued once (its id is fixed, so a second submit is refused) and delivered at most once
 (`max_attempts: 1`), so the hook runs once, or not at all when its worker dies during it (then the
@@ -21,7 +22,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +37,29 @@ from cirrus.jobs import (
     JobStatus,
     Progress,
     advance,
+    batch_size_of,
     check_items,
     finish,
     job_queue,
     observe,
     parse_items,
+    settle,
     split,
     start,
+    stop,
     to_start,
 )
 from cirrus.kinds import kind_of
 from cirrus.spec import ApiSpec
 from cirrus.store.base import NewRequest, QueueStore, Status
-from cirrus.store.files import prepare_dir, read_bytes, remove_temporaries
+from cirrus.store.files import _fs, is_local, local_path, part_name, prepare_dir, read_bytes, remove_temporaries
 from cirrus.wire import JobConfig, QueueConfig
 
 log = logging.getLogger("cirrus.jobs")
 
 MAX_ITEMS_BYTES = 1 << 30  # an items file larger than this is refused
 HOOK_GRACE_S = 60.0  # extra time on_job_complete may take beyond the API's timeout_s
+NOT_RUN = "not run: the job was stopped"  # the error of a stopped job's batches that never ran
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -65,7 +70,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     data TEXT NOT NULL              -- the whole Job as JSON
 );
 CREATE INDEX IF NOT EXISTS jobs_by_api ON jobs (api, created_at);
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status) WHERE status IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (status) WHERE status IN ('pending', 'running', 'stopping');
 """
 
 
@@ -100,24 +105,74 @@ class JobStore(StateTables):
         return [Job.model_validate_json(str(data)) for (data,) in rows]
 
     def unfinished(self) -> list[Job]:
-        rows = self._db.fetchall("SELECT data FROM jobs WHERE status IN ('pending', 'running') ORDER BY created_at")
+        rows = self._db.fetchall(
+            "SELECT data FROM jobs WHERE status IN ('pending', 'running', 'stopping') ORDER BY created_at"
+        )
         return [Job.model_validate_json(str(data)) for (data,) in rows]
+
+
+def remove_parts(sink: str, indexes: Collection[int]) -> int:
+    """Delete the part files of batches `indexes` that a sink holds (one listing, then a delete
+    per file found); returns how many. Errors are logged."""
+    names = {part_name(index) for index in indexes}
+    removed = 0
+    try:
+        if is_local(sink):
+            for path in local_path(sink).glob("part-*.jsonl"):
+                if path.name in names:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            return removed
+        fs, path_in_fs = _fs(sink)
+        for name in fs.glob(f"{path_in_fs.rstrip('/')}/part-*.jsonl"):
+            if name.rsplit("/", 1)[-1] in names:
+                fs.rm(name)
+                removed += 1
+    except Exception:
+        log.exception("removing the part files of unfinished batches from %s failed", sink)
+    return removed
+
+
+def _parts(sink: str) -> Iterator[bytes]:
+    """The content of each part file in a job's sink, in order."""
+    if is_local(sink):
+        for path in sorted(local_path(sink).glob("part-*.jsonl")):
+            yield path.read_bytes()
+        return
+    fs, path_in_fs = _fs(sink)
+    for name in sorted(fs.glob(f"{path_in_fs.rstrip('/')}/part-*.jsonl")):
+        yield fs.cat_file(name)
+
+
+def failed_items(sink: str) -> dict[int, Any]:
+    """{index: item} of the result lines with an `error` in a job's part files (the items that
+    failed alone, in a batch that completed)."""
+    failed: dict[int, Any] = {}
+    for data in _parts(sink):
+        for line in data.splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if "error" in row and "index" in row:
+                failed[int(row["index"])] = row.get("item")
+    return failed
 
 
 def new_job_id() -> str:
     return secrets.token_hex(6)
 
 
-def batch_requests(job: Job, batches: list[list[Any]]) -> list[NewRequest]:
-    """The queue requests of a job's batches: id = the batch's index, body = {job, index, start, items}."""
+def batch_requests(job: Job, batches: list[list[Any]], indexes: list[list[int]] | None = None) -> list[NewRequest]:
+    """The queue requests of a job's batches: id = the batch's index, body = {job, index, start,
+    items} and, in a retry, `indexes`: each item's index in the original job's items."""
+
+    def body(index: int, batch: list[Any]) -> dict[str, Any]:
+        fields = {"job": job.id, "index": index, "start": index * job.batch_size, "items": batch}
+        return fields if indexes is None else {**fields, "indexes": indexes[index]}
+
     return [
         NewRequest(
             api=job.queue,
             id=str(index),
-            body=json.dumps(
-                {"job": job.id, "index": index, "start": index * job.batch_size, "items": batch},
-                separators=(",", ":"),
-            ).encode(),
+            body=json.dumps(body(index, batch), separators=(",", ":")).encode(),
             content_type="application/json",
             max_attempts=job.max_attempts,
         )
@@ -171,14 +226,69 @@ class JobManager:
             total_items=len(items),
             total_batches=len(batches),
         )
+        return self._record(job, batches, None, default_sink)
+
+    def _record(self, job: Job, batches: list[list[Any]], indexes: list[list[int]] | None, own_sink: bool) -> Job:
+        """Write every batch of a new job at once, then its record (the sink is removed on failure
+        when the job made it)."""
         try:
-            self.queue_store.submit_many(batch_requests(job, batches), self.clock())
+            self.queue_store.submit_many(batch_requests(job, batches, indexes), self.clock())
         except Exception:
-            if default_sink:
-                shutil.rmtree(sink, ignore_errors=True)
+            if own_sink:
+                shutil.rmtree(job.sink, ignore_errors=True)
             raise
         self.store.save(job)
         return job
+
+    def retry(self, spec: ApiSpec, job_id: str) -> Job:
+        """A new job (`retry_of` = job_id) that runs again every batch of a finished job that did not
+        complete (failed, or never ran because it was cancelled or timed out) and every item that
+        failed alone, each with its index in the original items; its results go to
+        `<sink>/retry-<new id>/`. Blocking (it reads the sink): call it off the event loop. JobError
+        if the job has not ended or nothing failed."""
+        job = self.get(job_id)
+        if not job.status.finished:
+            raise JobError(f"job {job_id} is {job.status.value}: retry it once it has ended")
+        if not kind_of(spec.kind).runs_jobs:
+            raise JobError(f"API {spec.name!r} is now kind {spec.kind}: jobs run on `kind: batch` APIs")
+        again = self._failed_batch_items(job)
+        if not again and job.items_done < job.total_items:
+            raise JobError(f"job {job_id}'s failed batches are no longer in the queue store: it cannot be retried")
+        again.update((i, item) for i, item in failed_items(job.sink).items() if i not in again)
+        if not again:
+            raise JobError(f"job {job_id} has no failed batches or items: nothing to retry")
+        order = sorted(again)
+        batches = split([again[i] for i in order], job.batch_size)
+        indexes = [order[start : start + job.batch_size] for start in range(0, len(order), job.batch_size)]
+        new_id = new_job_id()
+        retry = Job(
+            id=new_id,
+            api=job.api,
+            status=JobStatus.PENDING,
+            created_at=self.clock(),
+            batch_size=job.batch_size,
+            workers=job.workers,
+            timeout_s=job.timeout_s,
+            max_attempts=job.max_attempts,
+            config=job.config,
+            sink=prepare_dir(f"{job.sink}/retry-{new_id}"),
+            total_items=len(order),
+            total_batches=len(batches),
+            retry_of=job.id,
+        )
+        return self._record(retry, batches, indexes, True)
+
+    def _failed_batch_items(self, job: Job) -> dict[int, Any]:
+        """{index in the original items: item} of every batch of `job` that did not complete."""
+        found: dict[int, Any] = {}
+        for record in self.queue_store.dead_letters(job.queue, limit=job.total_batches + 1):
+            if not record.id.isdigit() or record.body is None:
+                continue
+            batch = json.loads(record.body)
+            items = list(batch["items"])
+            indexes = batch.get("indexes") or range(batch["start"], batch["start"] + len(items))
+            found.update(zip(indexes, items, strict=True))
+        return found
 
     def track(self, job: Job) -> None:
         """Start watching a submitted job (on the event loop, after `submit`)."""
@@ -200,16 +310,23 @@ class JobManager:
         return next((j for j in self.active.values() if j.api == api and j.status is JobStatus.RUNNING), None)
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a pending or running job (its workers stop); JobError if it already ended."""
+        """Cancel a pending or running job; JobError if it already ended. A running job is `stopping`
+        until its workers have finished the batches in flight (`step` then settles it); a pending
+        one, which ran nothing, ends at once."""
         job = self.get(job_id)
         if job.status.finished:
             raise JobError(f"job {job_id} already ended: {job.status.value}")
-        return self._end(job, JobStatus.CANCELLED, "cancelled")
+        if job.status is JobStatus.RUNNING and job.outcome is not None:
+            return self._end(job, JobStatus.CANCELLED, "cancelled")  # every batch ran: only the hook waits
+        stopping = stop(job, JobStatus.CANCELLED, self.clock(), "cancelled")
+        self._save(stopping)
+        return self._settle(stopping) if job.status is JobStatus.PENDING else stopping
 
     def fail(self, job_id: str, error: str) -> None:
         job = self.active.get(job_id)
         if job is not None:
             log.warning("job %s of %s failed: %s", job.id, job.api, error)
+            self.queue_store.fail_all(job.queue, error, self.clock())  # so a retry finds its batches
             self._end(job, JobStatus.FAILED, error)
 
     def _end(self, job: Job, status: JobStatus, error: str) -> Job:
@@ -244,8 +361,9 @@ class JobManager:
 
     # --- the loop --------------------------------------------------------------------------
 
-    def step(self, apis: Mapping[str, ApiSpec]) -> None:
-        """Advance every pending and running job; `apis`: the deployed batch APIs."""
+    def step(self, apis: Mapping[str, ApiSpec], working: Collection[str] = ()) -> None:
+        """Advance every pending, running and stopping job; `apis`: the deployed batch APIs;
+        `working`: the ids of the jobs that have worker replicas (stopping ones included)."""
         now = self.clock()
         for job in list(self.active.values()):
             if job.api not in apis:
@@ -254,11 +372,36 @@ class JobManager:
             log.info("job %s of %s starts: %d batches, %d workers", job.id, job.api, job.total_batches, job.workers)
             self._save(start(job, now))
         for job in list(self.active.values()):
-            if job.status is JobStatus.RUNNING:
-                try:
+            try:
+                if job.status is JobStatus.RUNNING:
                     self._advance(job, apis[job.api], now)
-                except Exception:
-                    log.exception("job %s: checking its progress failed", job.id)
+                elif job.status is JobStatus.STOPPING and self._stopped(job, apis[job.api], working, now):
+                    self._settle(job)
+            except Exception:
+                log.exception("job %s: checking its progress failed", job.id)
+
+    def _stopped(self, job: Job, spec: ApiSpec, working: Collection[str], now: float) -> bool:
+        """Whether no batch of a stopping job can still write: its workers are gone (or, should one
+        never go, its batches' time is up)."""
+        grace = spec.concurrency.timeout_s + spec.queue.lease_s + HOOK_GRACE_S
+        return job.id not in working or now - (job.stop_requested_at or now) >= grace
+
+    def _settle(self, job: Job) -> Job:
+        """End a stopping job: fail the batches that did not complete, remove any part file one of
+        them left (a worker may write, then lose its lease), and count what completed."""
+        now = self.clock()
+        self.queue_store.fail_all(job.queue, NOT_RUN, now)
+        failed = [
+            FailedBatch(index=int(r.id), start=int(r.id) * job.batch_size, size=0, error=r.error)
+            for r in self.queue_store.dead_letters(job.queue, limit=job.total_batches + 1)
+            if r.id.isdigit()
+        ]
+        failed = [b.model_copy(update={"size": batch_size_of(job, b.index)}) for b in failed]
+        if remove_parts(job.sink, {batch.index for batch in failed}):
+            log.info("job %s: removed the part files of batches that did not complete", job.id)
+        ended = settle(job, failed, NOT_RUN, now)
+        self._save(ended)
+        return ended
 
     def _advance(self, job: Job, spec: ApiSpec, now: float) -> None:
         queue = self.queue_store

@@ -4,7 +4,8 @@ The batch's results are written to the job's sink as `part-<index>.jsonl` (one J
 item, in order: `{"index", "item", "result"}`, or `{"index", "item", "error"}` for an item whose
 place in `predict_batch`'s list holds an exception) *before* the lease is completed. A batch delivered
 again (its worker died, or its lease ran out) rewrites the same file whole, so the sink holds
-every item's result exactly once however often a batch ran.
+every item's result exactly once however often a batch ran. A retry's batch carries `indexes`, each
+item's index in the original job's items, and its lines keep those.
 
 The request with id `on-job-complete` (queued by the job manager once every batch has finished)
 runs the predictor's `on_job_complete(job)` instead.
@@ -40,24 +41,26 @@ async def _call(method: Method, slots: Slots, kwargs: dict[str, Any]) -> Any:
     return await slots.run_sync(method.fn, kwargs)
 
 
-def encode_results(start: int, items: list[Any], results: Any) -> bytes:
-    """The part file's content; BatchFailed when `results` is not one result per item."""
+def encode_results(start: int, items: list[Any], results: Any, indexes: list[int] | None = None) -> bytes:
+    """The part file's content; BatchFailed when `results` is not one result per item. `indexes`:
+    each item's index in the original job's items (a retry's batch), else `start` onwards."""
     if not isinstance(results, list | tuple):
         raise BatchFailed(f"predict_batch returned a {type(results).__name__}, not a list (one result per item)")
     if len(results) != len(items):
         raise BatchFailed(f"predict_batch returned {len(results)} results for {len(items)} items")
     lines = []
-    for offset, (item, result) in enumerate(zip(items, results, strict=True)):
+    places = indexes if indexes is not None and len(indexes) == len(items) else range(start, start + len(items))
+    for place, item, result in zip(places, items, results, strict=True):
         if isinstance(result, BaseException):
             # As with realtime batching: an exception in the list fails that item only, recorded
             # with its error in place of a result (the sink is the job owner's, so the message stays).
             error = f"{type(result).__name__}: {result}"
-            lines.append(encode_json({"index": start + offset, "item": item, "error": error}))
+            lines.append(encode_json({"index": place, "item": item, "error": error}))
             continue
         try:
-            lines.append(encode_json({"index": start + offset, "item": item, "result": result}))
+            lines.append(encode_json({"index": place, "item": item, "result": result}))
         except TypeError as exc:
-            raise BatchFailed(f"item {start + offset}: {exc}", retry=False) from None
+            raise BatchFailed(f"item {place}: {exc}", retry=False) from None
     return b"\n".join(lines) + b"\n"
 
 
@@ -68,6 +71,7 @@ async def run_batch(
     try:
         batch = msgspec.json.decode(body)
         index, start, items = int(batch["index"]), int(batch["start"]), list(batch["items"])
+        indexes = None if batch.get("indexes") is None else [int(i) for i in batch["indexes"]]
     except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
         raise BatchFailed(f"malformed batch: {exc}", retry=False) from None
     method = predictor.predict_batch
@@ -83,7 +87,7 @@ async def run_batch(
     except Exception as exc:
         log.exception("job %s, batch %d: predict_batch raised", job.job_id, index)
         raise BatchFailed(f"predict_batch raised {type(exc).__name__}: {exc}") from None
-    data = encode_results(start, items, results)
+    data = encode_results(start, items, results, indexes)
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(io, write_file, job.sink, part_name(index), data)

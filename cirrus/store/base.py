@@ -20,6 +20,8 @@ Durability = Literal["normal", "fsync"]
 
 
 API_DELETED = "the API was deleted before this request finished"  # the error of its unfinished requests
+CANCELLED = "cancelled by the operator"  # the error of a request `cancel` failed
+REQUEUE_LIMIT = 1000  # `requeue` of every dead letter takes at most this many per call
 
 
 class StoreUnavailable(Exception):
@@ -36,6 +38,15 @@ class Status(StrEnum):
     IN_PROGRESS = "in_progress"
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+def pending_statuses(status: Status | None) -> list[Status]:
+    """What `list_requests(status=...)` lists: ValueError for a finished status."""
+    if status is None:
+        return [Status.IN_QUEUE, Status.IN_PROGRESS]
+    if Status(status) not in (Status.IN_QUEUE, Status.IN_PROGRESS):
+        raise ValueError(f"only pending requests are listed (in_queue, in_progress), not {status}")
+    return [Status(status)]
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class RequestRecord:
     error: str | None = None  # the last error
     webhook: str | None = None
     webhook_result: str | None = None  # how the webhook call ended: delivered, refused, gave up
+    # The request's input: loaded by the listings (`dead_letters`, `list_requests`) only, not by `get`.
+    body: bytes | None = None
+    content_type: str | None = None
 
 
 LATENCY_WINDOW_S = 60.0  # `Backlog.latency_p50_s` looks at requests finished this recently
@@ -165,7 +179,24 @@ class QueueStore(Protocol):
         ...
 
     def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:
-        """Failed requests, newest first."""
+        """Failed requests, newest first, with their body."""
+        ...
+
+    def list_requests(self, api: str, status: Status | None = None, limit: int = 100) -> list[RequestRecord]:
+        """Pending requests of `api` in `status` (IN_QUEUE or IN_PROGRESS; None: both), oldest first, with
+        their body. Finished statuses raise ValueError (`dead_letters` lists the failed ones)."""
+        ...
+
+    def requeue(self, api: str, ids: list[str] | None, now: float) -> list[str]:
+        """Dead letters back to the queue, as new (attempts 0; id, body, headers and webhook kept; error,
+        result and finish time cleared). `ids`: those of them (others are skipped); None: every dead letter
+        of `api`, oldest failure first, at most REQUEUE_LIMIT per call. Returns the ids requeued."""
+        ...
+
+    def cancel(self, api: str, id: str, now: float) -> tuple[bool, RequestRecord | None]:
+        """Fail a queued or in-progress request with the error CANCELLED (a dead letter, so `requeue`
+        takes it back); a lease on it is lost, so its worker can no longer complete it. Returns whether
+        it was cancelled now and its record (None: no such request; a finished one is left as it is)."""
         ...
 
     def counts(self, api: str) -> Counts:

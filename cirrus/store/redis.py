@@ -66,8 +66,10 @@ from typing import Any
 import redis
 
 from cirrus.store.base import (
+    CANCELLED,
     LATENCY_SAMPLE,
     LATENCY_WINDOW_S,
+    REQUEUE_LIMIT,
     Backlog,
     Counts,
     Lease,
@@ -77,6 +79,7 @@ from cirrus.store.base import (
     StoreFull,
     StoreUnavailable,
     median,
+    pending_statuses,
 )
 
 log = logging.getLogger(__name__)
@@ -290,6 +293,54 @@ return n
 """
 )
 
+# KEYS: queue, done, dead (of one API). ARGV: request key prefix, limit, then the ids (none: the oldest
+# `limit` dead letters). Each failed one goes back to the queue, in its arrival place, as new; returns those ids.
+_REQUEUE = (
+    _MEMBER_ID
+    + """
+local queue, done, dead = KEYS[1], KEYS[2], KEYS[3]
+local ids = {}
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+if #ARGV == 2 then
+  for _, member in ipairs(redis.call('ZRANGE', dead, 0, tonumber(ARGV[2]) - 1)) do ids[#ids + 1] = member_id(member) end
+end
+local out = {}
+for _, id in ipairs(ids) do
+  local key = ARGV[1] .. id
+  local f = redis.call('HMGET', key, 'status', 'member', 'created_at')
+  if f[1] == 'failed' then
+    redis.call('ZREM', done, f[2])
+    redis.call('ZREM', dead, f[2])
+    redis.call('HDEL', key, 'started_at', 'finished_at', 'result', 'result_type', 'result_status', 'error',
+      'webhook_result')
+    redis.call('HSET', key, 'status', 'in_queue', 'attempts', 0)
+    redis.call('ZADD', queue, f[3], f[2])
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+)
+
+# KEYS: hash, queue, inflight, done, dead. ARGV: now, error. Fails a queued or leased request (its lease
+# is lost); returns 1, or 0 when it is missing or already finished.
+_CANCEL = """
+local key, queue, inflight, done, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local f = redis.call('HMGET', key, 'status', 'member')
+if f[1] == 'in_queue' then
+  redis.call('ZREM', queue, f[2])
+elseif f[1] == 'in_progress' then
+  redis.call('ZREM', inflight, f[2])
+  redis.call('HDEL', key, 'token', 'expires_at', 'worker')
+else
+  return 0
+end
+redis.call('HSET', key, 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[2])
+redis.call('ZADD', done, ARGV[1], f[2])
+redis.call('ZADD', dead, ARGV[1], f[2])
+return 1
+"""
+
 # KEYS: the request's hash. ARGV: outcome. Returns 1, or 0 when the request is gone (purged).
 _RECORD_WEBHOOK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -369,6 +420,8 @@ class RedisQueueStore:
         self._purge = self._redis.register_script(_PURGE)
         self._fail_all = self._redis.register_script(_FAIL_ALL)
         self._record_webhook = self._redis.register_script(_RECORD_WEBHOOK)
+        self._requeue = self._redis.register_script(_REQUEUE)
+        self._cancel = self._redis.register_script(_CANCEL)
         self._check_durability()
 
     # --- keys ----------------------------------------------------------------------------
@@ -514,6 +567,20 @@ class RedisQueueStore:
                 if n < RECLAIM_LIMIT:
                     return failed
 
+    def requeue(self, api: str, ids: list[str] | None, now: float) -> list[str]:
+        if ids is not None and not ids:
+            return []
+        keys = [self._key(api, name) for name in ("queue", "done", "dead")]
+        args: list[_Arg] = [self._request_prefix(api), REQUEUE_LIMIT, *dict.fromkeys(ids or [])]
+        with _write_errors(self._url):
+            return [id.decode() for id in self._requeue(keys=keys, args=args)]
+
+    def cancel(self, api: str, id: str, now: float) -> tuple[bool, RequestRecord | None]:
+        keys = [self._request_key(api, id), *(self._key(api, name) for name in ("queue", "inflight", "done", "dead"))]
+        with _write_errors(self._url):
+            cancelled = bool(self._cancel(keys=keys, args=[_ts(now), CANCELLED]))
+        return cancelled, self.get(api, id)
+
     def record_webhook(self, api: str, id: str, outcome: str) -> bool:
         return bool(self._record_webhook(keys=[self._request_key(api, id)], args=[outcome]))
 
@@ -569,11 +636,23 @@ class RedisQueueStore:
     def dead_letters(self, api: str, limit: int = 100) -> list[RequestRecord]:
         if limit <= 0:
             return []
-        members = self._redis.zrevrange(self._key(api, "dead"), 0, limit - 1)
+        return self._listed(api, self._redis.zrevrange(self._key(api, "dead"), 0, limit - 1))
+
+    def list_requests(self, api: str, status: Status | None = None, limit: int = 100) -> list[RequestRecord]:
+        """In-progress requests are read in lease-expiry order (at most `limit`), then sorted by arrival."""
+        if limit <= 0:
+            return []
+        sets, wanted = {Status.IN_QUEUE: "queue", Status.IN_PROGRESS: "inflight"}, pending_statuses(status)
+        members = [m for s in wanted for m in self._redis.zrange(self._key(api, sets[s]), 0, limit - 1)]
+        records = [r for r in self._listed(api, members) if r.status in wanted]
+        return sorted(records, key=lambda r: r.created_at)[:limit]
+
+    def _listed(self, api: str, members: list[bytes]) -> list[RequestRecord]:
+        """The records (with their bodies) of these sorted-set members, in their order."""
         ids = [member.decode().partition(":")[2] for member in members]
         with self._redis.pipeline(transaction=False) as pipe:
             for id in ids:
-                pipe.hmget(self._request_key(api, id), _RECORD_FIELDS)
+                pipe.hmget(self._request_key(api, id), [*_RECORD_FIELDS, "body", "content_type"])
             rows = pipe.execute()
         records = (self._record(api, id, values) for id, values in zip(ids, rows, strict=True))
         return [record for record in records if record is not None]
@@ -592,7 +671,8 @@ class RedisQueueStore:
 
     @staticmethod
     def _record(api: str, id: str, values: Iterable[bytes | None]) -> RequestRecord | None:
-        row = dict(zip(_RECORD_FIELDS, values, strict=True))
+        """A record from the values of _RECORD_FIELDS, or of those and body, content_type."""
+        row = dict(zip([*_RECORD_FIELDS, "body", "content_type"], values, strict=False))
         if row["status"] is None:
             return None
         return RequestRecord(
@@ -610,6 +690,8 @@ class RedisQueueStore:
             error=_text(row["error"]),
             webhook=_text(row["webhook"]),
             webhook_result=_text(row["webhook_result"]),
+            body=row.get("body"),
+            content_type=_text(row.get("content_type")),
         )
 
     def _check_durability(self) -> None:

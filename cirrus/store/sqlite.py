@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cirrus.store.base import (
+    CANCELLED,
     LATENCY_SAMPLE,
     LATENCY_WINDOW_S,
+    REQUEUE_LIMIT,
     Backlog,
     Counts,
     Lease,
@@ -53,6 +55,7 @@ from cirrus.store.base import (
     StoreFull,
     StoreUnavailable,
     median,
+    pending_statuses,
 )
 
 SCHEMA_VERSION = 2  # 2: webhook_result
@@ -98,6 +101,7 @@ _RECORD_COLUMNS = (
     "api, id, status, attempts, max_attempts, created_at, started_at, finished_at, "
     "result, result_type, result_status, error, webhook, webhook_result"
 )
+_LISTED_COLUMNS = _RECORD_COLUMNS + ", body, content_type"  # the listings show the input too
 _ADDED_COLUMNS = {"webhook_result": "TEXT"}  # columns added after schema 1, by the version that added them
 
 # SQLite's primary result codes that mean "cannot write now, nothing was written": retry later.
@@ -127,8 +131,10 @@ def _insert_row(request: NewRequest, now: float) -> tuple[Any, ...]:
 
 
 def _record(row: Sequence[Any]) -> RequestRecord:
+    """A row of _RECORD_COLUMNS, or of _LISTED_COLUMNS (with the body)."""
     api, id_, status, attempts, max_attempts, created, started, finished = row[:8]
-    result, result_type, result_status, error, webhook, webhook_result = row[8:]
+    result, result_type, result_status, error, webhook, webhook_result = row[8:14]
+    body, content_type = row[14:] or (None, None)
     return RequestRecord(
         api=api,
         id=id_,
@@ -144,6 +150,8 @@ def _record(row: Sequence[Any]) -> RequestRecord:
         error=error,
         webhook=webhook,
         webhook_result=webhook_result,
+        body=body,
+        content_type=content_type,
     )
 
 
@@ -384,6 +392,37 @@ class SqliteQueueStore:
             )
             return cursor.rowcount
 
+    def requeue(self, api: str, ids: list[str] | None, now: float) -> list[str]:
+        with self._write() as db:
+            if ids is None:
+                rows = db.execute(
+                    "SELECT id FROM requests WHERE api = ? AND status = 'failed' ORDER BY finished_at, seq LIMIT ?",
+                    (api, REQUEUE_LIMIT),
+                )
+                ids = [id_ for (id_,) in rows.fetchall()]
+            requeued = []
+            for id_ in dict.fromkeys(ids):  # once each, in the order given
+                cursor = db.execute(
+                    "UPDATE requests SET status = 'in_queue', attempts = 0, started_at = NULL, finished_at = NULL, "
+                    "result = NULL, result_type = NULL, result_status = NULL, error = NULL, webhook_result = NULL "
+                    "WHERE api = ? AND id = ? AND status = 'failed'",
+                    (api, id_),
+                )
+                if cursor.rowcount == 1:
+                    requeued.append(id_)
+            return requeued
+
+    def cancel(self, api: str, id: str, now: float) -> tuple[bool, RequestRecord | None]:
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE requests SET status = 'failed', finished_at = ?, error = ?, worker = NULL, "
+                "lease_token = NULL, lease_expires_at = NULL "
+                "WHERE api = ? AND id = ? AND status IN ('in_queue', 'in_progress')",
+                (now, CANCELLED, api, id),
+            )
+            row = db.execute(f"SELECT {_RECORD_COLUMNS} FROM requests WHERE api = ? AND id = ?", (api, id)).fetchone()
+        return cursor.rowcount == 1, None if row is None else _record(row)
+
     def record_webhook(self, api: str, id: str, outcome: str) -> bool:
         with self._write() as db:
             cursor = db.execute("UPDATE requests SET webhook_result = ? WHERE api = ? AND id = ?", (outcome, api, id))
@@ -441,9 +480,23 @@ class SqliteQueueStore:
         rows = (
             self._conn()
             .execute(
-                f"SELECT {_RECORD_COLUMNS} FROM requests WHERE api = ? AND status = 'failed' "
+                f"SELECT {_LISTED_COLUMNS} FROM requests WHERE api = ? AND status = 'failed' "
                 "ORDER BY finished_at DESC, seq DESC LIMIT ?",
                 (api, limit),
+            )
+            .fetchall()
+        )
+        return [_record(row) for row in rows]
+
+    def list_requests(self, api: str, status: Status | None = None, limit: int = 100) -> list[RequestRecord]:
+        statuses = [s.value for s in pending_statuses(status)]
+        marks = ", ".join("?" * len(statuses))
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {_LISTED_COLUMNS} FROM requests WHERE api = ? AND status IN ({marks}) "
+                "ORDER BY created_at, seq LIMIT ?",
+                (api, *statuses, max(0, limit)),
             )
             .fetchall()
         )

@@ -10,6 +10,13 @@ import msgspec
 
 from cirrus.store.base import RequestRecord
 
+PREVIEW_BYTES = 1024  # a listing shows at most this much of each request's body
+
+
+def _is_text(content_type: str | None) -> bool:
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media.startswith("text/") or media == "application/json" or media.endswith("+json")
+
 
 def _iso(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
@@ -43,4 +50,20 @@ def describe(record: RequestRecord) -> dict[str, Any]:
         out["error"] = record.error
     if record.webhook_result is not None:
         out["webhook_result"] = record.webhook_result
+    return out
+
+
+def with_payload(record: RequestRecord, limit: int = PREVIEW_BYTES) -> dict[str, Any]:
+    """`describe(record)` and the start of its request body, for people looking at a queue: `payload`
+    (text when the body is text or JSON, else base64 with `payload_encoding`), `payload_type`,
+    `payload_bytes` (the whole body's size) and `truncated`."""
+    out = describe(record)
+    body = record.body or b""
+    head = body[:limit]
+    if _is_text(record.content_type):
+        out["payload"] = head.decode("utf-8", "replace")
+    else:
+        out["payload"] = base64.b64encode(head).decode()
+        out["payload_encoding"] = "base64"
+    out |= {"payload_type": record.content_type, "payload_bytes": len(body), "truncated": len(body) > limit}
     return out
