@@ -21,6 +21,7 @@ from cirrus.cli_common import (
     AdminHostOption,
     AdminPortOption,
     ApiArgument,
+    GrpcPortOption,
     HomeOption,
     HostOption,
     InsecureOption,
@@ -81,6 +82,7 @@ def up(
     port: PortOption = None,
     admin_port: AdminPortOption = None,
     admin_host: AdminHostOption = None,
+    grpc_port: GrpcPortOption = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the daemon")] = 30,
     require_keys: RequireKeysOption = None,
     insecure_no_auth: InsecureOption = False,
@@ -108,6 +110,7 @@ def up(
             port,
             admin_port,
             admin_host=admin_host,
+            grpc_port=grpc_port,
             require_keys=require_keys,
             insecure_no_auth=insecure_no_auth or None,
             runtime=runtime,
@@ -123,6 +126,7 @@ def up(
         state = "is already running" if was_running else "started"
         typer.echo(
             f"Cirrus daemon {state} (pid {info.pid})\n  gateway: {info.gateway_url}\n  admin:   {info.admin_url}"
+            + (f"\n  grpc:    {info.grpc_address}" if info.grpc_address else "")
         )
 
 
@@ -403,6 +407,7 @@ def serve(
     host: HostOption = None,
     port: PortOption = None,
     admin_port: AdminPortOption = None,
+    grpc_port: GrpcPortOption = None,
     require_keys: RequireKeysOption = None,
     insecure_no_auth: InsecureOption = False,
     tls_cert: TlsCertOption = None,
@@ -414,7 +419,7 @@ def serve(
     leaves out excepted). An edit that breaks the spec or the code is logged; the old revision serves on."""
     with _errors():
         more = {"require_keys": require_keys, "insecure_no_auth": insecure_no_auth or None, **_tls(tls_cert, tls_key)}
-        settings = _settings(home, host, port, admin_port, **more)
+        settings = _settings(home, host, port, admin_port, grpc_port=grpc_port, **more)
         from cirrus.client import CirrusError
         from cirrus.daemon import DaemonError, serve_foreground
 
@@ -439,6 +444,7 @@ def gateway(
     ] = None,
     host: HostOption = None,
     port: PortOption = None,
+    grpc_port: GrpcPortOption = None,
     require_keys: RequireKeysOption = None,
     insecure_no_auth: InsecureOption = False,
     tls_cert: TlsCertOption = None,
@@ -452,7 +458,7 @@ def gateway(
     with _errors():
         secret = _admin_token(token, token_file)
         more = {"require_keys": require_keys, "insecure_no_auth": insecure_no_auth or None, **_tls(tls_cert, tls_key)}
-        settings = _settings(None, host, port, None, **more)
+        settings = _settings(None, host, port, None, grpc_port=grpc_port, **more)
         from cirrus.client import CirrusError
         from cirrus.daemon import DaemonError, serve_joined
 

@@ -56,6 +56,17 @@ HomeOption = Annotated[
 ]
 HostOption = Annotated[str | None, typer.Option("--host", help="address to bind (default: $CIRRUS_HOST or 127.0.0.1)")]
 PortOption = Annotated[int | None, typer.Option("--port", help="gateway port (default: $CIRRUS_PORT or 8888)")]
+GrpcPortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--grpc-port",
+        help="also serve the Open Inference Protocol v2 over gRPC on this port (0: any free port; needs the "
+        "grpc extra; default: $CIRRUS_GRPC_PORT, else off)",
+        show_default=False,
+        min=0,
+        max=65535,
+    ),
+]
 AdminPortOption = Annotated[
     int | None, typer.Option("--admin-port", help="admin API port (default: $CIRRUS_ADMIN_PORT or 8889)")
 ]

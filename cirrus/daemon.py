@@ -322,6 +322,16 @@ async def run(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     parts = _build(settings, gateway_url, lambda: info, stop.set)
+    try:
+        grpc = await _start_grpc(settings, parts.gateway)
+    except DaemonError:
+        gateway_sock.close()
+        admin_sock.close()
+        parts.state_db.close()
+        parts.queue_store.close()
+        raise
+    if grpc is not None:
+        info = info.model_copy(update={"grpc_address": grpc.address})
     for sig in (signal.SIGTERM, signal.SIGINT):  # after _build: `ray.init` (the Ray runtime) sets its own
         loop.add_signal_handler(sig, stop.set)
     servers = [
@@ -346,12 +356,36 @@ async def run(
         background.append(loop.create_task(Reloader(parts.controller, deploy_path, settings.home).run(stop)))
     settings.daemon_file.write_text(info.model_dump_json())
     log.info("Cirrus daemon %s: gateway %s, admin %s, state %s", VERSION, gateway_url, admin_url, settings.home)
+    if grpc is not None:
+        log.info("gRPC (Open Inference Protocol v2): %s", grpc.address)
     if on_ready is not None:
         on_ready(info)
     try:
         await stop.wait()
     finally:
-        await _stop(settings, parts, servers, tasks, background)
+        await _stop(settings, parts, servers, tasks, background, grpc)
+
+
+async def _start_grpc(settings: Settings, gateway: Any) -> Any:
+    """The v2 gRPC service beside the gateway (cirrus/gateway/grpc.py) when a gRPC port is set; else None."""
+    if settings.grpc_port is None:
+        return None
+    try:
+        from cirrus.gateway.grpc import GrpcError, GrpcTls, start_grpc
+    except ImportError as exc:
+        raise DaemonError(str(exc)) from None
+    tls = GrpcTls(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    try:
+        return await start_grpc(
+            gateway,
+            settings.host,
+            settings.grpc_port,
+            max_message_bytes=settings.max_body_bytes,
+            max_concurrent_rpcs=settings.max_connections,
+            tls=tls,
+        )
+    except GrpcError as exc:
+        raise DaemonError(str(exc)) from None
 
 
 async def _stop(
@@ -360,11 +394,14 @@ async def _stop(
     servers: list[Any],
     tasks: list[asyncio.Task[Any]],
     background: list[asyncio.Task[Any]],
+    grpc: Any = None,
 ) -> None:
     log.info("stopping")
     with contextlib.suppress(FileNotFoundError):
         settings.daemon_file.unlink()
     parts.gateways.close()  # joined gateways' long polls answer now
+    if grpc is not None:  # RPCs in flight finish (in the grace) while the HTTP servers drain theirs
+        tasks = [*tasks, asyncio.ensure_future(grpc.stop(SHUTDOWN_GRACE_S))]
     for server in servers:
         server.should_exit = True
     # Requests in flight finish first (async accepts need the acceptor still running).
@@ -477,6 +514,8 @@ def serve_foreground(settings: Settings, path: str) -> None:
     def ready(info: DaemonInfo) -> None:
         for deployment in deployments:
             print(f"{deployment.spec.name}: {info.gateway_url}/{deployment.spec.name}", flush=True)
+        if info.grpc_address:
+            print(f"gRPC (Open Inference Protocol v2): {info.grpc_address}", flush=True)
         print(f"serving (admin {info.admin_url}, state {local.home}); edits roll out; Ctrl-C stops", flush=True)
 
     with contextlib.ExitStack() as stack:
@@ -528,17 +567,26 @@ async def _run_joined(settings: Settings, admin_url: str, token: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        grpc = await _start_grpc(settings, gateway)
+    except DaemonError:
+        await joiner.close()
+        sock.close()
+        raise
     server = _server(gateway, "gateway", _edge_limits(settings, settings.max_connections), settings.keep_alive_s, tls)
     serving = loop.create_task(server.serve(sockets=[sock]))
     tasks = joiner.start()
     log.info("gateway %s joined %s (%d APIs): serving %s", joiner.gateway_id, admin_url, len(table.apis), url)
     print(f"gateway {joiner.gateway_id} joined {admin_url}: serving {url}", flush=True)
+    if grpc is not None:
+        print(f"gRPC (Open Inference Protocol v2): {grpc.address}", flush=True)
     try:
         await stop.wait()
     finally:
         log.info("stopping")
         server.should_exit = True
-        await asyncio.wait([serving], timeout=SHUTDOWN_GRACE_S + 1)  # requests in flight finish first
+        draining = [serving] if grpc is None else [serving, asyncio.ensure_future(grpc.stop(SHUTDOWN_GRACE_S))]
+        await asyncio.wait(draining, timeout=SHUTDOWN_GRACE_S + 1)  # requests in flight finish first
         for task in tasks:
             task.cancel()
         await asyncio.gather(serving, *tasks, return_exceptions=True)

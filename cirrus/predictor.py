@@ -125,6 +125,13 @@ class LoadedPredictor:
     on_job_complete: Method | None = None  # a batch job's worker: `on_job_complete(job)`, once per job
     load_model: Any = None  # a multi-model API: the bound `load_model(path)`, called on a cache miss
     unload_model: Any = None  # optional bound `unload_model(model)`, called when a model is evicted
+    # `protocol: openai`: the endpoints the class supports (cirrus/replica/openai.py calls them)
+    embed: Method | None = None  # `embed(texts)` -> one vector per text (/v1/embeddings)
+    chat: Method | None = None  # `chat(messages, params)` -> a reply, or a generator of pieces
+    complete: Method | None = None  # `complete(prompt, params)` -> the same
+
+
+OPENAI_METHODS = {"embed": ("texts",), "chat": ("messages", "params"), "complete": ("prompt", "params")}
 
 
 # predictor file (resolved) -> (its module, the file's (mtime_ns, size) when it was executed)
@@ -231,6 +238,22 @@ def _no_predict(payload: Any = None) -> Any:
     raise HTTPError(405, "this is a batch API: it runs jobs (cirrus jobs submit), not requests")
 
 
+def _openai_only(payload: Any = None) -> Any:
+    raise HTTPError(405, "this API's predictor has no predict method: it serves the OpenAI-compatible /v1 endpoints")
+
+
+def _openai_methods(instance: Any, multi_model: bool) -> dict[str, Method | None]:
+    """`protocol: openai`: embed, chat and complete, those the class defines (each asks for its own
+    arguments, and `headers`, `request_id`, `model` as predict does)."""
+    extra = (*INJECTABLE[1:], "model", "get_model") if multi_model else INJECTABLE[1:]
+    methods = {name: _method(instance, name, (*own, *extra)) for name, own in OPENAI_METHODS.items()}
+    for name, method in methods.items():
+        missing = [arg for arg in OPENAI_METHODS[name] if method is not None and arg not in method.wants]
+        if missing:
+            raise PredictorLoadError(f"{type(instance).__name__}.{name}() must take {' and '.join(missing)}")
+    return methods
+
+
 def _init_kwargs(cls: type, config: dict[str, Any], models: dict[str, str]) -> dict[str, Any]:
     """`__init__` asks for what it uses: `config`, `models` ({name: local path}) and `model_path`
     (the path of the API's only model, or None when it has none)."""
@@ -259,12 +282,14 @@ def load_predictor(
     batch_job: bool = False,
     models: dict[str, str] | None = None,
     multi_model: bool = False,
+    protocol: str | None = None,
 ) -> LoadedPredictor:
     """Import the user's file, construct the class once, and inspect its methods. With `batching`
     the class must also define `predict_batch(self, payloads: list) -> list`; a batch job's worker
     (`batch_job`) needs only `predict_batch`, and may define `on_job_complete(self, job)`. A
     `multi_model` API's class must define `load_model(self, path)`, and its `predict` may ask
-    for `model`."""
+    for `model`. A `protocol: openai` API's class defines any of `embed`, `chat`, `complete` (and
+    then needs no predict); with `batching`, `embed` batches without a predict_batch."""
     project = Path(project_dir)
     file = project / path
     if not file.is_file():
@@ -278,7 +303,14 @@ def load_predictor(
             f"a batch API calls predict_batch, but {class_name} has none: define "
             "`def predict_batch(self, payloads: list) -> list` (one result per payload, in order)"
         )
-    if batching and getattr(cls, "predict_batch", None) is None:  # before the (maybe slow) construction
+    openai = protocol == "openai"
+    if openai and not any(callable(getattr(cls, n, None)) for n in ("predict", *OPENAI_METHODS)):
+        raise PredictorLoadError(
+            f"the API has `protocol: openai` but {class_name} has none of embed, chat, complete or predict: "
+            "define `embed(self, texts)`, `chat(self, messages, params)` or `complete(self, prompt, params)`"
+        )
+    batches_embed = openai and callable(getattr(cls, "embed", None))
+    if batching and not batches_embed and getattr(cls, "predict_batch", None) is None:  # before construction
         raise PredictorLoadError(
             f"the API has `batching` but {class_name} has no predict_batch method: define "
             "`def predict_batch(self, payloads: list) -> list` (one result per payload, in order), "
@@ -294,6 +326,9 @@ def load_predictor(
     predict = _method(instance, "predict", (*INJECTABLE, "model", "get_model") if multi_model else INJECTABLE)
     if predict is None and batch_job:
         predict = Method(fn=_no_predict, wants=("payload",), is_async=False)
+    endpoints = _openai_methods(instance, multi_model) if openai else {}
+    if predict is None and any(endpoints.values()):
+        predict = Method(fn=_openai_only, wants=("payload",), is_async=False)
     if predict is None:
         raise PredictorLoadError(f"{class_name} has no predict method")
     loaded = LoadedPredictor(
@@ -305,6 +340,9 @@ def load_predictor(
         on_job_complete=_method(instance, "on_job_complete", ("job",)) if batch_job else None,
         load_model=instance.load_model if multi_model else None,
         unload_model=getattr(instance, "unload_model", None) if multi_model else None,
+        embed=endpoints.get("embed"),
+        chat=endpoints.get("chat"),
+        complete=endpoints.get("complete"),
     )
     if loaded.predict_batch is not None and "payloads" not in loaded.predict_batch.wants:
         raise PredictorLoadError(f"{class_name}.predict_batch() must take the list of payloads as `payloads`")

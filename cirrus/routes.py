@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cirrus.spec import ConcurrencySpec, CorsSpec, QueueSpec, SplitTarget
+from cirrus.spec import ConcurrencySpec, CorsSpec, ProtocolSpec, QueueSpec, SplitTarget
 from cirrus.types import ApiKey
 
 GATEWAY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -48,6 +48,7 @@ class ApiRoute(BaseModel):
     cors: CorsSpec | None = None
     split: list[SplitTarget] | None = Field(None, description="a splitter's APIs")
     sticky_header: str | None = None
+    protocol: ProtocolSpec | None = Field(None, description="the standard protocol it also speaks (v2, openai)")
     serving: int | None = Field(None, description="the revision that serves (set while a canary runs beside it)")
     canary: int | None = Field(None, description="the canary revision (None: no canary)")
     canary_percent: float = Field(0.0, description="the share of requests the canary gets")

@@ -36,6 +36,16 @@ def _int_env(env: dict[str, str], name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
 
 
+def _port_env(env: dict[str, str], name: str) -> int | None:
+    """A port that is off unless set ("": off; 0: any free port)."""
+    if not env.get(name):
+        return None
+    value = _int_env(env, name, 0)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"environment variable {name}={value} must be a port, 0 to 65535")
+    return value
+
+
 def _positive_int_env(env: dict[str, str], name: str, default: int) -> int:
     value = _int_env(env, name, default)
     if value <= 0:
@@ -86,6 +96,7 @@ class Settings:
     host: str = "127.0.0.1"
     gateway_port: int = DEFAULT_GATEWAY_PORT
     admin_port: int = DEFAULT_ADMIN_PORT
+    grpc_port: int | None = None  # the Open Inference Protocol v2 over gRPC on this port (None: off; 0: any free)
     admin_host: str = "127.0.0.1"  # the admin API's address: another is for trusted networks only (the token guards it)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     python: str = sys.executable
@@ -126,6 +137,7 @@ class Settings:
             host=env.get("CIRRUS_HOST") or "127.0.0.1",
             gateway_port=_int_env(env, "CIRRUS_PORT", DEFAULT_GATEWAY_PORT),
             admin_port=_int_env(env, "CIRRUS_ADMIN_PORT", DEFAULT_ADMIN_PORT),
+            grpc_port=_port_env(env, "CIRRUS_GRPC_PORT"),
             admin_host=env.get("CIRRUS_ADMIN_HOST") or "127.0.0.1",
             max_body_bytes=_int_env(env, "CIRRUS_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             python=env.get("CIRRUS_PYTHON") or sys.executable,
@@ -176,6 +188,8 @@ class Settings:
             env["CIRRUS_DEBUG_ERRORS"] = "1"
         if self.store:
             env["CIRRUS_STORE"] = self.store
+        if self.grpc_port is not None:
+            env["CIRRUS_GRPC_PORT"] = str(self.grpc_port)
         if self.s3_endpoint_url:
             env["CIRRUS_S3_ENDPOINT_URL"] = self.s3_endpoint_url
         if self.tls_cert:

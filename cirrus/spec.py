@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 API_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-RESERVED_NAMES = frozenset({"healthz", "metrics", "docs", "openapi-json", "admin", "v1", "static"})
+# "v1" and "v2": the paths of the OpenAI and Open Inference protocols (`protocol:`) on the gateway.
+RESERVED_NAMES = frozenset({"healthz", "metrics", "docs", "openapi-json", "admin", "v1", "v2", "static"})
 SPEC_FILENAMES = ("cirrus.yaml", "cirrus.yml")
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?\s*$")
 _MEM_UNITS = {
@@ -402,6 +403,65 @@ class SplitTarget(_Strict):
         return self
 
 
+V2Datatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BF16",
+    "BYTES",
+]
+V2_DATATYPES: tuple[str, ...] = get_args(V2Datatype)
+
+
+class TensorSpec(_Strict):
+    """One input or output of an Open Inference Protocol (v2) model, as its metadata declares it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$", description="the tensor's name")
+    datatype: V2Datatype = Field(
+        description="a v2 datatype: BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BF16 or BYTES"
+    )
+    shape: list[Annotated[int, Field(ge=-1)]] = Field(
+        max_length=32, description="its dimensions; -1 for a dimension of any size (e.g. [-1, 4])"
+    )
+
+
+class ProtocolSpec(_Strict):
+    """A standard protocol the API also speaks (besides `POST /<api>`). `protocol: v2` is short for
+    `protocol: {name: v2}`."""
+
+    name: Literal["v2", "openai"] = Field(
+        description="v2: the Open Inference Protocol (KServe v2, Triton) under /v2/models/<api> and over gRPC; "
+        "openai: OpenAI-compatible /v1/models, /v1/embeddings, /v1/chat/completions and /v1/completions"
+    )
+    inputs: list[TensorSpec] = Field(default_factory=list, max_length=256, description="v2: the model's inputs")
+    outputs: list[TensorSpec] = Field(default_factory=list, max_length=256, description="v2: the model's outputs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _declared(self) -> ProtocolSpec:
+        if self.name != "v2" and (self.inputs or self.outputs):
+            raise ValueError("inputs and outputs are declared for protocol v2 only")
+        for what, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [t.name for t in tensors]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{what}: each name once; repeated: {', '.join(repeated)}")
+        return self
+
+
 class ApiSpec(_Strict):
     name: str = Field(description="URL-safe API name: lowercase letters, digits and '-'")
     kind: Literal["realtime", "async", "batch", "splitter"] = Field(
@@ -444,6 +504,11 @@ class ApiSpec(_Strict):
         None,
         pattern=r"^[A-Za-z0-9-]{1,64}$",
         description="a splitter: requests with the same value of this header go to the same API",
+    )
+    protocol: ProtocolSpec | None = Field(
+        None,
+        description="a realtime API also speaks a standard protocol: `v2` (Open Inference Protocol, REST and "
+        "gRPC) or `openai` (OpenAI-compatible endpoints); see docs/protocols.md",
     )
 
     @field_validator("models")
@@ -501,6 +566,11 @@ class ApiSpec(_Strict):
                 "batching applies to realtime and async APIs; a batch job already calls predict_batch "
                 "with batch_size items: remove `batching`"
             )
+        if self.protocol is not None:
+            if self.kind != "realtime":
+                raise ValueError(f"protocol {self.protocol.name} applies to realtime APIs, not to {self.kind} APIs")
+            if self.protocol.name == "v2" and self.multi_model is not None:
+                raise ValueError("protocol v2 serves one model per API; multi_model APIs can use protocol openai")
         if self.multi_model is not None:
             if self.kind == "batch":
                 raise ValueError("multi_model applies to realtime and async APIs, not to batch APIs")

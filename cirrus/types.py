@@ -133,6 +133,7 @@ class DaemonInfo(_Record):
     gateway_url: str
     admin_url: str
     started_at: float
+    grpc_address: str | None = None  # HOST:PORT of the v2 gRPC service, when the daemon serves one
 
 
 class ApiKey(_Record):

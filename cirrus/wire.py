@@ -218,6 +218,14 @@ class BatchConfig(msgspec.Struct, frozen=True):
     max_queue: int  # requests waiting for a batch at most (the API's max_concurrency)
 
 
+class TensorDecl(msgspec.Struct, frozen=True):
+    """One input or output of a `protocol: v2` model, as its spec (or its predictor) declares it."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
 class ReplicaLaunch(msgspec.Struct, frozen=True):
     """Everything a replica process needs to start, passed by the runtime as JSON."""
 
@@ -240,6 +248,9 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     debug_errors: bool = False  # 500 bodies show the predictor's exception message (else only the request id)
     snapshot: str | None = None  # the digest of the code snapshot at project_dir (a cluster runtime ships it)
     model_urls: dict[str, str] = {}  # the models that come from a URL: a node other than the daemon's fetches its own
+    protocol: str | None = None  # the standard protocol the API also speaks (the spec's `protocol`: v2, openai)
+    tensor_inputs: list[TensorDecl] = []  # protocol v2: the inputs the spec declares (requests are checked)
+    tensor_outputs: list[TensorDecl] = []  # protocol v2: the outputs it declares (their datatypes)
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

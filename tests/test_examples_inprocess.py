@@ -19,7 +19,7 @@ from cirrus.spec import load_deployments
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-ALL_EXAMPLES = ["iris", "sentence-embeddings", "hooks", "noop"]
+ALL_EXAMPLES = ["iris", "sentence-embeddings", "hooks", "noop", "tiny-chat"]
 
 
 def load_module(example: str) -> ModuleType:
@@ -47,6 +47,15 @@ def test_concurrency_settings() -> None:
     assert load_deployments(EXAMPLES / "noop")[0].spec.concurrency.max_concurrency == 64
     env = load_deployments(EXAMPLES / "sentence-embeddings")[0].spec.predictor.env
     assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_openai_examples_opt_in() -> None:
+    embeddings = load_deployments(EXAMPLES / "sentence-embeddings")[0].spec
+    chat = load_deployments(EXAMPLES / "tiny-chat")[0].spec
+    assert embeddings.protocol is not None and embeddings.protocol.name == "openai"
+    assert chat.protocol is not None and chat.protocol.name == "openai"
+    assert embeddings.batching is not None and embeddings.batching.max_batch_size == 32  # across clients
+    assert embeddings.concurrency.max_concurrency >= embeddings.batching.max_batch_size
 
 
 # --- noop -----------------------------------------------------------------------------------------
@@ -233,3 +242,157 @@ def test_embeddings_bad_payload(minilm) -> None:
         with pytest.raises(Exception, match="text") as info:
             minilm.predict(bad)
         assert getattr(info.value, "status", None) == 400
+
+
+def test_embed_for_openai(minilm) -> None:
+    texts = ["hello world", "Serverless inference for machine learning"]
+    result = minilm.embed(texts)
+    assert len(result["data"]) == 2 and all(len(v) == 384 for v in result["data"])
+    assert _cos(result["data"][0], minilm.predict({"text": texts[0]})["embedding"]) > 0.9999
+    assert result["tokens"] == [2, 6]  # WordPiece tokens ("server", "##less", ...), no [CLS] or [SEP]
+    assert minilm.embed([]) == {"data": [], "tokens": []}
+
+
+# --- tiny-chat ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_module() -> ModuleType:
+    backends.module("torch")
+    backends.module("transformers")
+    return load_module("tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_chat_module: ModuleType):
+    started = time.perf_counter()
+    predictor = tiny_chat_module.Predictor({"torch_threads": 1})
+    loaded_s = time.perf_counter() - started
+    assert loaded_s < 2.0, f"the tiny chat model took {loaded_s:.2f} s to load"
+    return predictor
+
+
+def _run(pieces) -> tuple[list[str], dict]:
+    """(the text pieces, the final dict) of a chat/complete generator."""
+    items = list(pieces)
+    assert items and isinstance(items[-1], dict) and all(isinstance(p, str) for p in items[:-1])
+    return items[:-1], items[-1]
+
+
+def test_tiny_chat_weights_are_small() -> None:
+    weights = EXAMPLES / "tiny-chat" / "weights.safetensors"
+    assert 100_000 < weights.stat().st_size < 1_000_000
+
+
+def test_tiny_chat_streams_characters_with_usage(tiny_chat) -> None:
+    messages = [{"role": "user", "content": "hello"}]
+    started = time.perf_counter()
+    pieces, last = _run(tiny_chat.chat(messages, {"max_tokens": 64, "temperature": 0}))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"64 tokens took {elapsed:.2f} s"
+    text = "".join(pieces)
+    assert len(pieces) > 1 and all(len(p) == 1 for p in pieces)  # one piece per sampled character
+    assert text.strip() and text.isascii()
+    assert last["finish_reason"] in ("stop", "length")
+    prompt = "user: hello\nassistant: "
+    assert last["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(text)}
+
+
+def test_tiny_chat_learned_to_answer(tiny_chat) -> None:
+    """Greedy answers to a question from the corpus: the training took (the prose may still wander)."""
+    pieces, last = _run(tiny_chat.chat([{"role": "user", "content": "what is a cloud?"}], {"temperature": 0}))
+    assert "".join(pieces).startswith("A cloud is water")
+    assert last["finish_reason"] == "stop"  # the model ends its turn by itself
+
+
+def test_tiny_chat_max_tokens_and_determinism(tiny_chat) -> None:
+    params = {"max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 3}
+    pieces, last = _run(tiny_chat.complete("The sky was", params))
+    assert (last["finish_reason"], last["usage"]["completion_tokens"]) == ("length", 10)
+    assert len("".join(pieces)) == 10
+    again, _ = _run(tiny_chat.complete("The sky was", params))
+    assert again == pieces  # same seed, same text
+    assert _run(tiny_chat.complete("x", {"max_tokens": 3, "seed": -(2**70)}))[1]["finish_reason"]  # any integer
+    greedy = [_run(tiny_chat.complete("The sky was", {"max_tokens": 20, "temperature": 0}))[0] for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_tiny_chat_stop_sequences_never_leak(tiny_chat) -> None:
+    params = {"max_tokens": 40, "temperature": 0}
+    full = "".join(_run(tiny_chat.complete("High clouds are", params))[0])
+    assert len(full) > 12
+    stop = full[5:8]  # a sequence the greedy text is known to contain
+    pieces, last = _run(tiny_chat.complete("High clouds are", {**params, "stop": [stop, "zzzz"]}))
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert last["finish_reason"] == "stop"
+    assert last["usage"]["completion_tokens"] == full.index(stop) + len(stop)  # the stop was generated
+
+
+def test_tiny_chat_long_prompt_slides(tiny_chat) -> None:
+    prompt = "The clouds drift. " * 40  # longer than the model's 256 positions
+    pieces, last = _run(tiny_chat.complete(prompt, {"max_tokens": 5, "temperature": 0}))
+    assert last["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len("".join(pieces))}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_tokens": 0},
+        {"max_tokens": 5000},
+        {"temperature": 3},
+        {"top_p": 1.5},
+        {"seed": "x"},
+        {"stop": [""]},
+        {"stop": ["a"] * 5},
+    ],
+)
+def test_tiny_chat_bad_params_are_400_before_streaming(tiny_chat, params: dict) -> None:
+    with pytest.raises(Exception) as info:
+        tiny_chat.chat([{"role": "user", "content": "hi"}], params)  # raised by the call, not the iteration
+    assert getattr(info.value, "status", None) == 400
+
+
+def test_tiny_chat_prompt_format(tiny_chat_module: ModuleType) -> None:
+    messages = [
+        {"role": "system", "content": "Be  brief.\n"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
+    assert tiny_chat_module.chat_prompt(messages) == "system: Be brief.\nuser: hi\nassistant: "
+    assert tiny_chat_module.decode(tiny_chat_module.encode("héllo\n")) == "h?llo\n"
+
+
+def test_tiny_chat_plain_predict(tiny_chat) -> None:
+    result = tiny_chat.predict({"prompt": "The sky", "max_tokens": 8, "temperature": 0})
+    assert set(result) == {"text", "finish_reason", "usage"} and len(result["text"]) <= 8
+    chat = tiny_chat.predict({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    assert isinstance(chat["text"], str)
+    for bad in ({}, {"prompt": 3}, {"messages": "hi"}, ["x"]):
+        with pytest.raises(Exception) as info:
+            tiny_chat.predict(bad)
+        assert getattr(info.value, "status", None) == 400
+
+
+def test_tiny_chat_train_script(tmp_path: Path) -> None:
+    backends.module("torch")
+    backends.module("transformers")
+    output = tmp_path / "weights.safetensors"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tiny-chat" / "train.py"), "--output", str(output), "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    module = load_module("tiny-chat")
+    predictor = module.Predictor({"weights_path": str(output)})
+    _, last = _run(predictor.complete("a", {"max_tokens": 3}))
+    assert last["usage"]["prompt_tokens"] == 1
+
+
+def test_tiny_chat_refuses_weights_of_another_model(tiny_chat_module: ModuleType, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"transformer.wte.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(RuntimeError, match=r"train\.py"):
+        tiny_chat_module.Predictor({"weights_path": str(tmp_path / "other.safetensors")})

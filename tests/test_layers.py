@@ -139,6 +139,8 @@ RULES: dict[str, tuple[list[str], list[str] | None]] = {
     # Snapshots are packed by the client and stored by the daemon: plain files, nothing above them.
     "cirrus.snapshots": ([], ["cirrus.models"]),
     "cirrus.types": ([], []),
+    # The standard protocols' codecs and message shapes: pure, below the gateway and the replica.
+    "cirrus.protocols": ([], ["cirrus.protocols", "cirrus.types", "cirrus.spec", "cirrus.predictor"]),
 }
 
 

@@ -28,10 +28,10 @@ from cirrus.control.status import api_status, backlog_fields
 from cirrus.control.store import Action, Store, StoredApi
 from cirrus.kinds import Kind, kind_of
 from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
-from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, CorsSpec, Deployment, QueueSpec, SplitTarget
+from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, CorsSpec, Deployment, ProtocolSpec, QueueSpec, SplitTarget
 from cirrus.store.base import API_DELETED, QueueStore
 from cirrus.types import ApiKey, ApiStatus, DeployResult, ReplicaState, TrafficShare
-from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady
+from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady, TensorDecl
 
 if TYPE_CHECKING:
     from cirrus.control.jobs import JobManager
@@ -56,6 +56,12 @@ def backoff_s(consecutive_failures: int) -> float:
     return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (consecutive_failures - 1))
 
 
+def declared_tensors(protocol: ProtocolSpec | None, which: str) -> list[TensorDecl]:
+    """A `protocol: v2` API's declared `inputs` or `outputs`, for its replicas' launch."""
+    tensors = [] if protocol is None else getattr(protocol, which)
+    return [TensorDecl(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in tensors]
+
+
 class GatewayControl(Protocol):
     """What the controller needs from the gateway (cirrus.gateway.control implements it)."""
 
@@ -69,6 +75,7 @@ class GatewayControl(Protocol):
         cors: CorsSpec | None = None,
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
+        protocol: ProtocolSpec | None = None,
     ) -> None: ...
 
     def remove_api(self, name: str) -> None: ...
@@ -554,6 +561,7 @@ class Controller:
             cors=spec.cors,
             split=spec.apis,
             sticky_header=spec.sticky_header,
+            protocol=spec.protocol,
         )
 
     def _reconcile(self, state: ApiState) -> None:
@@ -716,6 +724,9 @@ class Controller:
             model_cache_size=None if spec.multi_model is None else spec.multi_model.cache_size,
             model_versions={m.name: m.version for m in spec.models if m.version is not None},
             model_urls={m.name: m.path for m in spec.models if m.is_url},
+            protocol=None if spec.protocol is None else spec.protocol.name,
+            tensor_inputs=declared_tensors(spec.protocol, "inputs"),
+            tensor_outputs=declared_tensors(spec.protocol, "outputs"),
         )
         return launch, {**predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from cirrus.kinds import kind_of
 from cirrus.routes import ApiRoute, JoinedGateway, LoadReport, RouteReplica, RouteTable, parse_version
-from cirrus.spec import ConcurrencySpec, CorsSpec, QueueSpec, SplitTarget
+from cirrus.spec import ConcurrencySpec, CorsSpec, ProtocolSpec, QueueSpec, SplitTarget
 from cirrus.types import ApiKey, TrafficShare
 from cirrus.wire import ReplicaReady
 
@@ -189,8 +189,9 @@ class Gateways:
         cors: CorsSpec | None = None,
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
+        protocol: ProtocolSpec | None = None,
     ) -> None:
-        self.local.set_api(name, concurrency, kind, multi_model, auth_required, cors, split, sticky_header)
+        self.local.set_api(name, concurrency, kind, multi_model, auth_required, cors, split, sticky_header, protocol)
         settings = {
             "kind": kind,
             "concurrency": concurrency,
@@ -199,6 +200,7 @@ class Gateways:
             "cors": cors,
             "split": split,
             "sticky_header": sticky_header,
+            "protocol": protocol,
             "queue": self.queue_spec(name) if kind_of(kind).queued else None,
         }
         api = self._apis.get(name)

@@ -14,19 +14,24 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cirrus.gateway.async_api import AsyncFront
 from cirrus.gateway.cors import CorsPolicy, cors_front
 from cirrus.gateway.docs import docs_page
 from cirrus.gateway.edge import EdgeLog
 from cirrus.gateway.keys import KeyRing, presented_key
+from cirrus.gateway.openai import OpenAIFront
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
 from cirrus.gateway.split import Split
 from cirrus.gateway.transport import ReplicaGone, RequestTooLarge
+from cirrus.gateway.v2 import V2Front
 from cirrus.kinds import kind_of
 from cirrus.predictor import encode_json
 from cirrus.wire import InferResponse, StreamChunk
+
+if TYPE_CHECKING:
+    from cirrus.spec import ProtocolSpec
 
 log = logging.getLogger("cirrus.gateway")
 
@@ -36,7 +41,18 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _MODEL_HEADER = b"x-cirrus-model"  # names the model of a multi-model API (or POST /<api>/<model>)
-_SKIP_HEADERS = frozenset({b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding"})
+PROTOCOL_HEADER = "x-cirrus-protocol"  # set by the gateway only: how the replica reads and answers a request
+_SKIP_HEADERS = frozenset(
+    {b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", PROTOCOL_HEADER.encode()}
+)
+
+
+class ProtocolFront(Protocol):
+    """A standard protocol's paths on the gateway (`/v2/...`, `/v1/...`)."""
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
 _RETRY_AFTER_S = 1
 _RETRY_AFTER = [(b"retry-after", str(_RETRY_AFTER_S).encode())]
 REPLY_GRACE_S = 2.0  # the replica enforces timeout_s; the gateway waits this much longer at most
@@ -90,6 +106,11 @@ class Gateway:
         self.require_keys = False  # every API needs a key (`--require-keys`), not only `auth: required` ones
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # copies of requests on their way to shadows
         self.refusals = EdgeLog("gateway")  # overload 503s, logged at most once a second per API
+        # The standard protocols' paths, by first segment: "v2" (Open Inference Protocol) and "v1"
+        # (OpenAI-compatible). Each front finds the API a request names and calls `_predict` for it.
+        self.fronts: dict[str, ProtocolFront] = {}
+        self.fronts["v2"] = V2Front(self)
+        self.fronts["v1"] = OpenAIFront(self)
 
     # --- control side -------------------------------------------------------------------
     def set_api(
@@ -104,6 +125,7 @@ class Gateway:
         auth_required: bool = False,
         cors: CorsPolicy | None = None,
         split: Split | None = None,
+        protocol: ProtocolSpec | None = None,
     ) -> ApiRoute:
         route = self.routes.get(name)
         if route is None:
@@ -118,6 +140,7 @@ class Gateway:
             each.timeout_s = timeout_s
         route.auth_required = auth_required
         route.cors = cors
+        route.protocol = protocol
         if split is None or route.split is None or not route.split.same_as(split):
             route.split = split  # (an unchanged splitter keeps its counters and its place in the rotation)
         return route
@@ -145,6 +168,10 @@ class Gateway:
         path: str = scope["path"]
         method: str = scope["method"]
         name, _, rest = path[1:].partition("/")
+        front = self.fronts.get(name)
+        if front is not None:
+            await front.serve(scope, receive, send)
+            return
         route = self.routes.get(name)
         if route is not None:
             if route.cors is not None:  # before the key check: browsers send preflights without credentials
@@ -286,9 +313,12 @@ class Gateway:
         send: Send,
         model: str | None = None,
         on_body: Callable[[bytes, str, list[tuple[str, str]], str], None] | None = None,
+        protocol: str | None = None,
     ) -> None:
         """`model`: named in the path (`POST /<api>/<model>`); it overrides an `X-Cirrus-Model` header.
-        `on_body(body, content_type, headers, request_id)`: told the request once its body has come."""
+        `on_body(body, content_type, headers, request_id)`: told the request once its body has come.
+        `protocol`: what the replica decodes the body as and encodes the answer to (e.g. "v2.infer"),
+        sent in the `X-Cirrus-Protocol` header (a client's own is dropped)."""
         started = time.perf_counter()
         content_type = ""
         request_id = ""
@@ -317,6 +347,8 @@ class Gateway:
             request_id = uuid.uuid4().hex
         if model is not None:
             forwarded.append(("x-cirrus-model", model))  # the replica reads the model's name here
+        if protocol is not None:
+            forwarded.append((PROTOCOL_HEADER, protocol))
         metrics = route.metrics
         try:
             body = await self._read_body(scope, receive, declared, route.timeout_s)

@@ -14,7 +14,7 @@ from cirrus.gateway.metrics import ApiMetrics, last_minute_of
 from cirrus.gateway.routing import ReplicaSlot, Unavailable
 from cirrus.gateway.split import Split
 from cirrus.gateway.transport import ReplicaConnection
-from cirrus.spec import ConcurrencySpec, CorsSpec, SplitTarget
+from cirrus.spec import ConcurrencySpec, CorsSpec, ProtocolSpec, SplitTarget
 from cirrus.types import ApiKey, TrafficShare
 from cirrus.wire import ReplicaReady
 
@@ -38,6 +38,7 @@ class GatewayController:
         cors: CorsSpec | None = None,
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
+        protocol: ProtocolSpec | None = None,
     ) -> None:
         self.gateway.set_api(
             name,
@@ -49,6 +50,7 @@ class GatewayController:
             auth_required=auth_required,
             cors=None if cors is None else cors_policy(cors),
             split=None if split is None else split_of(split, sticky_header),
+            protocol=protocol,
         )
 
     def remove_api(self, name: str) -> None:

@@ -186,7 +186,15 @@ class Joiner:
     def _apply_api(self, api: ApiRoute) -> None:
         control, name = self.control, api.name
         control.set_api(
-            name, api.concurrency, api.kind, api.multi_model, api.auth_required, api.cors, api.split, api.sticky_header
+            name,
+            api.concurrency,
+            api.kind,
+            api.multi_model,
+            api.auth_required,
+            api.cors,
+            api.split,
+            api.sticky_header,
+            api.protocol,
         )
         self.routes[name] = api.model_copy(update={"replicas": []})
         behaviour = kind_of(api.kind)

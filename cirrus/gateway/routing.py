@@ -13,12 +13,15 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cirrus.gateway.cors import CorsPolicy
 from cirrus.gateway.metrics import ApiMetrics
 from cirrus.gateway.split import Split, WeightedPicker
 from cirrus.kinds import Kind, kind_of
+
+if TYPE_CHECKING:
+    from cirrus.spec import ProtocolSpec
 
 
 class Overloaded(Exception):
@@ -95,6 +98,7 @@ class ApiRoute:
     unavailable: str | None = None  # set by the controller while no revision can serve: 503 at once
     auth_required: bool = False  # requests need an API key (the spec's `auth: required`)
     cors: CorsPolicy | None = None  # cross-origin requests from browsers (the spec's `cors`); None: no CORS
+    protocol: ProtocolSpec | None = None  # a standard protocol it also speaks (the spec's `protocol`)
     split: Split | None = None  # a splitter: the APIs it sends requests to
     revision: int | None = None  # the revision its replicas run, while a canary runs beside it
     canary: ApiRoute | None = None  # a canary revision's replicas, waiters and metrics

@@ -73,8 +73,13 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             batch_job=launch.queue is not None and launch.queue.job is not None,
             models=launch.models,
             multi_model=launch.model_cache_size is not None,
+            protocol=launch.protocol,
         )
         openapi = openapi_document(launch.api, predictor)
+        if launch.protocol == "v2":  # the tensors its predictor declares, where the spec declares none
+            from cirrus.replica.v2 import declare
+
+            launch, openapi = declare(launch, predictor, openapi)
     except BaseException as exc:
         log.error("the predictor failed to load:\n%s", traceback.format_exc())
         _report(status_fd, ReplicaFailed(error=f"{type(exc).__name__}: {exc}"))
@@ -92,6 +97,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             versions=launch.model_versions,
         )
     handler = RequestHandler(predictor, launch.inference_slots, launch.batching, models, launch.debug_errors)
+    handler.launch = launch  # (a standard protocol's requests need the API's name and declared tensors)
     connections: set[ReplicaProtocol] = set()
     server, address = await _listen(launch, handler, connections)
     stop = asyncio.Event()

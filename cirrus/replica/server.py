@@ -30,6 +30,7 @@ from cirrus.predictor import (
     encode_result,
 )
 from cirrus.replica.batcher import Batcher, BatchPolicy, timed_async, timed_sync
+from cirrus.replica.protocols import handle_protocol, protocol_of
 from cirrus.replica.streaming import (
     StreamIO,
     StreamSource,
@@ -51,6 +52,7 @@ from cirrus.wire import (
     Hello,
     InferRequest,
     InferResponse,
+    ReplicaLaunch,
     StreamCredit,
     Welcome,
     auth_mac,
@@ -146,9 +148,11 @@ class RequestHandler:
     ) -> None:
         self.predictor = predictor
         self.debug_errors = debug_errors  # 500 bodies carry the exception's message
+        self.launch: ReplicaLaunch | None = None  # how the replica was launched: API, revision, protocol (if known)
         self.models = models  # a multi-model API: the models by name, loaded on first use
         self.slots = Slots(inference_slots)
         self.background: set[asyncio.Task[None]] = set()
+        self.batching = batching  # (the standard protocols' batchers use it too: cirrus/replica/openai.py)
         self.batcher: Batcher | None = None  # with `batching`, predict_batch answers requests in groups
         if batching is not None and predictor.predict_batch is not None:
             policy = BatchPolicy(batching.max_batch_size, batching.max_wait_s, batching.mode)
@@ -156,6 +160,9 @@ class RequestHandler:
 
     async def handle(self, req: InferRequest) -> tuple[InferResponse | StreamSource, Call | None, Any]:
         """The reply (or a stream to pump), and (call, result) for `post_predict` when it succeeded."""
+        protocol = protocol_of(req)
+        if protocol is not None:  # a standard protocol's request (cirrus/replica/protocols.py)
+            return await handle_protocol(self, req, protocol)
         try:
             call = Call(
                 payload=decode_payload(req.body, req.content_type),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cirrus.runtimes.base import Placement, ReplicaExit, Reservation, RuntimeEvents
 from cirrus.runtimes.placement import Assignment, Inventory, Unplaceable, place
-from cirrus.spec import ComputeSpec, ConcurrencySpec, CorsSpec, SplitTarget
+from cirrus.spec import ComputeSpec, ConcurrencySpec, CorsSpec, ProtocolSpec, SplitTarget
 from cirrus.types import ApiKey, TrafficShare
 from cirrus.wire import ReplicaLaunch, ReplicaReady
 
@@ -272,6 +272,7 @@ class FakeGateway:
     auth_required: dict[str, bool] = field(default_factory=dict)  # API -> needs a key
     cors: dict[str, CorsSpec | None] = field(default_factory=dict)  # API -> its CORS policy (None: no CORS)
     splits: dict[str, list[SplitTarget] | None] = field(default_factory=dict)  # API -> a splitter's targets
+    protocols: dict[str, ProtocolSpec | None] = field(default_factory=dict)  # API -> the protocol it speaks
     canaries: dict[str, tuple[int | None, int, float] | None] = field(default_factory=dict)  # (serving, canary, %)
     promoted: list[str] = field(default_factory=list)  # APIs whose canary was promoted
 
@@ -285,8 +286,10 @@ class FakeGateway:
         cors: CorsSpec | None = None,
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
+        protocol: ProtocolSpec | None = None,
     ) -> None:
         self.splits[name] = split
+        self.protocols[name] = protocol
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
         self.auth_required[name] = auth_required

@@ -87,6 +87,15 @@ class Predictor:
         vectors = self._encode(texts)
         return {"embedding": vectors[0]} if single else {"embeddings": vectors}
 
+    def embed(self, texts: list[str]) -> dict[str, Any]:
+        """`POST /v1/embeddings` (the spec's `protocol: openai`): one vector per text, and each
+        text's token count (the model's WordPiece tokens, for the response's `usage`). With the
+        spec's `batching`, Cirrus passes the texts of many concurrent requests in one call."""
+        if not texts:
+            return {"data": [], "tokens": []}
+        tokens = self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"data": self._encode(texts), "tokens": [len(ids) for ids in tokens]}
+
     def predict_batch(self, payloads: list) -> list:
         """Many requests in one forward pass (for server-side batching): one response per payload.
 
