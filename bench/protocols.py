@@ -9,7 +9,8 @@ One `cirrus serve --grpc-port` process serves two APIs, one replica each:
   tensor of 4) by wrk, and through v2 gRPC (`ModelInfer`, the tensor in `raw_input_contents`) by a
   Python asyncio client (grpc.aio: no tritonclient-free gRPC load generator such as ghz is installable
   here). For a like-for-like gRPC ratio the plain path is also driven by a Python asyncio HTTP client
-  (aiohttp) with the same concurrency.
+  (aiohttp) with the same concurrency, and the same gRPC client drives a grpc.aio server that answers
+  ModelInfer with a canned reply and nothing else: what any Python gRPC server costs here.
 * ``minilm`` (`examples/sentence-embeddings`, `protocol: openai`, adaptive batching up to 32):
   one sentence per request at 32 clients through `POST /minilm` and through `/v1/embeddings`, beside
   the bare model encoding batches of 32 in a plain process (sentences/s).
@@ -117,6 +118,52 @@ pick = lambda q: round(1e3 * latencies[min(len(latencies) - 1, int(q * len(laten
 print(json.dumps({"requests": len(latencies), "errors": errors, "seconds": elapsed,
                   "p50_ms": pick(0.5), "p99_ms": pick(0.99)}))
 """
+
+
+# The floor of any Python gRPC server here: grpc.aio on uvloop answering ModelInfer with a canned
+# response (no Cirrus), driven by the same client. Run as its own process: `PORT`.
+ECHO_SCRIPT = r"""
+import sys, grpc, uvloop
+from cirrus.protocols import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
+
+
+class Echo(pb_grpc.GRPCInferenceServiceServicer):
+    async def ModelInfer(self, request, context):
+        reply = pb.ModelInferResponse(model_name=request.model_name)
+        reply.outputs.add(name="y", datatype="FP32", shape=[4])
+        reply.raw_output_contents.append(request.raw_input_contents[0])
+        return reply
+
+
+async def main():
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+uvloop.run(main())
+"""
+
+
+def grpc_floor(conns: int, seconds: int, warmup: int, logdir: Path) -> dict[str, Any]:
+    """The Python load generator against ECHO_SCRIPT: what grpc.aio alone costs per request."""
+    port = procs.free_port()
+    spec = procs.ServerSpec("grpc-echo", "grpc.aio echo", [sys.executable, "-c", ECHO_SCRIPT, str(port)], "")
+    server = procs.Server(spec, logdir)
+    try:
+        server.start()
+        deadline = time.monotonic() + 30
+        while "ready" not in server.log_tail() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.tree.pids()
+        if warmup:
+            python_load("grpc", f"127.0.0.1:{port}", conns, warmup, server.tree)
+        return python_load("grpc", f"127.0.0.1:{port}", conns, seconds, server.tree)
+    finally:
+        procs.stop_and_report(server, log, spec.name)
 
 
 def python_load(kind: str, target: str, conns: int, seconds: int, tree: procs.Tree, body: str = "") -> dict[str, Any]:
@@ -253,6 +300,11 @@ def measure(
         res.update(name=name, label=label, client=client)
         rows.append(res)
         log(f"{label} ({client}): {res['rps']:.0f} req/s, p50 {res['p50_ms']} ms, other CPU {res['other_cpu_pct']} %")
+    res = grpc_floor(args.conns, args.duration, args.warmup, args.logdir)
+    floor = "grpc.aio echo server, no Cirrus (the floor)"
+    res.update(name="grpc-floor", label=floor, client="Python asyncio (grpc.aio)")
+    rows.insert(4, res)
+    log(f"grpc.aio floor: {res['rps']:.0f} req/s, {res['server_cpu_us_per_req']} µs of server CPU per request")
     return rows
 
 
