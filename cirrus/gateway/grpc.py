@@ -12,6 +12,7 @@ The server runs on the gateway's event loop (grpc.aio works on uvloop). grpcio i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -81,9 +82,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await _checked(context, v2_grpc.model_metadata, reply)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        rest = await _checked(context, v2_grpc.infer_request, request)
+        # the hot path: the conversions are called inline (no `_checked` coroutine per step)
+        try:
+            rest = v2_grpc.infer_request(request)
+        except RpcError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
         reply = await self._run(rest, context)
-        return await _checked(context, v2_grpc.infer_response, reply)
+        try:
+            return v2_grpc.infer_response(reply)
+        except RpcError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+            raise  # (abort raises)
 
     async def _run(self, request: RestRequest, context: Any) -> RestReply:
         headers = request.headers + forwarded_metadata(context.invocation_metadata() or ())
@@ -110,8 +119,10 @@ def forwarded_metadata(metadata: Any) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+@functools.lru_cache(maxsize=4096)
 def client_address(peer: str | None) -> tuple[str, int] | None:
-    """`ipv4:127.0.0.1:5000` / `ipv6:[::1]:5000` as an ASGI scope's `client`."""
+    """`ipv4:127.0.0.1:5000` / `ipv6:[::1]:5000` as an ASGI scope's `client` (a connection's RPCs share
+    their peer: parsed once)."""
     if not peer or not peer.startswith(("ipv4:", "ipv6:")):
         return None
     host, _, port = peer.partition(":")[2].rpartition(":")
@@ -119,6 +130,10 @@ def client_address(peer: str | None) -> tuple[str, int] | None:
         return host.strip("[]").replace("%5B", "").replace("%5D", ""), int(port)
     except ValueError:
         return None
+
+
+_START, _BODY = "http.response.start", "http.response.body"
+_DISCONNECT = {"type": "http.disconnect"}
 
 
 async def call_app(
@@ -129,6 +144,7 @@ async def call_app(
     scheme: str = "http",
 ) -> RestReply:
     """Run one HTTP request through an ASGI app in this process; the answer it sent."""
+    body = request.body
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -139,35 +155,43 @@ async def call_app(
         "raw_path": request.raw_path,
         "root_path": "",
         "query_string": b"",
-        "headers": [*headers, (b"content-length", str(len(request.body)).encode())],
+        "headers": [*headers, (b"content-length", str(len(body)).encode())],
         "client": client,
         "server": None,
     }
-    ended = asyncio.Event()
-    body_given = False
+    first: dict[str, Any] | None = {"type": "http.request", "body": body, "more_body": False}
+    ended: asyncio.Event | None = None  # made only when the app waits past the body (a stream does)
+    over = False
     status = 500
     reply_headers: list[tuple[bytes, bytes]] = []
     parts: list[bytes] = []
 
     async def receive() -> dict[str, Any]:
-        nonlocal body_given
-        if not body_given:
-            body_given = True
-            return {"type": "http.request", "body": request.body, "more_body": False}
+        nonlocal first, ended
+        if first is not None:
+            message, first = first, None
+            return message
+        if ended is None:
+            ended = asyncio.Event()
+            if over:
+                ended.set()
         await ended.wait()  # "disconnect" only once the RPC is over (a stream watches for it)
-        return {"type": "http.disconnect"}
+        return dict(_DISCONNECT)
 
     async def send(message: MutableMapping[str, Any]) -> None:
         nonlocal status, reply_headers
-        if message["type"] == "http.response.start":
-            status, reply_headers = message["status"], list(message.get("headers", []))
-        elif message["type"] == "http.response.body":
+        kind = message["type"]
+        if kind == _START:
+            status, reply_headers = message["status"], list(message.get("headers", ()))
+        elif kind == _BODY:
             parts.append(message.get("body", b""))
 
     try:
         await app(scope, receive, send)
     finally:
-        ended.set()
+        over = True
+        if ended is not None:
+            ended.set()
     return RestReply(status, reply_headers, b"".join(parts))
 
 

@@ -12,6 +12,7 @@ Pure conversion, no I/O; status codes are named as in `grpc.StatusCode` (this mo
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Iterable, Mapping
@@ -19,11 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import msgspec
+
 from cirrus.protocols import grpc_service_pb2 as pb
 
 HEADER_LENGTH = b"inference-header-content-length"
 JSON = b"application/json"
 OCTETS = b"application/octet-stream"
+_encode_json = msgspec.json.Encoder().encode  # the JSON header (UTF-8, compact: what json.dumps means, faster)
+_decode_json = msgspec.json.Decoder().decode  # ValueError (msgspec.DecodeError) when not JSON
 
 # v2 datatype -> (struct code, InferTensorContents field); FP16 and BF16 travel raw only.
 _PACKING: dict[str, tuple[str, str | None]] = {
@@ -71,7 +76,7 @@ class RpcError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RestRequest:
     """A v2 REST request: `path` decoded (as an ASGI scope's), headers lower-case."""
 
@@ -82,10 +87,16 @@ class RestRequest:
 
     @property
     def raw_path(self) -> bytes:
-        return quote(self.path).encode("ascii")
+        return _raw_path(self.path)
 
 
-@dataclass(frozen=True)
+@functools.lru_cache(maxsize=1024)
+def _raw_path(path: str) -> bytes:
+    """A path as an ASGI scope's `raw_path` (the few model paths recur: quoted once each)."""
+    return quote(path).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
 class RestReply:
     status: int
     headers: list[tuple[bytes, bytes]]
@@ -122,6 +133,7 @@ def rpc_error(reply: RestReply) -> RpcError:
 # --- paths ----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # the few model names recur on every RPC: checked and built once each
 def model_path(name: str, version: str = "") -> str:
     """`/v2/models/{name}[/versions/{version}]`; a name or version that is not one path segment is refused."""
     for what, value in (("model name", name), ("model version", version)):
@@ -181,7 +193,7 @@ def infer_request(request: pb.ModelInferRequest) -> RestRequest:
     binary: list[bytes] = []
     for index, tensor in enumerate(request.inputs):
         described: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        parameters = parameters_json(tensor.parameters)
+        parameters = parameters_json(tensor.parameters) if tensor.parameters else {}
         data = raw[index] if raw else _contents_data(tensor)
         if isinstance(data, bytes):
             parameters["binary_data_size"] = len(data)
@@ -191,7 +203,10 @@ def infer_request(request: pb.ModelInferRequest) -> RestRequest:
         if parameters:
             described["parameters"] = parameters
         inputs.append(described)
-    header: dict[str, Any] = {"inputs": inputs, "parameters": parameters_json(request.parameters)}
+    header: dict[str, Any] = {
+        "inputs": inputs,
+        "parameters": parameters_json(request.parameters) if request.parameters else {},
+    }
     if request.id:
         header["id"] = request.id
     if not request.outputs:
@@ -201,7 +216,7 @@ def infer_request(request: pb.ModelInferRequest) -> RestRequest:
             {"name": output.name, "parameters": {**parameters_json(output.parameters), "binary_data": True}}
             for output in request.outputs
         ]
-    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded = _encode_json(header)
     path = model_path(request.model_name, request.model_version) + "/infer"
     if not binary:
         return RestRequest("POST", path, [(b"content-type", JSON)], encoded)
@@ -239,45 +254,57 @@ def infer_response(reply: RestReply) -> pb.ModelInferResponse:
     """The ModelInferResponse for a REST answer; RpcError when it is an error."""
     if reply.status != 200:
         raise rpc_error(reply)
-    header, binary = split_binary(reply)
+    header, offset = _split(reply)
+    body = reply.body
     response = pb.ModelInferResponse(
         model_name=str(header.get("model_name", "")),
         model_version=str(header.get("model_version") or ""),
         id=str(header.get("id") or ""),
     )
-    set_parameters(response.parameters, header.get("parameters") or {})
-    offset = 0
+    if header.get("parameters"):
+        set_parameters(response.parameters, header["parameters"])
     for output in header.get("outputs") or []:
-        parameters = dict(output.get("parameters") or {})
-        size = parameters.pop("binary_data_size", None)
+        parameters = output.get("parameters")
+        size = None
+        if parameters:
+            parameters = dict(parameters)
+            size = parameters.pop("binary_data_size", None)
         datatype = str(output.get("datatype", ""))
         if size is not None:
-            if offset + int(size) > len(binary):
+            end = offset + int(size)
+            if end > len(body):
                 raise RpcError("INTERNAL", f"output {output.get('name')!r}: the answer's binary data is cut short")
-            raw = binary[offset : offset + int(size)]
-            offset += int(size)
+            raw = body[offset:end]
+            offset = end
         else:
             raw = pack(datatype, output.get("data"), str(output.get("name", "")))
         tensor = response.outputs.add(
             name=str(output.get("name", "")), datatype=datatype, shape=output.get("shape") or []
         )
-        set_parameters(tensor.parameters, parameters)
+        if parameters:
+            set_parameters(tensor.parameters, parameters)
         response.raw_output_contents.append(raw)
     return response
 
 
 def split_binary(reply: RestReply) -> tuple[dict[str, Any], bytes]:
     """The JSON header of a v2 answer and the binary data after it (none without the extension's header)."""
+    header, cut = _split(reply)
+    return header, reply.body[cut:]
+
+
+def _split(reply: RestReply) -> tuple[dict[str, Any], int]:
+    """The JSON header of a v2 answer, and where its binary data starts in the body."""
     body = reply.body
     length = reply.header(HEADER_LENGTH)
     cut = len(body) if length is None else int(length)
     try:
-        header = json.loads(body[:cut])
+        header = _decode_json(body if length is None else memoryview(body)[:cut])
     except ValueError:
         raise RpcError("INTERNAL", "the inference answer is not v2 JSON") from None
     if not isinstance(header, dict):
         raise RpcError("INTERNAL", "the inference answer is not a v2 response object")
-    return header, body[cut:]
+    return header, min(cut, len(body))
 
 
 def pack(datatype: str, data: Any, name: str = "") -> bytes:
