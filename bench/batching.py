@@ -112,13 +112,13 @@ log = procs.logger("batching")
 
 
 def batch_mean(metrics_text: str, api: str) -> tuple[float, float]:
-    """(requests, sum of batch sizes) of an API from the gateway's /metrics."""
-    values = {}
+    """(requests, sum of batch sizes) of an API from the gateway's /metrics (summed over revisions)."""
+    values = dict.fromkeys(("count", "sum"), 0.0)
     for line in metrics_text.splitlines():
-        for key in ("count", "sum"):
-            if line.startswith(f'cirrus_batch_size_{key}{{api="{api}"}}'):
-                values[key] = float(line.split()[-1])
-    return values.get("count", 0.0), values.get("sum", 0.0)
+        for key in values:
+            if line.startswith(f'cirrus_batch_size_{key}{{api="{api}",'):
+                values[key] += float(line.split()[-1])
+    return values["count"], values["sum"]
 
 
 def markdown(rows: list[dict[str, Any]], raw: dict[int, float]) -> str:

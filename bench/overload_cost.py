@@ -92,13 +92,17 @@ def write_project(directory: Path, sleep_s: float) -> None:
     (directory / "cirrus.yaml").write_text(textwrap.dedent(spec))
 
 
-_REQUESTS_RE = re.compile(r'^cirrus_requests_total\{api="([^"]*)",status="(\d+)"\} ([0-9.e+]+)$', re.M)
+_REQUESTS_RE = re.compile(r'^cirrus_requests_total\{api="([^"]*)",code="(\d+)",revision="\d*"\} ([0-9.e+]+)$', re.M)
 
 
 def answered(gateway_url: str, api: str) -> Counter[int]:
     """The API's answers so far by HTTP status, from the gateway's /metrics (loopback may read it)."""
     text = procs.get_text(f"{gateway_url}/metrics")
-    return Counter({int(status): int(float(n)) for name, status, n in _REQUESTS_RE.findall(text) if name == api})
+    answers: Counter[int] = Counter()
+    for name, status, n in _REQUESTS_RE.findall(text):
+        if name == api:  # (summed over revisions)
+            answers[int(status)] += int(float(n))
+    return answers
 
 
 def cpu_by_part(daemon_pid: int, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:

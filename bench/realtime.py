@@ -21,6 +21,7 @@ SIGTERM/SIGKILL to every process of its tree). The method follows the peer harne
 
     python bench/realtime.py                                   # ~2-3 minutes
     python bench/realtime.py --conns 1,16,64 --duration 15 --warmup 5 --asgi --json /tmp/rt.json
+    python bench/realtime.py --only cirrus --access-log   # the same API with `access_log: true`
 
 It prints a markdown table and the ratios the project's targets are set on:
 Cirrus/FastAPI throughput at 16 connections (target >= 0.6), Cirrus at 64 vs 16 connections
@@ -335,6 +336,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "right after cirrus",
     )
     ap.add_argument("--example", type=Path, default=ROOT / "examples" / "noop", help="the Cirrus no-op API")
+    ap.add_argument(
+        "--access-log",
+        action="store_true",
+        help="serve the example with `access_log: true` (a JSON line per request to $CIRRUS_HOME/logs/access.log)",
+    )
     report.add_output_args(
         ap,
         report.LOGDIR,
@@ -363,7 +369,11 @@ def run_one(name: str, wrk: Wrk, workdir: Path, args: argparse.Namespace) -> dic
     specs = {
         "fastapi": lambda: uvicorn_spec("fastapi", "FastAPI + uvicorn", "fastapi_noop:app"),
         "cirrus": lambda: procs.cirrus_serve(
-            "cirrus", "Cirrus (`cirrus serve`, gateway + replica)", args.example, workdir, path="/noop"
+            "cirrus",
+            "Cirrus (`cirrus serve`, gateway + replica)" + (", access log on" if args.access_log else ""),
+            with_access_log(args.example, workdir) if args.access_log else args.example,
+            workdir,
+            path="/noop",
         ),
         "asgi": lambda: uvicorn_spec("asgi", "bare ASGI + uvicorn", "asgi_noop:app"),
     }
@@ -373,6 +383,22 @@ def run_one(name: str, wrk: Wrk, workdir: Path, args: argparse.Namespace) -> dic
     finally:
         if procs.stop_and_report(server, log, name):
             log(f"{name}: stopped ({len(server.tree.known)} processes)")
+
+
+def with_access_log(example: Path, workdir: Path) -> Path:
+    """A copy of the example project whose APIs say `access_log: true`."""
+    import shutil
+
+    import yaml
+
+    copy = workdir / "example-access-log"
+    shutil.copytree(example, copy, dirs_exist_ok=True)
+    spec = copy / "cirrus.yaml"
+    apis = yaml.safe_load(spec.read_text())
+    for api in apis if isinstance(apis, list) else [apis]:
+        api["access_log"] = True
+    spec.write_text(yaml.safe_dump(apis, sort_keys=False))
+    return copy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import hmac
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cirrus import __version__
+from cirrus.admin_dashboard import Dashboard, DashboardRoutes, Sessions, is_dashboard_path, refusal, session_allows
 from cirrus.admin_openapi import (
     MAX_DEAD_LETTERS,
     MAX_LISTED_REQUESTS,
@@ -50,6 +51,9 @@ from cirrus.store.files import FileError
 from cirrus.store.view import describe, with_payload
 from cirrus.types import DaemonInfo
 
+if TYPE_CHECKING:
+    from cirrus.history import History
+
 LONG_POLL_S = 20.0  # GET /v1/gateways/routes?version=V waits this long at most for a change
 NO_GATEWAYS = "this daemon takes no joined gateways"
 
@@ -59,15 +63,24 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 class TokenAuth:
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    """The admin token on every request; or, for GET of the dashboard only, its session cookie."""
+
+    def __init__(self, app: ASGIApp, token: str, sessions: Sessions | None = None) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                response = error(401, "missing or wrong admin token (see $CIRRUS_HOME/token)")
+                if self.sessions is not None and session_allows(scope, self.sessions):
+                    await self.app(scope, receive, send)
+                    return
+                dashboard = self.sessions is not None and is_dashboard_path(scope["path"]) and scope["method"] == "GET"
+                response = (
+                    refusal(scope) if dashboard else error(401, "missing or wrong admin token (see $CIRRUS_HOME/token)")
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -484,8 +497,10 @@ def build_admin_app(
     info: Callable[[], DaemonInfo],
     shutdown: Callable[[], None],
     gateways: Gateways | None = None,
+    history: History | None = None,
 ) -> ASGIApp:
     api = AdminApi(controller, info, shutdown, gateways)
+    dashboard = Dashboard(controller, history)  # /dashboard/... and /v1/dashboard/... (cirrus/admin_dashboard.py)
     return Starlette(
         routes=[
             Route("/v1/openapi.json", api.openapi),
@@ -516,5 +531,8 @@ def build_admin_app(
             Route("/v1/gateways/{id}/load", api.gateway_load, methods=["POST"]),
             Route("/v1/shutdown", api.stop, methods=["POST"]),
         ],
-        middleware=[Middleware(TokenAuth, token=token)],
+        middleware=[
+            Middleware(TokenAuth, token=token, sessions=dashboard.sessions),
+            Middleware(DashboardRoutes, dashboard=dashboard),
+        ],
     )

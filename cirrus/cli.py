@@ -42,6 +42,7 @@ from cirrus.cli_common import (
     _tls,
     is_terminal,
 )
+from cirrus.cli_dashboard import dashboard
 from cirrus.cli_jobs import jobs_app
 from cirrus.cli_queue import dead_letters, requests_app
 
@@ -398,6 +399,7 @@ def delete(api: ApiArgument, home: HomeOption = None, output: OutputOption = Out
 
 
 app.command("dead-letters")(dead_letters)
+app.command("dashboard")(dashboard)
 
 
 @app.command()

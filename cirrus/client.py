@@ -516,6 +516,11 @@ class Client:
 
     # Plumbing.
 
+    def dashboard_login(self) -> dict[str, Any]:
+        """A one-time login to the dashboard: `{"code", "url", "expires_at"}`; opening `url` (within 60 s,
+        once) in a browser logs it in for 12 hours, read-only."""
+        return dict(self._admin("POST", "/v1/dashboard/login-codes").json())
+
     def _admin(
         self,
         method: str,

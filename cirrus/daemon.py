@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from cirrus.control.gateways import Gateways
     from cirrus.control.statedb import StateDB
     from cirrus.gateway.app import Gateway
+    from cirrus.history import History
     from cirrus.runtimes.base import Runtime
     from cirrus.store.base import QueueStore
 
@@ -211,6 +212,7 @@ class _Parts:
     controller: Controller
     admin: Any
     gateways: Gateways  # the controller's view of the gateways: its own, and the joined ones
+    history: History | None = None  # the dashboard's samples of every API (cirrus/history.py)
 
 
 def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo], stop: Callable[[], None]) -> _Parts:
@@ -222,10 +224,13 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
     from cirrus.control.models import ModelFetcher
     from cirrus.control.statedb import StateDB
     from cirrus.control.store import Store
+    from cirrus.control.telemetry import ControlPlaneCollector
     from cirrus.gateway.app import Gateway
     from cirrus.gateway.async_api import AsyncFront
     from cirrus.gateway.control import GatewayController
     from cirrus.gateway.prometheus import render
+    from cirrus.history import History
+    from cirrus.runtimes.gpu_metrics import GpuCollector
     from cirrus.runtimes.local import LocalRuntime
     from cirrus.runtimes.resources import describe, discover
     from cirrus.snapshots import SnapshotStore
@@ -248,7 +253,6 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
             log_max_bytes=settings.log_max_bytes,
         )
     gateway = Gateway(settings.max_body_bytes)
-    gateway.metrics_app = lambda: render(gateway)
     gateways = Gateways(GatewayController(gateway), queue_store=settings.store_url)
     controller = Controller(
         Store(state_db),
@@ -264,12 +268,18 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
         debug_errors=settings.debug_errors,
     )
     _check_keys(settings, controller.keys.list())
+    telemetry = (ControlPlaneCollector(controller), GpuCollector())
+    gateway.metrics_app = lambda: render(gateway, extra=telemetry)
+    gateway.record_requests(settings.access_log, settings.log_max_bytes, settings.otel_endpoint)
     gateway.require_keys = settings.keys_required
     gateway.on_cold = controller.demand
     gateway.async_front = AsyncFront(queue_store, queue_spec=controller.queue_spec)
     gateways.queue_spec = controller.queue_spec
-    admin = build_admin_app(controller, token=ensure_token(settings), info=info, shutdown=stop, gateways=gateways)
-    return _Parts(state_db, queue_store, runtime, gateway, controller, admin, gateways)
+    history = History(settings.home / "history.db")
+    admin = build_admin_app(
+        controller, token=ensure_token(settings), info=info, shutdown=stop, gateways=gateways, history=history
+    )
+    return _Parts(state_db, queue_store, runtime, gateway, controller, admin, gateways, history)
 
 
 def _check_keys(settings: Settings, keys: list[ApiKey]) -> None:
@@ -327,8 +337,7 @@ async def run(
     except DaemonError:
         gateway_sock.close()
         admin_sock.close()
-        parts.state_db.close()
-        parts.queue_store.close()
+        _close_stores(parts)
         raise
     if grpc is not None:
         info = info.model_copy(update={"grpc_address": grpc.address})
@@ -345,6 +354,7 @@ async def run(
         parts.controller.deploy([parts.controller.snapshot(d, spec_file) for d in deployments])
     background = [
         loop.create_task(parts.controller.run()),
+        loop.create_task(_sample_history(parts)),
         loop.create_task(_purge_results(parts.queue_store, settings.result_ttl_s)),
         loop.create_task(_rotate_logs(parts.runtime, settings.daemon_log, settings.log_max_bytes)),
     ]
@@ -412,8 +422,23 @@ async def _stop(
     for task in background:
         task.cancel()
     await asyncio.gather(*tasks, *background, return_exceptions=True)
+    parts.gateway.close_records()
+    _close_stores(parts)
+
+
+def _close_stores(parts: _Parts) -> None:
+    if parts.history is not None:
+        parts.history.close()
     parts.state_db.close()
     parts.queue_store.close()
+
+
+async def _sample_history(parts: _Parts) -> None:
+    """Every API every 2 s into the dashboard's history (cirrus/history.py), beside the controller loop."""
+    from cirrus.history import read_apis, sample
+
+    if parts.history is not None:
+        await sample(parts.history, lambda: read_apis(parts.controller, parts.gateway))
 
 
 def _ray_runtime(settings: Settings, snapshots: Any) -> Runtime:
@@ -547,10 +572,13 @@ async def _run_joined(settings: Settings, admin_url: str, token: str) -> None:
     from cirrus.gateway.app import Gateway
     from cirrus.gateway.join import Joiner, JoinError
     from cirrus.gateway.prometheus import render
+    from cirrus.runtimes.gpu_metrics import GpuCollector
 
     tls = tls_context(settings)
     gateway = Gateway(settings.max_body_bytes)
-    gateway.metrics_app = lambda: render(gateway)
+    gpus = (GpuCollector(),)  # this machine's GPUs; the control plane's metrics are the daemon's
+    gateway.metrics_app = lambda: render(gateway, extra=gpus)
+    gateway.record_requests(settings.access_log, settings.log_max_bytes, settings.otel_endpoint)
     gateway.require_keys = settings.keys_required
     sock = _bind(settings.host, settings.gateway_port)
     url = _url(sock, "https" if tls is not None else "http")
@@ -591,6 +619,7 @@ async def _run_joined(settings: Settings, admin_url: str, token: str) -> None:
             task.cancel()
         await asyncio.gather(serving, *tasks, return_exceptions=True)
         await joiner.close()
+        gateway.close_records()
 
 
 def _gateway_id() -> str:

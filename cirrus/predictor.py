@@ -86,6 +86,7 @@ class Call:
     model: Any = None  # a multi-model API: the loaded model the request named (`predict(model)`)
     get_model: Any = None  # a multi-model API: `get_model(name, version=None)` for any of its models
     # What the replica measured around predict, reported to the gateway with the reply.
+    pre_s: float = 0.0  # the pre_predict hook (0: there is none)
     slot_wait_s: float = 0.0  # ready for predict -> predict (or its batch) started on a slot
     predict_s: float = 0.0  # the predict (or predict_batch) call
     batch_size: int = 0  # requests answered by that call (0: predict did not run)

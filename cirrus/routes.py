@@ -49,6 +49,7 @@ class ApiRoute(BaseModel):
     split: list[SplitTarget] | None = Field(None, description="a splitter's APIs")
     sticky_header: str | None = None
     protocol: ProtocolSpec | None = Field(None, description="the standard protocol it also speaks (v2, openai)")
+    access_log: bool = Field(False, description="write an access log line per request")
     serving: int | None = Field(None, description="the revision that serves (set while a canary runs beside it)")
     canary: int | None = Field(None, description="the canary revision (None: no canary)")
     canary_percent: float = Field(0.0, description="the share of requests the canary gets")

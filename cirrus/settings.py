@@ -120,6 +120,7 @@ class Settings:
     runtime: str = "local"  # where replicas run: "local" (processes of this machine) or "ray" (a Ray cluster)
     ray_address: str = ""  # the Ray cluster's HOST:PORT (runtime "ray"; "": Ray's own RAY_ADDRESS, else a local one)
     ray_agent_idle_s: float = 60.0  # a Ray node without replicas keeps its Cirrus agent (warm templates) this long
+    otel_endpoint: str = ""  # OTLP/HTTP base URL the gateway exports spans to ("": none; needs the otel extra)
 
     @property
     def keys_required(self) -> bool:
@@ -161,6 +162,7 @@ class Settings:
             runtime=_runtime(env.get("CIRRUS_RUNTIME") or "local"),
             ray_address=env.get("CIRRUS_RAY_ADDRESS") or env.get("RAY_ADDRESS") or "",
             ray_agent_idle_s=_positive_float_env(env, "CIRRUS_RAY_AGENT_IDLE_S", 60.0),
+            otel_endpoint=env.get("CIRRUS_OTEL_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "",
         )
 
     def daemon_env(self) -> dict[str, str]:
@@ -201,6 +203,8 @@ class Settings:
         if self.ray_address:
             env["CIRRUS_RAY_ADDRESS"] = self.ray_address
         env["CIRRUS_RAY_AGENT_IDLE_S"] = repr(self.ray_agent_idle_s)
+        if self.otel_endpoint:
+            env["CIRRUS_OTEL_ENDPOINT"] = self.otel_endpoint
         return env
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -230,6 +234,10 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def access_log(self) -> Path:
+        return self.logs_dir / "access.log"
 
     @property
     def daemon_log(self) -> Path:

@@ -510,6 +510,11 @@ class ApiSpec(_Strict):
         description="a realtime API also speaks a standard protocol: `v2` (Open Inference Protocol, REST and "
         "gRPC) or `openai` (OpenAI-compatible endpoints); see docs/protocols.md",
     )
+    access_log: bool = Field(
+        False,
+        description="write one JSON line per request (request id, revision, replica, status, stage timings, "
+        "batch size, trace id) to the access log, $CIRRUS_HOME/logs/access.log; see docs/observability.md",
+    )
 
     @field_validator("models")
     @classmethod

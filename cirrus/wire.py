@@ -83,6 +83,8 @@ class InferResponse(msgspec.Struct, tag="res", frozen=True):
     headers: list[tuple[str, str]] = []
     stream: bool = False  # True: `body` is empty and `StreamChunk` frames follow
     # Measured in the replica for the gateway's per-API metrics (batch_size 0: predict did not run).
+    # A stream's head carries pre_s and slot_wait_s only (predict is still running).
+    pre_s: float = 0.0  # the pre_predict hook (0: the predictor has none)
     slot_wait_s: float = 0.0  # ready for predict -> its slot (or batch) started
     predict_s: float = 0.0  # the predict (or predict_batch) call that answered this request
     batch_size: int = 0  # requests in that call (1 without batching)

@@ -205,17 +205,19 @@ def test_fixed_mode_waits_to_batch_requests_together(gw: Cirrus) -> None:
 def test_metrics_and_status_show_batching(gw: Cirrus, http: httpx.Client) -> None:
     concurrently(gw.gateway_url, "batched", [{"i": i} for i in range(16)])
     text = http.get("/metrics").text
-    assert 'cirrus_batch_size_bucket{api="batched",le="1"}' in text
-    assert 'cirrus_batch_size_count{api="batched"}' in text
-    assert 'cirrus_slot_wait_seconds_count{api="batched"}' in text
-    assert 'cirrus_predict_seconds_count{api="batched"}' in text
+    assert 'cirrus_batch_size_bucket{api="batched",le="1",revision="1"}' in text
+    assert 'cirrus_batch_size_count{api="batched",revision="1"}' in text
+    assert 'cirrus_stage_duration_seconds_count{api="batched",revision="1",stage="slot_wait"}' in text
+    assert 'cirrus_stage_duration_seconds_count{api="batched",revision="1",stage="predict"}' in text
     count = next(
         float(line.split()[-1])
         for line in text.splitlines()
-        if line.startswith('cirrus_batch_size_count{api="batched"}')
+        if line.startswith('cirrus_batch_size_count{api="batched",revision="1"}')
     )
     total = next(
-        float(line.split()[-1]) for line in text.splitlines() if line.startswith('cirrus_batch_size_sum{api="batched"}')
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('cirrus_batch_size_sum{api="batched",revision="1"}')
     )
     assert count >= 16 and total / count > 1.5  # requests mostly ran in batches
 

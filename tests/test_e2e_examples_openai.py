@@ -64,8 +64,8 @@ def _batches(cirrus: Cirrus, api: str) -> tuple[float, float]:
     values = dict.fromkeys(("count", "sum"), 0.0)
     for line in httpx.get(cirrus.url("/metrics"), timeout=10).text.splitlines():
         for key in values:
-            if line.startswith(f'cirrus_batch_size_{key}{{api="{api}"}}'):
-                values[key] = float(line.split()[-1])
+            if line.startswith(f'cirrus_batch_size_{key}{{api="{api}",'):
+                values[key] += float(line.split()[-1])  # (summed over revisions)
     return values["count"], values["sum"]
 
 

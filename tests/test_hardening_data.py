@@ -332,8 +332,13 @@ def test_a_404_names_no_other_api(http: httpx.Client) -> None:
 
 
 def _requests_by_status(http: httpx.Client, api: str) -> dict[int, float]:
-    found = re.findall(rf'^cirrus_requests_total{{api="{api}",status="(\d+)"}} (\S+)$', http.get("/metrics").text, re.M)
-    return {int(status): float(count) for status, count in found}
+    found = re.findall(
+        rf'^cirrus_requests_total{{api="{api}",code="(\d+)",revision="\d*"}} (\S+)$', http.get("/metrics").text, re.M
+    )
+    counts: dict[int, float] = {}
+    for status, count in found:  # (summed over revisions)
+        counts[int(status)] = counts.get(int(status), 0.0) + float(count)
+    return counts
 
 
 def test_a_stream_that_fails_midway_is_cut_short_and_counted_as_an_error(

@@ -61,9 +61,10 @@ def test_observe_counts_and_buckets() -> None:
     for seconds in (0.001, 0.001, 0.002, 0.2):
         metrics.observe(200, seconds, now=1000.0)
     metrics.observe(500, 0.05, now=1000.5)
-    assert metrics.by_status == {200: 4, 500: 1}
-    assert sum(metrics.total_counts) == 5
-    assert metrics.total_seconds == pytest.approx(0.254)
+    totals = metrics.revisions[""]
+    assert totals.codes == {200: 4, 500: 1}
+    assert sum(totals.duration_counts) == 5
+    assert totals.duration_seconds == pytest.approx(0.254)
     requests, p50, p99 = metrics.last_minute(now=1000.9)
     assert requests == 5
     assert p50 == bucket_of(0.002)
@@ -89,7 +90,7 @@ def test_last_minute_drops_old_seconds() -> None:
     assert metrics.last_minute(now=189.99)[0] == 1
     assert metrics.last_minute(now=190.0) == (0, None, None)
     # Lifetime totals are kept.
-    assert sum(metrics.total_counts) == 3
+    assert sum(metrics.revisions[""].duration_counts) == 3
 
 
 def test_ring_slot_is_reused_for_a_new_second() -> None:

@@ -1,11 +1,10 @@
 """The controller: reconciles each API's desired replicas with what the runtime runs.
 
-It owns no processes (the runtime does) and serves no requests (the gateway does): it decides
-which replicas should exist (the autoscaler's answer), places them on the node's capacity
-(the scheduler's answer), asks the runtime to start or stop them, and tells the gateway which
-ones are ready. Crashed replicas restart with exponential backoff; a new revision's replicas
-start beside the old ones, and the old ones drain once the new ones serve; replicas removed by
-a scale-down drain too.
+It owns no processes (the runtime does) and serves no requests (the gateway does): it decides which
+replicas should exist (the autoscaler's answer), places them on the node's capacity (the scheduler's
+answer), asks the runtime to start or stop them, and tells the gateway which ones are ready. Crashed
+replicas restart with exponential backoff; a new revision's replicas start beside the old ones, and
+the old ones drain once the new ones serve; replicas removed by a scale-down drain too.
 """
 
 from __future__ import annotations
@@ -58,8 +57,7 @@ def backoff_s(consecutive_failures: int) -> float:
 
 def declared_tensors(protocol: ProtocolSpec | None, which: str) -> list[TensorDecl]:
     """A `protocol: v2` API's declared `inputs` or `outputs`, for its replicas' launch."""
-    tensors = [] if protocol is None else getattr(protocol, which)
-    return [TensorDecl(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in tensors]
+    return [TensorDecl(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in getattr(protocol, which, [])]
 
 
 class GatewayControl(Protocol):
@@ -76,6 +74,7 @@ class GatewayControl(Protocol):
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
         protocol: ProtocolSpec | None = None,
+        access_log: bool = False,
     ) -> None: ...
 
     def remove_api(self, name: str) -> None: ...
@@ -562,6 +561,7 @@ class Controller:
             split=spec.apis,
             sticky_header=spec.sticky_header,
             protocol=spec.protocol,
+            access_log=spec.access_log,
         )
 
     def _reconcile(self, state: ApiState) -> None:

@@ -190,8 +190,11 @@ class Gateways:
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
         protocol: ProtocolSpec | None = None,
+        access_log: bool = False,
     ) -> None:
-        self.local.set_api(name, concurrency, kind, multi_model, auth_required, cors, split, sticky_header, protocol)
+        self.local.set_api(
+            name, concurrency, kind, multi_model, auth_required, cors, split, sticky_header, protocol, access_log
+        )
         settings = {
             "kind": kind,
             "concurrency": concurrency,
@@ -201,6 +204,7 @@ class Gateways:
             "split": split,
             "sticky_header": sticky_header,
             "protocol": protocol,
+            "access_log": access_log,
             "queue": self.queue_spec(name) if kind_of(kind).queued else None,
         }
         api = self._apis.get(name)

@@ -14,8 +14,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cirrus.gateway.access import AccessLog, RequestRecord, log_line
 from cirrus.gateway.async_api import AsyncFront
 from cirrus.gateway.cors import CorsPolicy, cors_front
 from cirrus.gateway.docs import docs_page
@@ -24,13 +26,16 @@ from cirrus.gateway.keys import KeyRing, presented_key
 from cirrus.gateway.openai import OpenAIFront
 from cirrus.gateway.routing import ApiRoute, Overloaded, QueueTimeout, ReplicaSlot, Unavailable
 from cirrus.gateway.split import Split
+from cirrus.gateway.streams import relay_stream
+from cirrus.gateway.timing import child_traceparent, server_timing, total_timing, valid_traceparent
 from cirrus.gateway.transport import ReplicaGone, RequestTooLarge
 from cirrus.gateway.v2 import V2Front
 from cirrus.kinds import kind_of
 from cirrus.predictor import encode_json
-from cirrus.wire import InferResponse, StreamChunk
+from cirrus.wire import InferResponse
 
 if TYPE_CHECKING:
+    from cirrus.gateway.tracing import Tracer
     from cirrus.spec import ProtocolSpec
 
 log = logging.getLogger("cirrus.gateway")
@@ -45,6 +50,7 @@ PROTOCOL_HEADER = "x-cirrus-protocol"  # set by the gateway only: how the replic
 _SKIP_HEADERS = frozenset(
     {b"host", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", PROTOCOL_HEADER.encode()}
 )
+_TRACEPARENT = b"traceparent"  # the client's is replaced by one naming the gateway's span (cirrus/gateway/timing.py)
 
 
 class ProtocolFront(Protocol):
@@ -106,6 +112,8 @@ class Gateway:
         self.require_keys = False  # every API needs a key (`--require-keys`), not only `auth: required` ones
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # copies of requests on their way to shadows
         self.refusals = EdgeLog("gateway")  # overload 503s, logged at most once a second per API
+        self.access: AccessLog | None = None  # where `access_log: true` APIs' lines go (None: the cirrus.access logger)
+        self.tracer: Tracer | None = None  # exports spans per request (OpenTelemetry configured)
         # The standard protocols' paths, by first segment: "v2" (Open Inference Protocol) and "v1"
         # (OpenAI-compatible). Each front finds the API a request names and calls `_predict` for it.
         self.fronts: dict[str, ProtocolFront] = {}
@@ -126,6 +134,7 @@ class Gateway:
         cors: CorsPolicy | None = None,
         split: Split | None = None,
         protocol: ProtocolSpec | None = None,
+        access_log: bool = False,
     ) -> ApiRoute:
         route = self.routes.get(name)
         if route is None:
@@ -141,9 +150,29 @@ class Gateway:
         route.auth_required = auth_required
         route.cors = cors
         route.protocol = protocol
+        route.access_log = access_log
         if split is None or route.split is None or not route.split.same_as(split):
             route.split = split  # (an unchanged splitter keeps its counters and its place in the rotation)
         return route
+
+    def record_requests(self, access_log: Path, max_bytes: int, otel_endpoint: str = "") -> None:
+        """Write `access_log: true` APIs' lines to `access_log` (rotated past `max_bytes`); export spans
+        to `otel_endpoint` when one is set (cirrus/gateway/tracing.py: needs the otel extra)."""
+        self.access = AccessLog(access_log, max_bytes)
+        if otel_endpoint:
+            from cirrus.gateway.tracing import Tracer
+
+            try:
+                self.tracer = Tracer(otel_endpoint)
+            except ImportError as exc:
+                log.warning("no spans are exported to %s: %s", otel_endpoint, exc)
+
+    def close_records(self) -> None:
+        """Write out what the access log and the span exporter hold."""
+        if self.access is not None:
+            self.access.close()
+        if self.tracer is not None:
+            self.tracer.close()
 
     def remove_api(self, name: str) -> None:
         route = self.routes.pop(name, None)
@@ -320,64 +349,60 @@ class Gateway:
         `protocol`: what the replica decodes the body as and encodes the answer to (e.g. "v2.infer"),
         sent in the `X-Cirrus-Protocol` header (a client's own is dropped)."""
         started = time.perf_counter()
-        content_type = ""
-        request_id = ""
-        declared: int | None = None
-        forwarded: list[tuple[str, str]] = []
-        for key, value in scope["headers"]:
-            if key == b"content-type":
-                content_type = value.decode("latin-1")
-            elif key == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _REQUEST_ID_RE.match(candidate):
-                    request_id = candidate
-            elif key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = None
-                continue
-            elif key == _MODEL_HEADER and route.multi_model:
-                if model is None:  # a model named in the path wins
-                    model = value.decode("latin-1")
-                continue
-            if key not in _SKIP_HEADERS:
-                forwarded.append((key.decode("latin-1"), value.decode("latin-1")))
-        if not request_id:
-            request_id = uuid.uuid4().hex
-        if model is not None:
-            forwarded.append(("x-cirrus-model", model))  # the replica reads the model's name here
+        content_type, request_id, declared, forwarded, model, inbound = _request_head(route, scope, model)
         if protocol is not None:
             forwarded.append((PROTOCOL_HEADER, protocol))
-        metrics = route.metrics
+        traceparent = child_traceparent(inbound, self.tracer is not None)
+        forwarded.append(("traceparent", traceparent))  # the predictor's headers["traceparent"]
+        record = None
+        if route.access_log or self.tracer is not None:
+            record = _new_record(route, scope, request_id, traceparent, inbound, started)
+            send = record.wrap(send)
         try:
-            body = await self._read_body(scope, receive, declared, route.timeout_s)
-        except BodyTooLarge:
-            await self._reply_error(
-                send,
-                route,
-                started,
-                413,
-                f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                request_id,
-            )
-            return
-        except TimeoutError:
-            why = f"the request body did not arrive within {route.timeout_s:g}s (the API's timeout_s)"
-            await self._reply_error(send, route, started, 408, why, request_id, [(b"connection", b"close")])
-            return
-        if on_body is not None:
-            on_body(body, content_type, forwarded, request_id)
-        if route.behaviour.queued:
-            await self._accept(route, scope, send, body, content_type, forwarded, request_id, started)
-            return
-        route = route.pick()  # a canary revision gets its share
-        metrics = route.metrics
-        metrics.in_flight += 1
-        try:
-            await self._forward(route, scope, receive, send, body, content_type, forwarded, request_id, started, model)
+            try:
+                body = await self._read_body(scope, receive, declared, route.timeout_s)
+            except BodyTooLarge:
+                why = f"request body exceeds the limit of {self.max_body_bytes} bytes"
+                await self._reply_error(send, route, started, 413, why, request_id)
+                return
+            except TimeoutError:
+                why = f"the request body did not arrive within {route.timeout_s:g}s (the API's timeout_s)"
+                await self._reply_error(send, route, started, 408, why, request_id, [(b"connection", b"close")])
+                return
+            if on_body is not None:
+                on_body(body, content_type, forwarded, request_id)
+            if route.behaviour.queued:
+                await self._accept(route, scope, send, body, content_type, forwarded, request_id, started)
+                return
+            target = route.pick()  # a canary revision gets its share
+            metrics = target.metrics
+            metrics.in_flight += 1
+            try:
+                await self._forward(
+                    target, scope, receive, send, body, content_type, forwarded, request_id, started, model, record
+                )
+            finally:
+                metrics.in_flight -= 1
         finally:
-            metrics.in_flight -= 1
+            if record is not None:
+                self._finish(route, record)
+
+    def _finish(self, route: ApiRoute, record: RequestRecord) -> None:
+        """A logged or traced request has been answered: its access log line, its spans."""
+        record.total_s = time.perf_counter() - record.started
+        if not record.revision:
+            record.revision = serving_revision(route)
+        try:
+            if route.access_log:
+                line = record.line()
+                if self.access is not None:
+                    self.access.write(line)
+                else:
+                    log_line(line)
+            if self.tracer is not None and int(record.traceparent[53:55], 16) & 1:
+                self.tracer.export(record)
+        except Exception:
+            log.exception("request %s: recording it failed", record.request_id)
 
     async def _split(self, route: ApiRoute, split: Split, scope: Scope, receive: Receive, send: Send) -> None:
         """A splitter: send the request to one of its APIs (by weight, or by the sticky header) and a
@@ -462,7 +487,7 @@ class Gateway:
             shadow.metrics.in_flight -= 1
             shadow.release(slot)
             elapsed, now = time.perf_counter() - started, time.time()
-            shadow.metrics.observe(status, elapsed, now)
+            shadow.metrics.observe(status, elapsed, now, slot.revision)
             split.sent[shadow.name].observe(status, elapsed, now)
 
     async def _accept(
@@ -490,8 +515,9 @@ class Gateway:
         )
         if status == 202:
             request_id = queue_id
-        await send_json(send, status, {**answer, "request_id": request_id}, request_id, extra)
-        route.metrics.observe(status, time.perf_counter() - started, time.time())
+        total_s = time.perf_counter() - started
+        await send_json(send, status, {**answer, "request_id": request_id}, request_id, [*extra, total_timing(total_s)])
+        route.metrics.observe(status, total_s, time.time(), serving_revision(route))
         if status == 202 and not route.replicas and self.on_cold is not None:
             self.on_cold(route.name)  # at zero replicas: start one now, not at the next tick
 
@@ -514,6 +540,7 @@ class Gateway:
         request_id: str,
         started: float,
         model: str | None = None,
+        record: RequestRecord | None = None,
     ) -> None:
         timeout_s = route.timeout_s
         slot: ReplicaSlot | None = route.try_acquire(model)
@@ -524,7 +551,10 @@ class Gateway:
             except (Overloaded, QueueTimeout, ReplicaGone, Unavailable) as exc:
                 await self._reply_no_replica(send, route, started, exc, timeout_s, request_id)
                 return
-        remaining = max(0.001, timeout_s - (time.perf_counter() - started))
+        queue_s = time.perf_counter() - started
+        if record is not None:
+            record.queue_s, record.replica, record.revision = queue_s, slot.replica_id, slot.revision
+        remaining = max(0.001, timeout_s - queue_s)
         streaming = False
         try:
             request_no, future = slot.conn.call(
@@ -542,6 +572,8 @@ class Gateway:
                 slot.conn.forget(request_no)
                 raise
             streaming = response.stream
+            if record is not None:
+                record.response = response
             if response.held is not None:  # a multi-model replica: what it holds now, for routing
                 slot.held = frozenset(response.held)
         except ReplicaGone as exc:
@@ -557,16 +589,21 @@ class Gateway:
             if not streaming:
                 route.release(slot)
         if streaming:
+            sse = any(k == "accept" and "text/event-stream" in v for k, v in forwarded)
+            timing = server_timing(queue_s, response, None)
             try:
-                await self._stream(route, slot, request_no, response, receive, send, forwarded, request_id, started)
+                await relay_stream(
+                    route, slot, request_no, response, receive, send, sse, request_id, started, timing, queue_s
+                )
             finally:
                 route.release(slot)
             return
         slot.completed += 1
-        headers = _reply_headers(response, request_id)
+        total_s = time.perf_counter() - started
+        headers = _reply_headers(response, request_id, server_timing(queue_s, response, total_s))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
-        self._observe_reply(route, slot, response, request_id, started)
+        self._observe_reply(route, slot, response, request_id, total_s, queue_s)
 
     def _note_waiting(self, route: ApiRoute, started: float) -> None:
         """No replica free: at zero replicas this is a cold start, so ask for one now, not at the next tick."""
@@ -600,79 +637,19 @@ class Gateway:
         await self._reply_error(send, route, started, 502, f"replica {slot.replica_id} failed: {exc}", request_id)
 
     def _observe_reply(
-        self, route: ApiRoute, slot: ReplicaSlot, response: InferResponse, request_id: str, started: float
+        self,
+        route: ApiRoute,
+        slot: ReplicaSlot,
+        response: InferResponse,
+        request_id: str,
+        total_s: float,
+        queue_s: float,
     ) -> None:
         """Metrics (and a warning on a 5xx) for a relayed, non-streamed reply."""
         status = response.status
-        now = time.time()
-        route.metrics.observe(status, time.perf_counter() - started, now)
-        route.metrics.observe_replica(response, now)  # slot wait, predict time, batch size
+        route.metrics.observe(status, total_s, time.time(), slot.revision, queue_s, response)
         if status >= 500:
             log.warning("request %s to %s/%s answered %d", request_id, route.name, slot.replica_id, status)
-
-    async def _stream(
-        self,
-        route: ApiRoute,
-        slot: ReplicaSlot,
-        request_no: int,
-        head: InferResponse,
-        receive: Receive,
-        send: Send,
-        forwarded: list[tuple[str, str]],
-        request_id: str,
-        started: float,
-    ) -> None:
-        """Relay a streamed response chunk by chunk (chunked encoding, or SSE when the client asks
-        for `text/event-stream`), granting the replica one credit per chunk delivered. A client that
-        goes away, or reads nothing for the API's timeout_s, cancels the stream in the replica."""
-        conn = slot.conn
-        sse = any(k == "accept" and "text/event-stream" in v for k, v in forwarded)
-        headers = _stream_headers(head, request_id, sse)
-        await send({"type": "http.response.start", "status": head.status, "headers": headers})
-        queue = conn.stream(request_no)
-        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
-        outcome, ended = 499, False  # the status it counts as (499: the client went away); the replica ended it
-        try:
-            while True:
-                next_chunk = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({next_chunk, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-                if next_chunk not in done:
-                    next_chunk.cancel()
-                    log.info("request %s: the client went away mid-stream", request_id)
-                    return
-                chunk = next_chunk.result()
-                body = _sse(chunk.data) if sse else chunk.data
-                if chunk.data and not await _deliver(send, body, route.timeout_s, request_id):
-                    return
-                if chunk.last:
-                    ended = True
-                    outcome = await self._end_of_stream(send, chunk, head, sse, route, slot, request_id)
-                    return
-                conn.credit(request_no)
-        finally:
-            disconnect.cancel()
-            _end_stream(route, slot, request_no, outcome, ended, started)
-
-    async def _end_of_stream(
-        self,
-        send: Send,
-        last: StreamChunk,
-        head: InferResponse,
-        sse: bool,
-        route: ApiRoute,
-        slot: ReplicaSlot,
-        request_id: str,
-    ) -> int:
-        """Finish a stream the replica ended; the status it counts as. One that failed midway must look
-        failed: with SSE an `error` event precedes the end; without, the body stays unfinished (no last
-        chunk: the server closes the connection, so the client sees a cut-short body)."""
-        if last.error is None:
-            await _deliver(send, b"", route.timeout_s, request_id, more=False)
-            return head.status
-        log.warning("request %s: stream from %s ended early: %s", request_id, slot.replica_id, last.error)
-        if sse and await _deliver(send, b"event: error\n" + _sse(last.error.encode()), route.timeout_s, request_id):
-            await _deliver(send, b"", route.timeout_s, request_id, more=False)
-        return last.status
 
     async def _reply_error(
         self,
@@ -685,8 +662,10 @@ class Gateway:
         extra: list[tuple[bytes, bytes]] = [],  # noqa: B006
         logged: bool = True,
     ) -> None:
-        await send_json(send, status, {"error": message, "request_id": request_id}, request_id, extra)
-        route.metrics.observe(status, time.perf_counter() - started, time.time())
+        total_s = time.perf_counter() - started
+        answer = {"error": message, "request_id": request_id}
+        await send_json(send, status, answer, request_id, [*extra, total_timing(total_s)])
+        route.metrics.observe(status, total_s, time.time(), serving_revision(route))
         if status >= 500 and logged:
             log.warning("request %s to %s answered %d: %s", request_id, route.name, status, message)
 
@@ -703,60 +682,78 @@ async def _send_text(send: Send, body: bytes, content_type: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _reply_headers(response: InferResponse, request_id: str) -> list[tuple[bytes, bytes]]:
+def _reply_headers(response: InferResponse, request_id: str, timing: bytes) -> list[tuple[bytes, bytes]]:
     """The headers of a relayed, non-streamed reply: the replica's own, after ours."""
     headers = [
         (b"content-type", response.content_type.encode("latin-1")),
         (b"content-length", str(len(response.body)).encode()),
         (b"x-request-id", request_id.encode()),
+        (b"server-timing", timing),
     ]
     for key, value in response.headers:
         headers.append((key.lower().encode("latin-1"), value.encode("latin-1")))
     return headers
 
 
-def _stream_headers(head: InferResponse, request_id: str, sse: bool) -> list[tuple[bytes, bytes]]:
-    """The headers of a streamed reply (no content-length); SSE replaces the replica's content type."""
-    content_type = "text/event-stream; charset=utf-8" if sse else head.content_type
-    headers = [(b"content-type", content_type.encode("latin-1")), (b"x-request-id", request_id.encode())]
-    if sse:
-        headers.append((b"cache-control", b"no-cache"))
-    headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in head.headers)
-    return headers
+def _request_head(
+    route: ApiRoute, scope: Scope, model: str | None
+) -> tuple[str, str, int | None, list[tuple[str, str]], str | None, str]:
+    """From a request's headers: (content type, request id, declared length, the headers forwarded to
+    the replica, the model named, the client's traceparent)."""
+    content_type = request_id = inbound = ""
+    declared: int | None = None
+    forwarded: list[tuple[str, str]] = []
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            content_type = value.decode("latin-1")
+        elif key == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID_RE.match(candidate):
+                request_id = candidate
+        elif key == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = None
+            continue
+        elif key == _MODEL_HEADER and route.multi_model:
+            if model is None:  # a model named in the path wins
+                model = value.decode("latin-1")
+            continue
+        elif key == _TRACEPARENT:
+            inbound = value.decode("latin-1")
+            continue
+        if key not in _SKIP_HEADERS:
+            forwarded.append((key.decode("latin-1"), value.decode("latin-1")))
+    if not request_id:
+        request_id = uuid.uuid4().hex
+    if model is not None:
+        forwarded.append(("x-cirrus-model", model))  # the replica reads the model's name here
+    return content_type, request_id, declared, forwarded, model, inbound
 
 
-def _end_stream(route: ApiRoute, slot: ReplicaSlot, request_no: int, status: int, ended: bool, started: float) -> None:
-    """Close a stream on the connection (one the replica did not end is stopped there: a client gone
-    or stalled) and record it under `status`."""
-    if ended:
-        slot.conn.end_stream(request_no)
-    else:
-        slot.conn.forget(request_no)  # tells the replica to stop generating
-    if status < 400:
-        slot.completed += 1
-    route.metrics.observe(status, time.perf_counter() - started, time.time())
+def _new_record(
+    route: ApiRoute, scope: Scope, request_id: str, traceparent: str, inbound: str, started: float
+) -> RequestRecord:
+    client = scope.get("client")
+    return RequestRecord(
+        api=route.name,
+        method=scope["method"],
+        path=scope["path"],
+        client=f"{client[0]}:{client[1]}" if client else "",
+        request_id=request_id,
+        traceparent=traceparent,
+        parent_span=inbound[36:52] if inbound and valid_traceparent(inbound) else "",
+        started=started,
+        started_ns=time.time_ns() - int((time.perf_counter() - started) * 1e9),
+    )
 
 
-async def _deliver(send: Send, body: bytes, timeout_s: float, request_id: str, more: bool = True) -> bool:
-    """Send a piece of a streamed body; False when the client read nothing for `timeout_s` (it stalls)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            await send({"type": "http.response.body", "body": body, "more_body": more})
-    except TimeoutError:
-        log.warning("request %s: the client read nothing for %gs; stream stopped", request_id, timeout_s)
-        return False
-    return True
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _sse(data: bytes) -> bytes:
-    """One server-sent event carrying `data` (a trailing newline is dropped; lines become data: lines)."""
-    lines = data.decode("utf-8", "replace").removesuffix("\n").split("\n")
-    return "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
+def serving_revision(route: ApiRoute) -> str:
+    """The revision label of an answer no replica gave: the serving revision, as far as the gateway knows."""
+    if route.revision is not None:
+        return str(route.revision)
+    return route.replicas[-1].revision if route.replicas else ""
 
 
 def _request_id(scope: Scope) -> str:

@@ -39,6 +39,7 @@ class GatewayController:
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
         protocol: ProtocolSpec | None = None,
+        access_log: bool = False,
     ) -> None:
         self.gateway.set_api(
             name,
@@ -51,6 +52,7 @@ class GatewayController:
             cors=None if cors is None else cors_policy(cors),
             split=None if split is None else split_of(split, sticky_header),
             protocol=protocol,
+            access_log=access_log,
         )
 
     def remove_api(self, name: str) -> None:
@@ -117,7 +119,7 @@ class GatewayController:
             raise LookupError(f"the API {api!r} is gone")
         if report.openapi:
             route.openapi = report.openapi
-        slot = ReplicaSlot(replica_id, conn)
+        slot = ReplicaSlot(replica_id, conn, revision=str(revision))
         self._slots[replica_id] = slot
         conn.on_lost = partial(self._lost, api, slot, on_lost)
         canary = route.canary

@@ -195,6 +195,7 @@ class Joiner:
             api.split,
             api.sticky_header,
             api.protocol,
+            api.access_log,
         )
         self.routes[name] = api.model_copy(update={"replicas": []})
         behaviour = kind_of(api.kind)

@@ -3,8 +3,9 @@
 The last minute is kept as 60 one-second buckets of a log-spaced histogram, from which
 `cirrus get` reads requests per minute and p50/p99, and the autoscaler will read load.
 
-Replicas also measure each request's time waiting for an inference slot, its predict call and the
-size of the batch it ran in; they come back on the `InferResponse` and are kept the same way.
+Replicas also measure each request's pre_predict hook, its time waiting for an inference slot, its
+predict call and the size of the batch it ran in; they come back on the `InferResponse` and are
+kept the same way. Totals since start (for `/metrics`) are kept per revision: `RevisionTotals`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ BUCKET_BOUNDS: tuple[float, ...] = tuple(5e-5 * 10 ** (i / 12) for i in range(12
 WINDOW_S = 60
 # Upper bounds of the batch-size histogram (the spec allows batches of up to 1024).
 BATCH_BOUNDS: tuple[int, ...] = tuple(2**i for i in range(11))
+# The stages of a request that `cirrus_stage_duration_seconds` and `Server-Timing` name, in order.
+STAGES = ("queue", "pre_predict", "slot_wait", "predict")
 
 
 def _new_counts() -> list[int]:
@@ -62,15 +65,21 @@ class _ReplicaSecond:
 
 
 @dataclass
-class ReplicaTotals:
-    """Histograms (totals since start) of what replicas measured: for `/metrics`."""
+class RevisionTotals:
+    """One revision's totals since start, for `/metrics`: answers by status, the gateway's total
+    latency, each stage's time (`STAGES` order) and the batch sizes predict ran with."""
 
+    codes: Counter[int] = field(default_factory=Counter)
+    duration_counts: list[int] = field(default_factory=_new_counts)
+    duration_seconds: float = 0.0
+    stage_counts: tuple[list[int], ...] = field(default_factory=lambda: tuple(_new_counts() for _ in STAGES))
+    stage_seconds: list[float] = field(default_factory=lambda: [0.0] * len(STAGES))
     batch_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BOUNDS) + 1))
     batch_sum: int = 0
-    slot_wait_counts: list[int] = field(default_factory=_new_counts)
-    slot_wait_seconds: float = 0.0
-    predict_counts: list[int] = field(default_factory=_new_counts)
-    predict_seconds: float = 0.0
+
+    def stage(self, index: int, seconds: float) -> None:
+        self.stage_counts[index][bisect.bisect_left(BUCKET_BOUNDS, seconds)] += 1
+        self.stage_seconds[index] += seconds
 
 
 def last_minute_of(metrics: Sequence[ApiMetrics], now: float) -> tuple[int, int, float | None, float | None]:
@@ -93,18 +102,39 @@ def last_minute_of(metrics: Sequence[ApiMetrics], now: float) -> tuple[int, int,
 class ApiMetrics:
     in_flight: int = 0
     queued: int = 0
-    by_status: Counter[int] = field(default_factory=Counter)
-    total_counts: list[int] = field(default_factory=_new_counts)
-    total_seconds: float = 0.0
-    replica: ReplicaTotals = field(default_factory=ReplicaTotals)
+    revisions: dict[str, RevisionTotals] = field(default_factory=dict)  # by revision ("": not known)
     _ring: list[_Second] = field(default_factory=lambda: [_Second() for _ in range(WINDOW_S)])
     _replica_ring: list[_ReplicaSecond] = field(default_factory=lambda: [_ReplicaSecond() for _ in range(WINDOW_S)])
 
-    def observe(self, status: int, seconds: float, now: float) -> None:
-        self.by_status[status] += 1
+    def totals(self, revision: str) -> RevisionTotals:
+        totals = self.revisions.get(revision)
+        if totals is None:
+            totals = self.revisions[revision] = RevisionTotals()
+        return totals
+
+    def observe(
+        self,
+        status: int,
+        seconds: float,
+        now: float,
+        revision: str = "",
+        queue_s: float | None = None,
+        response: InferResponse | None = None,
+    ) -> None:
+        """One answered request: its status and total `seconds`; the time it queued for a replica
+        (None: it got none) and the replica's answer (its stages) when it reached one."""
         index = bisect.bisect_left(BUCKET_BOUNDS, seconds)
-        self.total_counts[index] += 1
-        self.total_seconds += seconds
+        totals = self.totals(revision)
+        totals.codes[status] += 1
+        totals.duration_counts[index] += 1
+        totals.duration_seconds += seconds
+        if queue_s is not None:
+            totals.stage(0, queue_s)
+        if response is not None:
+            if response.pre_s:
+                totals.stage(1, response.pre_s)
+            if response.batch_size > 0:
+                self._observe_replica(totals, response, now)
         second = int(now)
         bucket = self._ring[second % WINDOW_S]
         if bucket.second != second:
@@ -122,20 +152,17 @@ class ApiMetrics:
         requests, _, p50, p99 = last_minute_of((self,), now)
         return requests, p50, p99
 
-    def observe_replica(self, response: InferResponse, now: float) -> None:
-        """Record the replica's measurements of one answered request (none when predict did not run)."""
+    def _observe_replica(self, totals: RevisionTotals, response: InferResponse, now: float) -> None:
+        """The replica's measurements of a request that predict answered: slot wait, predict, batch size."""
         size = response.batch_size
-        if size <= 0:
-            return
         wait_index = bisect.bisect_left(BUCKET_BOUNDS, response.slot_wait_s)
         predict_index = bisect.bisect_left(BUCKET_BOUNDS, response.predict_s)
-        totals = self.replica
         totals.batch_counts[bisect.bisect_left(BATCH_BOUNDS, size)] += 1
         totals.batch_sum += size
-        totals.slot_wait_counts[wait_index] += 1
-        totals.slot_wait_seconds += response.slot_wait_s
-        totals.predict_counts[predict_index] += 1
-        totals.predict_seconds += response.predict_s
+        totals.stage_counts[2][wait_index] += 1
+        totals.stage_seconds[2] += response.slot_wait_s
+        totals.stage_counts[3][predict_index] += 1
+        totals.stage_seconds[3] += response.predict_s
         second = int(now)
         bucket = self._replica_ring[second % WINDOW_S]
         if bucket.second != second:

@@ -1,58 +1,86 @@
-"""`GET /metrics`: the gateway's counters in the Prometheus text format, built at scrape time."""
+"""`GET /metrics`: the gateway's counters in the Prometheus text format, built at scrape time.
+
+`render(gateway, extra)` also collects `extra` (prometheus_client collectors: the daemon adds the
+control plane's). Histograms are exported at every third internal bound (4 per decade, 50 us up).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from cirrus.gateway.app import Gateway
-from cirrus.gateway.metrics import BATCH_BOUNDS, BUCKET_BOUNDS
+from cirrus.gateway.metrics import BATCH_BOUNDS, BUCKET_BOUNDS, STAGES
+from cirrus.gateway.routing import ApiRoute
+
+_EXPORT_EVERY = 3  # internal buckets are 12 per decade; Prometheus gets 4 per decade
 
 
-def render(gateway: Gateway) -> bytes:
+def render(gateway: Gateway, extra: Iterable[Any] = ()) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-    class _Collector:
-        def collect(self) -> Iterator[Any]:
-            requests = CounterMetricFamily("cirrus_requests", "Requests answered", labels=["api", "status"])
-            latency = HistogramMetricFamily("cirrus_request_duration_seconds", "Gateway latency", labels=["api"])
-            in_flight = GaugeMetricFamily("cirrus_in_flight", "Requests being served", labels=["api"])
-            queued = GaugeMetricFamily("cirrus_queued", "Requests waiting in the gateway queue", labels=["api"])
-            ready = GaugeMetricFamily("cirrus_replicas_ready", "Replicas receiving requests", labels=["api"])
-            batch_size = HistogramMetricFamily(
-                "cirrus_batch_size", "Requests by the size of the predict batch they ran in", labels=["api"]
-            )
-            slot_wait = HistogramMetricFamily(
-                "cirrus_slot_wait_seconds", "Time a request waited for an inference slot (or its batch)", labels=["api"]
-            )
-            predict = HistogramMetricFamily(
-                "cirrus_predict_seconds", "Time of the predict (or predict_batch) call per request", labels=["api"]
-            )
-            for name, route in sorted(gateway.routes.items()):
-                m = route.metrics
-                for status, count in sorted(m.by_status.items()):
-                    requests.add_metric([name, str(status)], count)
-                latency.add_metric([name], _buckets(BUCKET_BOUNDS, m.total_counts), m.total_seconds)
-                r = m.replica
-                batch_size.add_metric([name], _buckets(BATCH_BOUNDS, r.batch_counts), float(r.batch_sum))
-                slot_wait.add_metric([name], _buckets(BUCKET_BOUNDS, r.slot_wait_counts), r.slot_wait_seconds)
-                predict.add_metric([name], _buckets(BUCKET_BOUNDS, r.predict_counts), r.predict_seconds)
-                in_flight.add_metric([name], m.in_flight)
-                queued.add_metric([name], m.queued)
-                ready.add_metric([name], len(route.replicas))
-            yield from (requests, latency, in_flight, queued, ready, batch_size, slot_wait, predict)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())
+    registry.register(_GatewayCollector(gateway))
+    for collector in extra:
+        registry.register(collector)
     return generate_latest(registry)
 
 
-def _buckets(bounds: tuple[float, ...] | tuple[int, ...], counts: list[int]) -> list[tuple[str, float]]:
-    """Cumulative Prometheus buckets from per-bucket counts (the last count is above every bound)."""
+class _GatewayCollector:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        by_rev = ["api", "revision"]
+        requests = CounterMetricFamily("cirrus_requests", "Requests answered, by HTTP status", labels=[*by_rev, "code"])
+        duration = HistogramMetricFamily(
+            "cirrus_request_duration_seconds", "The gateway's time for a request, arrival to answer", labels=by_rev
+        )
+        stages = HistogramMetricFamily(
+            "cirrus_stage_duration_seconds",
+            "Time in each stage: queue (gateway, until a replica slot), pre_predict, slot_wait, predict",
+            labels=[*by_rev, "stage"],
+        )
+        batch_size = HistogramMetricFamily(
+            "cirrus_batch_size", "Requests by the size of the predict batch they ran in", labels=by_rev
+        )
+        in_flight = GaugeMetricFamily("cirrus_in_flight_requests", "Requests being served", labels=["api"])
+        queued = GaugeMetricFamily("cirrus_queued_requests", "Requests waiting in the gateway queue", labels=["api"])
+        cold = CounterMetricFamily(
+            "cirrus_cold_starts", "Cold starts: a request found no replica and waited for one to start", labels=["api"]
+        )
+        for name, route in sorted(self.gateway.routes.items()):
+            routes: tuple[ApiRoute, ...] = (route,) if route.canary is None else (route, route.canary)
+            for each in routes:
+                for revision, totals in sorted(each.metrics.revisions.items()):
+                    labels = [name, revision]
+                    for code, count in sorted(totals.codes.items()):
+                        requests.add_metric([*labels, str(code)], count)
+                    duration.add_metric(labels, _buckets(totals.duration_counts), totals.duration_seconds)
+                    for index, stage in enumerate(STAGES):
+                        counts = totals.stage_counts[index]
+                        if any(counts):
+                            stages.add_metric([*labels, stage], _buckets(counts), totals.stage_seconds[index])
+                    if totals.batch_sum:
+                        batch = _buckets(totals.batch_counts, BATCH_BOUNDS, 1)
+                        batch_size.add_metric(labels, batch, float(totals.batch_sum))
+            in_flight.add_metric([name], sum(r.metrics.in_flight for r in routes))
+            queued.add_metric([name], sum(r.metrics.queued for r in routes))
+            cold.add_metric([name], route.cold_starts + (0 if route.canary is None else route.canary.cold_starts))
+        yield from (requests, duration, stages, batch_size, in_flight, queued, cold)
+
+
+def _buckets(
+    counts: list[int], bounds: tuple[float, ...] | tuple[int, ...] = BUCKET_BOUNDS, every: int = _EXPORT_EVERY
+) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets from per-bucket counts (the last count is above every bound),
+    at every `every`-th bound."""
     cumulative, buckets = 0, []
-    for bound, count in zip(bounds, counts, strict=False):
+    for index, (bound, count) in enumerate(zip(bounds, counts, strict=False)):
         cumulative += count
-        buckets.append((f"{bound:.6g}", float(cumulative)))
+        if index % every == 0:
+            buckets.append((f"{bound:.6g}", float(cumulative)))
     buckets.append(("+Inf", float(sum(counts))))
     return buckets

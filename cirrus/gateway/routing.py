@@ -74,6 +74,7 @@ class ReplicaSlot:
     completed: int = 0
     draining: bool = False
     held: frozenset[str] = frozenset()  # a multi-model API: the models it reported holding last
+    revision: str = ""  # the revision it runs (a label of the metrics of the requests it answers)
     owner: ApiRoute | None = field(
         default=None, repr=False
     )  # the route it serves in now (a promoted canary's replicas move)
@@ -99,6 +100,7 @@ class ApiRoute:
     auth_required: bool = False  # requests need an API key (the spec's `auth: required`)
     cors: CorsPolicy | None = None  # cross-origin requests from browsers (the spec's `cors`); None: no CORS
     protocol: ProtocolSpec | None = None  # a standard protocol it also speaks (the spec's `protocol`)
+    access_log: bool = False  # a JSON line per request to the access log (the spec's `access_log`)
     split: Split | None = None  # a splitter: the APIs it sends requests to
     revision: int | None = None  # the revision its replicas run, while a canary runs beside it
     canary: ApiRoute | None = None  # a canary revision's replicas, waiters and metrics

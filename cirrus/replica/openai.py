@@ -59,6 +59,7 @@ def _answer(
         status=status,
         body=encode_json(body),
         content_type="application/json",
+        pre_s=0.0 if call is None else call.pre_s,
         slot_wait_s=0.0 if call is None else call.slot_wait_s,
         predict_s=0.0 if call is None else call.predict_s,
         batch_size=0 if call is None else call.batch_size,
@@ -125,7 +126,8 @@ async def _handle(
         kwargs = _kwargs(method, call, request, operation)
         if request.stream:
             shaper = StreamShaper(operation, request.model, request.include_usage, encode_json)
-            return StreamSource(fn=_stream_function(handler, req, method, kwargs, shaper)), call, None
+            source = StreamSource(fn=_stream_function(handler, req, method, kwargs, shaper), pre_s=call.pre_s)
+            return source, call, None
         reply = await _generate(handler, method, call, kwargs)
     builder = chat_response if operation == "chat" else completion_response
     result = builder(request.model, reply)
@@ -140,7 +142,9 @@ async def _prepare(handler: RequestHandler, call: Call) -> None:
     """pre_predict (its return value replaces the body) and, for a multi-model API, the model."""
     pre = handler.predictor.pre_predict
     if pre is not None:
+        began = time.perf_counter()
         replaced = await pre.fn(**pre.kwargs(call))
+        call.pre_s = time.perf_counter() - began
         if replaced is not None:
             call.payload = replaced
     models = handler.models

@@ -185,6 +185,7 @@ class RequestHandler:
             async with asyncio.timeout(req.timeout_s):
                 result = await self._run(call, model_name)
             if isinstance(result, StreamSource):
+                result.pre_s = call.pre_s  # (the stream's head reports it)
                 return result, call, None
             status, content_type, body, headers = encode_result(result)
         except PredictorFailed as exc:  # (before HTTPError: it is one) a batch that failed
@@ -206,6 +207,7 @@ class RequestHandler:
                 body=body,
                 content_type=content_type,
                 headers=headers,
+                pre_s=call.pre_s,
                 slot_wait_s=call.slot_wait_s,
                 predict_s=call.predict_s,
                 batch_size=call.batch_size,
@@ -227,7 +229,9 @@ class RequestHandler:
         predictor = self.predictor
         pre = predictor.pre_predict
         if pre is not None:
+            began = time.perf_counter()
             replaced = await pre.fn(**pre.kwargs(call))
+            call.pre_s = time.perf_counter() - began
             if replaced is not None:
                 call.payload = replaced
         predict = predictor.predict

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class StreamSource:
     fn: Any = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     generator: Any = None
+    pre_s: float = 0.0  # the pre_predict hook's time, for the head (0: none ran)
 
 
 def encode_chunk(item: Any) -> tuple[bytes, str]:
@@ -139,9 +141,12 @@ async def pump(
     hold_slot: Any,
     run_in_slot: Callable[[Any], Any],
 ) -> bool:
-    """Run one stream to its end; True when it completed (post_predict may run)."""
+    """Run one stream to its end; True when it completed (post_predict may run). Its head reports the
+    pre_predict time and the wait for the slot (predict's time is not known until the stream ends)."""
     iterator = _Iterator(source, run_in_slot)
+    ready = time.perf_counter()
     async with hold_slot():
+        slot_wait_s = time.perf_counter() - ready
         try:
             try:
                 async with asyncio.timeout(req.timeout_s):  # the head: time to the first item
@@ -159,7 +164,15 @@ async def pump(
                 io.write(encode_frame(InferResponse(id=req.id, status=200, body=b"", content_type="text/plain")))
                 return True
             data, media_type = encode_chunk(first)
-            head = InferResponse(id=req.id, status=200, body=b"", content_type=media_type, stream=True)
+            head = InferResponse(
+                id=req.id,
+                status=200,
+                body=b"",
+                content_type=media_type,
+                stream=True,
+                pre_s=source.pre_s,
+                slot_wait_s=slot_wait_s,
+            )
             io.write(encode_frame(head))
             return await _rest(req, iterator, state, io, data)
         finally:

@@ -116,6 +116,7 @@ async def handle(
         body=body,
         content_type=content_type,
         headers=extra,
+        pre_s=call.pre_s,
         slot_wait_s=call.slot_wait_s,
         predict_s=call.predict_s,
         batch_size=call.batch_size,

@@ -273,6 +273,7 @@ class FakeGateway:
     cors: dict[str, CorsSpec | None] = field(default_factory=dict)  # API -> its CORS policy (None: no CORS)
     splits: dict[str, list[SplitTarget] | None] = field(default_factory=dict)  # API -> a splitter's targets
     protocols: dict[str, ProtocolSpec | None] = field(default_factory=dict)  # API -> the protocol it speaks
+    access_logs: dict[str, bool] = field(default_factory=dict)  # API -> writes an access log line per request
     canaries: dict[str, tuple[int | None, int, float] | None] = field(default_factory=dict)  # (serving, canary, %)
     promoted: list[str] = field(default_factory=list)  # APIs whose canary was promoted
 
@@ -287,9 +288,11 @@ class FakeGateway:
         split: list[SplitTarget] | None = None,
         sticky_header: str | None = None,
         protocol: ProtocolSpec | None = None,
+        access_log: bool = False,
     ) -> None:
         self.splits[name] = split
         self.protocols[name] = protocol
+        self.access_logs[name] = access_log
         self.apis[name] = concurrency
         self.replicas.setdefault(name, [])
         self.auth_required[name] = auth_required
