@@ -191,6 +191,11 @@ def test_errors_are_typed_exceptions(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:  # out of the predictor's range: its HTTPError(400)
         sdk.completions.create(model="tiny-chat", prompt="hi", max_tokens=5000)
     assert "max_tokens" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:  # the same when streamed: refused before any event
+        sdk.chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5000, stream=True
+        )
+    assert "max_tokens" in caught.value.message
     with pytest.raises(openai.NotFoundError):  # tiny-chat has no embed, MiniLM no chat
         sdk.embeddings.create(model="tiny-chat", input="hi")
     with pytest.raises(openai.NotFoundError):

@@ -77,6 +77,8 @@ PREDICTORS = {
                     time.sleep(0.1)
 
             async def complete(self, prompt, params):
+                if prompt == "refuse":  # before its first piece: the request's answer is this 422
+                    raise cirrus.HTTPError(422, "no story for that")
                 for word in ("once", "upon", "a", "time"):
                     yield word + " "
     """,
@@ -273,6 +275,14 @@ def test_errors_are_the_sdks_typed_exceptions(gw: tuple[Cirrus, Path]) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as refused:
         client.chat.completions.create(model="chatter", messages=[{"role": "user", "content": "refuse"}])
     assert "I will not answer that" in refused.value.message
+    # Streamed, the same refusals are HTTP answers, not an event after a 200: a sync chat that
+    # raises, and an async generator that raises before its first piece.
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(model="chatter", messages=[{"role": "user", "content": "refuse"}], stream=True)
+    assert "I will not answer that" in refused.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.completions.create(model="chatter", prompt="refuse", stream=True)
+    assert "no story for that" in refused.value.message
     with pytest.raises(openai.NotFoundError) as unsupported:
         client.embeddings.create(model="chatter", input="hi")
     assert "no embed method" in unsupported.value.message

@@ -47,6 +47,9 @@ class Broken:
     def predict(self, payload):
         if payload.get("early"):
             raise ValueError("no tokens today")
+        if payload.get("refuse"):
+            from cirrus import HTTPError
+            raise HTTPError(422, "n must be positive")
         yield "one "
         raise RuntimeError("the model fell over")
 """
@@ -167,6 +170,9 @@ def test_errors_end_a_stream_and_the_replica_keeps_serving(gateway: tuple[Cirrus
         sse.text
         == f"data: one \n\nevent: error\ndata: the predictor failed; see the replica log (request id {rid})\n\n"
     )
+    # An HTTPError before the first item is an answer like any predict's: its status and message.
+    refused = httpx.post(cirrus.url("broken"), json={"refuse": True}, timeout=30)
+    assert (refused.status_code, refused.json()["error"]) == (422, "n must be positive")
     logs = cirrus.client().logs("broken", lines=200)
     assert "RuntimeError: the model fell over" in logs
     ok = httpx.post(cirrus.url("tokens"), json={"n": 2, "delay": 0.0}, timeout=30)

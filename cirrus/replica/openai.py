@@ -19,7 +19,7 @@ import inspect
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -300,42 +300,53 @@ def _stream_function(
     if inspect.isasyncgenfunction(fn) or method.is_async:
 
         async def events_async() -> AsyncIterator[str]:
+            # As `events`: what the predictor raises before its first piece is the HTTP answer.
+            value = fn(**kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+            pieces = _async_items(value, shaper, name)
+            try:
+                event = await anext(pieces, None)
+            except BaseException:
+                await pieces.aclose()
+                raise
             first = shaper.start()
             if first:
                 yield first
-            value: Any = None
             try:
-                value = fn(**kwargs)
-                if inspect.isawaitable(value):
-                    value = await value
-                if inspect.isasyncgen(value):
-                    async for item in value:
-                        event = shaper.item(item, name)
-                        if event:
-                            yield event
-                else:
-                    for event in _items(value, shaper, name):
-                        yield event
+                if event:
+                    yield event
+                async for event in pieces:
+                    yield event
             except Exception as exc:
                 for event in failed(exc):
                     yield event
                 return
             finally:
-                if inspect.isasyncgen(value):
-                    await value.aclose()
+                await pieces.aclose()
             for event in shaper.end():
                 yield event
 
         return events_async
 
     def events() -> Iterator[str]:
+        # The predictor's first piece comes before any event: what it raises until then (an
+        # HTTPError for a bad parameter) is the HTTP answer, not an event after a 200.
+        value = fn(**kwargs)
+        items = _items(value, shaper, name)
+        try:
+            event = next(items, None)
+        except BaseException:
+            if inspect.isgenerator(value):
+                value.close()
+            raise
         first = shaper.start()
         if first:
             yield first
-        value: Any = None
         try:
-            value = fn(**kwargs)
-            yield from _items(value, shaper, name)
+            if event:
+                yield event
+            yield from items
         except Exception as exc:
             yield from failed(exc)
             return
@@ -345,6 +356,22 @@ def _stream_function(
         yield from shaper.end()
 
     return events
+
+
+async def _async_items(value: Any, shaper: StreamShaper, name: str) -> AsyncGenerator[str, None]:
+    """The events of an async answer: an async generator's items one by one (closed at the end), or
+    those of a sync answer."""
+    if not inspect.isasyncgen(value):
+        for each in _items(value, shaper, name):
+            yield each
+        return
+    try:
+        async for item in value:
+            event = shaper.item(item, name)
+            if event:
+                yield event
+    finally:
+        await value.aclose()
 
 
 def _items(value: Any, shaper: StreamShaper, name: str) -> Iterator[str]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cirrus.predictor import encode_json
+from cirrus.predictor import HTTPError, PredictorFailed, encode_json
 from cirrus.wire import FRAME_HEADER_BYTES, STREAM_WINDOW, InferRequest, InferResponse, StreamChunk, encode_frame
 
 log = logging.getLogger("cirrus.replica")
@@ -156,6 +156,10 @@ async def pump(
                 io.write(encode_frame(io.error_response(req, 504, f"no stream output within {req.timeout_s:.3g}s")))
                 return False
             except Exception as exc:
+                if isinstance(exc, HTTPError) and not isinstance(exc, PredictorFailed):
+                    # refused before its first item: an answer like any predict's (status, message)
+                    io.write(encode_frame(io.error_response(req, exc.status, exc.message)))
+                    return False
                 log.exception("request %s: the stream raised before its first item", req.request_id)
                 message = io.failure(req, f"the predictor raised {type(exc).__name__}: {exc}")
                 io.write(encode_frame(io.error_response(req, 500, message)))
