@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -28,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cirrus.control.statedb import BUSY_TIMEOUT_S, connect_private
 
 if TYPE_CHECKING:
     from cirrus.control.controller import Controller
@@ -190,30 +191,30 @@ def changes(reading: Reading, before: Reading | None) -> list[tuple[str, str]]:
     return [(kind, message[:MAX_MESSAGE_CHARS]) for kind, message in events]
 
 
+def _open(path: Path | str) -> sqlite3.Connection:
+    """The history database, private to its owner, with its tables."""
+    db = connect_private(path, BUSY_TIMEOUT_S)
+    try:
+        db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
 class History:
     """The history store: one SQLite connection, used from any thread (one lock)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = _open(path)
         except sqlite3.DatabaseError:  # not a database, or damaged: history is disposable
-            self._db.close()
             log.warning("the history database %s is damaged; starting a new one", self.path)
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
+            self._db = _open(path)
         self._last: dict[str, Reading] = {}
         for api, text in self._db.execute("SELECT api, reading FROM last_reading"):
             try:

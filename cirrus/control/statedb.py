@@ -30,19 +30,33 @@ class StateCorrupt(Exception):
         self.path = path
 
 
+def connect_private(path: Path | str, timeout_s: float) -> sqlite3.Connection:
+    """A SQLite connection (WAL, synchronous NORMAL, usable from any thread) to a file only its owner
+    may read: its directory is made 0700 and the file created 0600 before SQLite opens it."""
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(path, 0o600)
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
 class StateDB:
     """One connection shared by the stores of the control plane (thread-safe through one lock)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            os.chmod(self.path, 0o600)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = connect_private(path, BUSY_TIMEOUT_S)
+        except sqlite3.DatabaseError as exc:
+            raise StateCorrupt(self.path, str(exc)) from None
+        try:
             problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(3)")]
         except sqlite3.DatabaseError as exc:
             self._db.close()
