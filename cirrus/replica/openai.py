@@ -140,13 +140,7 @@ def _held(handler: RequestHandler) -> list[str] | None:
 
 async def _prepare(handler: RequestHandler, call: Call) -> None:
     """pre_predict (its return value replaces the body) and, for a multi-model API, the model."""
-    pre = handler.predictor.pre_predict
-    if pre is not None:
-        began = time.perf_counter()
-        replaced = await pre.fn(**pre.kwargs(call))
-        call.pre_s = time.perf_counter() - began
-        if replaced is not None:
-            call.payload = replaced
+    await handler.pre_predict(call)
     models = handler.models
     if models is None:
         return

@@ -225,15 +225,19 @@ class RequestHandler:
         """The 500 of a predictor that failed."""
         return _error(req, 500, self.failure(req, detail))
 
-    async def _run(self, call: Call, model_name: str | None = None) -> Any:
-        predictor = self.predictor
-        pre = predictor.pre_predict
+    async def pre_predict(self, call: Call) -> None:
+        """Run `pre_predict`, if any, timed (`call.pre_s`); what it returns replaces the payload."""
+        pre = self.predictor.pre_predict
         if pre is not None:
             began = time.perf_counter()
             replaced = await pre.fn(**pre.kwargs(call))
             call.pre_s = time.perf_counter() - began
             if replaced is not None:
                 call.payload = replaced
+
+    async def _run(self, call: Call, model_name: str | None = None) -> Any:
+        predictor = self.predictor
+        await self.pre_predict(call)
         predict = predictor.predict
         if predict.payload_model is not None:
             call.payload = _validate(predict.payload_model, call.payload)
