@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cirrus.control.keys import KeyStore
+from cirrus.control.launches import build_launch
 from cirrus.control.models import ModelFetcher
 from cirrus.control.rollouts import Rollouts, canary_replicas
 from cirrus.control.scaling import ApiScaler
@@ -30,7 +31,7 @@ from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
 from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, CorsSpec, Deployment, ProtocolSpec, QueueSpec, SplitTarget
 from cirrus.store.base import API_DELETED, QueueStore
 from cirrus.types import ApiKey, ApiStatus, DeployResult, ReplicaState, TrafficShare
-from cirrus.wire import BatchConfig, ReplicaLaunch, ReplicaReady, TensorDecl
+from cirrus.wire import QueueConfig, ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
     from cirrus.control.jobs import JobManager
@@ -53,11 +54,6 @@ def backoff_s(consecutive_failures: int) -> float:
     if consecutive_failures <= 0:
         return 0.0
     return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (consecutive_failures - 1))
-
-
-def declared_tensors(protocol: ProtocolSpec | None, which: str) -> list[TensorDecl]:
-    """A `protocol: v2` API's declared `inputs` or `outputs`, for its replicas' launch."""
-    return [TensorDecl(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in getattr(protocol, which, [])]
 
 
 class GatewayControl(Protocol):
@@ -691,44 +687,13 @@ class Controller:
         self, stored: StoredApi, replica_id: str, job: str | None = None, models: dict[str, str] | None = None
     ) -> tuple[ReplicaLaunch, dict[str, str]]:
         spec = stored.deployment.spec
-        predictor = spec.required_predictor
-        queue = None
-        config = dict(predictor.config)
+        config: dict[str, Any] = {}
+        queue: QueueConfig | None
         if job is not None and self.jobs is not None and self.queue_url is not None:
-            queue, job_config = self.jobs.launch(job, spec, self.queue_url)
-            config.update(job_config)
+            queue, config = self.jobs.launch(job, spec, self.queue_url)
         else:
             queue = kind_of(spec.kind).queue(spec, self.queue_url)
-        launch = ReplicaLaunch(
-            api=stored.name,
-            replica_id=replica_id,
-            revision=stored.revision,
-            project_dir=self.code_dir(stored),
-            snapshot=stored.deployment.snapshot,
-            predictor_path=predictor.path,
-            class_name=predictor.class_name,
-            config=config,
-            inference_slots=spec.concurrency.inference_slots,
-            secret=secrets.token_bytes(32),
-            debug_errors=self.debug_errors if spec.debug_errors is None else spec.debug_errors,
-            batching=None
-            if spec.batching is None
-            else BatchConfig(
-                max_batch_size=spec.batching.max_batch_size,
-                max_wait_s=spec.batching.max_wait_ms / 1000,
-                mode=spec.batching.mode,
-                max_queue=spec.concurrency.max_concurrency,
-            ),
-            queue=queue,
-            models=models or {},
-            model_cache_size=None if spec.multi_model is None else spec.multi_model.cache_size,
-            model_versions={m.name: m.version for m in spec.models if m.version is not None},
-            model_urls={m.name: m.path for m in spec.models if m.is_url},
-            protocol=None if spec.protocol is None else spec.protocol.name,
-            tensor_inputs=declared_tensors(spec.protocol, "inputs"),
-            tensor_outputs=declared_tensors(spec.protocol, "outputs"),
-        )
-        return launch, {**predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
+        return build_launch(stored, replica_id, self.code_dir(stored), self.debug_errors, queue, config, models)
 
     def snapshot(self, deployment: Deployment, spec_file: str | None = None) -> Deployment:
         """The deployment with a snapshot of its project directory (packed here, on this node), which
