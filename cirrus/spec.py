@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cirrus.spec_sections import PythonEnvSpec, ServerSpec, TaskSpec, check_env_names
+from cirrus.spec_sections import Strict as _Strict
+
 API_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 # "v1" and "v2": the paths of the OpenAI and Open Inference protocols (`protocol:`) on the gateway.
 RESERVED_NAMES = frozenset({"healthz", "metrics", "docs", "openapi-json", "admin", "v1", "v2", "static"})
@@ -33,10 +36,6 @@ _MEM_UNITS = {
 
 class SpecError(ValueError):
     """A spec that cannot be used; the message says where and why."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def parse_memory(value: int | float | str | None) -> int | None:
@@ -80,10 +79,7 @@ class PredictorSpec(_Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"{name!r} is not a valid environment variable name")
-        return value
+        return check_env_names(value)
 
 
 def _check_units(what: str, value: float) -> float:
@@ -464,13 +460,17 @@ class ProtocolSpec(_Strict):
 
 class ApiSpec(_Strict):
     name: str = Field(description="URL-safe API name: lowercase letters, digits and '-'")
-    kind: Literal["realtime", "async", "batch", "splitter"] = Field(
+    kind: Literal["realtime", "async", "batch", "splitter", "server", "task"] = Field(
         "realtime",
         description="realtime: answer in the HTTP request; async: 202 + id, result fetched later; "
         "batch: runs jobs (cirrus jobs submit) through predict_batch; "
-        "splitter: sends each request to one of `apis` by weight (no predictor of its own)",
+        "splitter: sends each request to one of `apis` by weight (no predictor of its own); "
+        "server: a web app (`server:`) gets every request under /<api>/; "
+        "task: runs once per `cirrus tasks submit`, to completion",
     )
-    predictor: PredictorSpec | None = Field(None, description="the code that answers (every kind but splitter)")
+    predictor: PredictorSpec | None = Field(
+        None, description="the code that answers (every kind but splitter and server; a task may run a command)"
+    )
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
     concurrency: ConcurrencySpec = Field(default_factory=lambda: ConcurrencySpec())
     autoscaling: AutoscalingSpec = Field(default_factory=lambda: AutoscalingSpec())
@@ -516,6 +516,14 @@ class ApiSpec(_Strict):
         "batch size, trace id) to the access log, $CIRRUS_HOME/logs/access.log; see docs/observability.md",
     )
 
+    python: PythonEnvSpec | None = Field(
+        None, description="the API's own Python environment (packages, a requirements file); see docs/environments.md"
+    )
+    server: ServerSpec | None = Field(None, description="kind server: the ASGI app or command each replica serves")
+    task: TaskSpec | None = Field(
+        None, description="kind task: its command (else the predictor's run), timeout, retries"
+    )
+
     @field_validator("models")
     @classmethod
     def _unique_models(cls, value: list[ModelSpec]) -> list[ModelSpec]:
@@ -539,13 +547,12 @@ class ApiSpec(_Strict):
 
     @model_validator(mode="after")
     def _splitter(self) -> ApiSpec:
+        self._check_sections()
         if self.kind != "splitter":
-            if self.predictor is None:
-                raise ValueError("`predictor` is required (a `path` to the Python file and its `class`)")
             if self.apis is not None or self.sticky_header is not None:
                 raise ValueError("`apis` and `sticky_header` belong to a splitter (`kind: splitter`)")
             return self
-        given = [name for name in ("predictor", "batching", "multi_model") if getattr(self, name) is not None]
+        given = [n for n in ("predictor", "batching", "multi_model", "python") if getattr(self, n) is not None]
         if self.models:
             given.append("models")
         if given:
@@ -563,6 +570,27 @@ class ApiSpec(_Strict):
         if abs(total - 100) > 1e-6:
             raise ValueError(f"apis: the weights add up to {total:g}, not 100")
         return self
+
+    def _check_sections(self) -> None:
+        """Which sections each kind takes: a predictor, or a server, or a task's command."""
+        if self.server is not None and self.kind != "server":
+            raise ValueError("`server` belongs to a web app API (`kind: server`)")
+        if self.task is not None and self.kind != "task":
+            raise ValueError("`task` belongs to a task API (`kind: task`)")
+        if self.kind == "server":
+            if self.server is None:
+                raise ValueError("a server API needs `server`: an ASGI `app` (module:attribute) or a `command`")
+            given = [n for n in ("predictor", "batching", "multi_model", "protocol") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"a server API runs its `server` app; remove {', '.join(given)}")
+        elif self.kind == "task":
+            if self.predictor is None and (self.task is None or self.task.command is None):
+                raise ValueError("a task API needs a `predictor` with run(config), or `task: {command: [...]}`")
+            given = [n for n in ("batching", "multi_model", "protocol") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"a task API runs once per submission; remove {', '.join(given)}")
+        elif self.kind != "splitter" and self.predictor is None:
+            raise ValueError("`predictor` is required (a `path` to the Python file and its `class`)")
 
     @model_validator(mode="after")
     def _batch_kind(self) -> ApiSpec:

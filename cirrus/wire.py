@@ -228,6 +228,27 @@ class TensorDecl(msgspec.Struct, frozen=True):
     shape: list[int]
 
 
+class ServerLaunch(msgspec.Struct, frozen=True):
+    """A `kind: server` replica: the web app it runs and how its readiness is probed."""
+
+    app: str | None = None  # an ASGI app, module:attribute, run by the replica's own uvicorn
+    command: list[str] | None = None  # else a command serving HTTP on $CIRRUS_PORT
+    root_path: str = ""  # the prefix the gateway serves it under (/<api>), for the app's own links
+    readiness_path: str = "/"
+    readiness_timeout_s: float = 60.0
+    readiness_period_s: float = 5.0
+    failure_threshold: int = 3
+
+
+class TaskLaunch(msgspec.Struct, frozen=True):
+    """A `kind: task` replica: the one run it makes, then exits (0: succeeded)."""
+
+    task_id: str
+    attempt: int
+    config: dict[str, Any] = {}
+    command: list[str] | None = None  # else the predictor's run(config)
+
+
 class ReplicaLaunch(msgspec.Struct, frozen=True):
     """Everything a replica process needs to start, passed by the runtime as JSON."""
 
@@ -253,6 +274,9 @@ class ReplicaLaunch(msgspec.Struct, frozen=True):
     protocol: str | None = None  # the standard protocol the API also speaks (the spec's `protocol`: v2, openai)
     tensor_inputs: list[TensorDecl] = []  # protocol v2: the inputs the spec declares (requests are checked)
     tensor_outputs: list[TensorDecl] = []  # protocol v2: the outputs it declares (their datatypes)
+    python: str | None = None  # the interpreter of the API's own environment (`python:`); None: the runtime's
+    server: ServerLaunch | None = None  # kind server: the app it serves instead of a predictor
+    task: TaskLaunch | None = None  # kind task: the run it makes
 
 
 def encode_launch(launch: ReplicaLaunch) -> str:

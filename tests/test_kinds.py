@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from test_controller import World
@@ -19,6 +19,7 @@ from cirrus.control.jobs import JobManager, JobStore
 from cirrus.gateway.routing import ApiRoute
 from cirrus.jobs import JobRequest
 from cirrus.kinds import KINDS, kind_of
+from cirrus.spec import ApiSpec
 from cirrus.store.base import NewRequest
 from cirrus.store.sqlite import SqliteQueueStore
 from cirrus.types import ApiStatusName
@@ -66,9 +67,10 @@ def autoscale(world: World, seconds: float) -> None:
 
 
 def test_every_kind_of_the_spec_has_a_behaviour() -> None:
-    assert set(KINDS) == {"realtime", "async", "batch", "splitter"}
+    assert set(KINDS) == {"realtime", "async", "batch", "splitter", "server", "task"}
+    assert set(KINDS) == set(get_args(ApiSpec.model_fields["kind"].annotation))
     assert [kind_of(name).name for name in KINDS] == list(KINDS)
-    with pytest.raises(ValueError, match="unknown API kind 'stream'; known: realtime, async, batch, splitter"):
+    with pytest.raises(ValueError, match="unknown API kind 'stream'; known: realtime, async, batch, splitter, server"):
         kind_of("stream")
 
 

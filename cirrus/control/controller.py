@@ -538,7 +538,7 @@ class Controller:
         self.set_route(stored)
 
     def _prepare(self, state: ApiState, stored: StoredApi) -> None:
-        if stored.revision not in state.prepared and state.kind.runs_replicas:
+        if stored.revision not in state.prepared and state.kind.runs_replicas and state.kind.forks:
             # A template process imports the predictor's module now, so replicas (even the first,
             # from zero) start by forking instead of importing everything again.
             state.prepared.add(stored.revision)

@@ -12,7 +12,7 @@ from typing import Any
 
 from cirrus.control.store import StoredApi
 from cirrus.spec import ProtocolSpec
-from cirrus.wire import BatchConfig, QueueConfig, ReplicaLaunch, TensorDecl
+from cirrus.wire import BatchConfig, QueueConfig, ReplicaLaunch, ServerLaunch, TaskLaunch, TensorDecl
 
 
 def declared_tensors(protocol: ProtocolSpec | None, which: str) -> list[TensorDecl]:
@@ -28,23 +28,42 @@ def build_launch(
     queue: QueueConfig | None = None,
     config: dict[str, Any] | None = None,
     models: dict[str, str] | None = None,
+    python: str | None = None,
+    task: TaskLaunch | None = None,
 ) -> tuple[ReplicaLaunch, dict[str, str]]:
     """The launch of replica `replica_id` of `stored` and its extra environment variables.
 
     `code_dir`: where the revision's code is unpacked; `debug_errors`: the default when the spec does
     not say; `queue`: where it pulls work from (async APIs, job workers); `config`: overrides of the
-    predictor's config (a job's); `models`: the API's models, fetched (name -> local path)."""
+    predictor's config (a job's); `models`: the API's models, fetched (name -> local path); `python`:
+    the interpreter of the API's own environment (None: the runtime's); `task`: a task API's run."""
     spec = stored.deployment.spec
-    predictor = spec.required_predictor
+    predictor = spec.predictor  # None: a server API, or a task API that runs a command
+    env = dict(predictor.env) if predictor else {}
+    server = None
+    if spec.server is not None:
+        readiness = spec.server.readiness
+        server = ServerLaunch(
+            app=spec.server.app,
+            command=spec.server.command,
+            root_path=f"/{stored.name}",
+            readiness_path=readiness.path,
+            readiness_timeout_s=readiness.timeout_s,
+            readiness_period_s=readiness.period_s,
+            failure_threshold=readiness.failure_threshold,
+        )
+        env.update(spec.server.env)
+    if spec.task is not None:
+        env.update(spec.task.env)
     launch = ReplicaLaunch(
         api=stored.name,
         replica_id=replica_id,
         revision=stored.revision,
         project_dir=code_dir,
         snapshot=stored.deployment.snapshot,
-        predictor_path=predictor.path,
-        class_name=predictor.class_name,
-        config={**predictor.config, **(config or {})},
+        predictor_path=predictor.path if predictor else "",
+        class_name=predictor.class_name if predictor else "",
+        config={**(predictor.config if predictor else {}), **(config or {})},
         inference_slots=spec.concurrency.inference_slots,
         secret=secrets.token_bytes(32),
         debug_errors=debug_errors if spec.debug_errors is None else spec.debug_errors,
@@ -64,5 +83,8 @@ def build_launch(
         protocol=None if spec.protocol is None else spec.protocol.name,
         tensor_inputs=declared_tensors(spec.protocol, "inputs"),
         tensor_outputs=declared_tensors(spec.protocol, "outputs"),
+        python=python,
+        server=server,
+        task=task,
     )
-    return launch, {**predictor.env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}
+    return launch, {**env, "CIRRUS_API": stored.name, "CIRRUS_REPLICA_ID": replica_id}

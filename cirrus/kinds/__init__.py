@@ -13,9 +13,13 @@ from cirrus.kinds.async_ import AsyncKind
 from cirrus.kinds.base import Kind, KindHost, Wanted
 from cirrus.kinds.batch import BatchKind
 from cirrus.kinds.realtime import RealtimeKind
+from cirrus.kinds.server import ServerKind
 from cirrus.kinds.splitter import SplitterKind
+from cirrus.kinds.task import TaskKind
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (RealtimeKind(), AsyncKind(), BatchKind(), SplitterKind())}
+KINDS: dict[str, Kind] = {
+    kind.name: kind for kind in (RealtimeKind(), AsyncKind(), BatchKind(), SplitterKind(), ServerKind(), TaskKind())
+}
 
 __all__ = ["KINDS", "Kind", "KindHost", "Wanted", "kind_of"]
 

@@ -53,6 +53,10 @@ class Kind:
     proves_load: ClassVar[bool] = True
     runs_jobs: ClassVar[bool] = False
     replica_timeout: ClassVar[bool] = False
+    # `proxied`: the gateway proxies every method and path under /<api>/ to a replica's web app
+    # (kind server); `forks`: replicas fork from a template that imported the predictor module.
+    proxied: ClassVar[bool] = False
+    forks: ClassVar[bool] = True
 
     def load(self, host: KindHost, api: str, desired: int) -> float:
         """The autoscaler's in-flight measure."""
