@@ -659,9 +659,9 @@ class Controller:
                 if replica.state is not ReplicaState.PENDING:
                     continue
                 stored = replica.stored or state.stored
-                paths = self.models.paths((state.name, replica.revision), stored.deployment)
-                if paths is None:  # its models are being fetched (or failed and will be retried)
-                    replica.reason = self.models.waiting_reason((state.name, replica.revision))
+                paths, waiting = self.start_gate(stored)
+                if paths is None:
+                    replica.reason = waiting
                     continue
                 placed = self.runtime.reserve(replica.id, stored.deployment.spec.compute)
                 if isinstance(placed, Unplaceable):
@@ -670,6 +670,14 @@ class Controller:
                 replica.reservation = placed
                 replica.reason = None
                 self._start(state, replica, paths)
+
+    def start_gate(self, stored: StoredApi) -> tuple[dict[str, str] | None, str | None]:
+        """(the revision's fetched models, None) when its replicas may start now; else (None, why they
+        wait): its models are being fetched, or failed and will be retried."""
+        paths = self.models.paths((stored.name, stored.revision), stored.deployment)
+        if paths is None:
+            return None, self.models.waiting_reason((stored.name, stored.revision))
+        return paths, None
 
     def _release_templates(self, state: ApiState) -> None:
         """Release the runtime's preparation of revisions that will start no more replicas."""
