@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cirrus import __version__
 from cirrus.admin_dashboard import Dashboard, DashboardRoutes, Sessions, is_dashboard_path, refusal, session_allows
+from cirrus.admin_envs import env_routes
 from cirrus.admin_openapi import (
     MAX_DEAD_LETTERS,
     MAX_LISTED_REQUESTS,
@@ -37,6 +38,7 @@ from cirrus.admin_openapi import (
     openapi_document,
     parse_body,
 )
+from cirrus.admin_tasks import task_routes
 from cirrus.control.controller import Controller
 from cirrus.control.gateways import Gateways, TooManyGateways
 from cirrus.control.jobs import JobNotFound
@@ -45,7 +47,14 @@ from cirrus.control.rollouts import DeployRefused
 from cirrus.jobs import JobError, parse_request
 from cirrus.routes import GATEWAY_ID_RE, LoadReport
 from cirrus.snapshots import ARCHIVE_OVERHEAD_BYTES, SnapshotError, SnapshotStore
-from cirrus.spec import API_NAME_RE, Deployment, SpecError, check_model_paths, check_predictor_path
+from cirrus.spec import (
+    API_NAME_RE,
+    Deployment,
+    SpecError,
+    check_model_paths,
+    check_predictor_path,
+    check_requirements_path,
+)
 from cirrus.store.base import RequestRecord, Status, StoreUnavailable
 from cirrus.store.files import FileError
 from cirrus.store.view import describe, with_payload
@@ -104,6 +113,7 @@ def check_paths(deployment: Deployment) -> None:
                 raise SpecError(f"{where}: {field}: {path.partition('/')[0]} is no known user's home") from None
     check_predictor_path(deployment, "deploy")
     check_model_paths(deployment, "deploy")
+    check_requirements_path(deployment, "deploy")
 
 
 class AdminApi:
@@ -171,7 +181,7 @@ class AdminApi:
         out = []
         for deployment in deployments:
             predictor = deployment.spec.predictor
-            if predictor is None:  # a splitter: no code to snapshot
+            if deployment.spec.kind == "splitter":  # no code to snapshot (a server or task API has code, no predictor)
                 out.append(deployment.model_copy(update={"snapshot": None}))
                 continue
             digest = deployment.snapshot
@@ -183,7 +193,7 @@ class AdminApi:
                     f"API {deployment.spec.name!r}: snapshot {digest} was not uploaded (POST /v1/snapshots)"
                 )
             tree = self.snapshots.unpacked(digest)
-            if not (tree / predictor.path).is_file():
+            if predictor is not None and not (tree / predictor.path).is_file():
                 raise SpecError(
                     f"API {deployment.spec.name!r}: predictor.path {predictor.path!r} is not in the "
                     f"deployed snapshot of {deployment.project_dir} (is it listed in .cirrusignore?)"
@@ -523,6 +533,7 @@ def build_admin_app(
             Route("/v1/jobs/{id}", api.get_job),
             Route("/v1/jobs/{id}/cancel", api.cancel_job, methods=["POST"]),
             Route("/v1/jobs/{id}/retry", api.retry_job, methods=["POST"]),
+            *task_routes(controller),  # cirrus/admin_tasks.py
             Route("/v1/keys", api.list_keys),
             Route("/v1/keys", api.create_key, methods=["POST"]),
             Route("/v1/keys/{id}", api.revoke_key, methods=["DELETE"]),
@@ -530,6 +541,7 @@ def build_admin_app(
             Route("/v1/gateways/routes", api.gateway_routes),
             Route("/v1/gateways/{id}/load", api.gateway_load, methods=["POST"]),
             Route("/v1/shutdown", api.stop, methods=["POST"]),
+            *env_routes(controller),  # /v1/envs: APIs' cached Python environments (cirrus/admin_envs.py)
         ],
         middleware=[
             Middleware(TokenAuth, token=token, sessions=dashboard.sessions),

@@ -18,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import JsonSchemaMode
 from starlette.routing import BaseRoute, Route
 
+from cirrus.admin_envs import EnvList, PruneAnswer, PruneRequest
 from cirrus.jobs import Job, JobRequest
 from cirrus.routes import GatewayList, LoadAccepted, LoadReport, RouteTable
 from cirrus.spec import API_NAME_RE, RESERVED_NAMES, Deployment
 from cirrus.store.base import CANCELLED, REQUEUE_LIMIT
+from cirrus.tasks import TaskRequest, TaskRun
 from cirrus.types import ApiKey, ApiStatus, DaemonInfo, DeployResult, RevisionInfo
 
 MAX_LOG_LINES = 100_000
@@ -176,6 +178,10 @@ class JobList(BaseModel):
     jobs: list[Job]
 
 
+class TaskList(BaseModel):
+    tasks: list[TaskRun]
+
+
 class KeyList(BaseModel):
     keys: list[ApiKey]
 
@@ -221,6 +227,7 @@ class Operation:
 NO_API = {404: "no API of that name"}
 BAD = {400: "a malformed or invalid request; the error says what was wrong"}
 STORE_DOWN = {503: "the queue store cannot take writes now (full, or its server down): retry later"}
+NO_TASK_RUN = {404: "no task run with that id"}
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/openapi.json"): Operation("this document", OpenApiDocument),
@@ -318,6 +325,43 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         Job,
         {400: "the job has not ended, or nothing failed", 404: "no job with that id"},
         status=201,
+    ),
+    ("GET", "/v1/envs"): Operation("the cached Python environments of APIs, their sizes and users", EnvList),
+    ("POST", "/v1/envs/prune"): Operation(
+        "remove every cached Python environment no revision uses",
+        PruneAnswer,
+        {**BAD, 413: "the body is too large"},
+        body=PruneRequest,
+        body_required=False,
+    ),
+    ("POST", "/v1/apis/{name}/tasks"): Operation(
+        "submit a run of a `kind: task` API (pending until it starts)",
+        TaskRun,
+        {400: "not a task API, or a malformed or invalid request", **NO_API, 503: "this daemon runs no task runs"},
+        status=201,
+        body=TaskRequest,
+        body_required=False,
+    ),
+    ("GET", "/v1/tasks"): Operation(
+        "recent task runs, newest first",
+        TaskList,
+        query=(Query("api", {"type": "string"}, "only this API's runs"),),
+    ),
+    ("GET", "/v1/tasks/{id}"): Operation("one task run: status, attempts, exit reason, times", TaskRun, NO_TASK_RUN),
+    ("POST", "/v1/tasks/{id}/cancel"): Operation(
+        "cancel a run: a pending one at once, a running one once its process is stopped (SIGTERM, then SIGKILL)",
+        TaskRun,
+        {**NO_TASK_RUN, 409: "the run already ended"},
+    ),
+    ("GET", "/v1/tasks/{id}/logs"): Operation(
+        "the run's log: every attempt, oldest first (`follow`: then new lines as they are written)",
+        None,
+        {**NO_TASK_RUN, 400: "lines is not an integer"},
+        query=(
+            Query("lines", {"type": "integer"}, "how many of the newest lines"),
+            Query("follow", {"type": "boolean"}, "keep streaming new lines"),
+        ),
+        text="log lines, each `[replica-id] text`",
     ),
     ("GET", "/v1/keys"): Operation("the API keys (their records, never the keys)", KeyList),
     ("POST", "/v1/keys"): Operation("create an API key", NewKey, BAD, status=201, body=KeyRequest, body_required=False),

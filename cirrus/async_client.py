@@ -46,7 +46,8 @@ from cirrus.client_common import (
 )
 from cirrus.jobs import Job
 from cirrus.settings import Settings
-from cirrus.types import ApiStatus, DaemonInfo
+from cirrus.tasks import TaskRun
+from cirrus.types import ApiStatus, DaemonInfo, EnvEntry
 
 __all__ = ["AsyncClient"]
 
@@ -226,9 +227,53 @@ class AsyncClient:
     async def job(self, job_id: str) -> Job:
         return parse(Job, (await self._admin("GET", f"/v1/jobs/{job_id}")).json())
 
+    async def envs(self) -> list[EnvEntry]:
+        """The cached Python environments of APIs (`python:` in a spec): size, last use, users."""
+        return parse_list(EnvEntry, (await self._admin("GET", "/v1/envs")).json(), "envs")
+
     async def retry_job(self, job_id: str) -> Job:
         """A new job (`retry_of` = job_id) running the ended job's failed batches and items again."""
         return parse(Job, (await self._admin("POST", f"/v1/jobs/{job_id}/retry")).json())
+
+    # Task runs (`kind: task` APIs).
+
+    async def submit_task(
+        self,
+        api: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> TaskRun:
+        """One run of a task API; returns the run (pending). `timeout_s`, `retries`: default the spec's."""
+        body: dict[str, Any] = {"config": dict(config or {})}
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
+        if retries is not None:
+            body["retries"] = retries
+        return parse(TaskRun, (await self._admin("POST", f"/v1/apis/{api}/tasks", json=body)).json())
+
+    async def tasks(self, api: str | None = None) -> list[TaskRun]:
+        """Task runs, newest first (of one API, or all)."""
+        params = {"api": api} if api else None
+        return parse_list(TaskRun, (await self._admin("GET", "/v1/tasks", params=params)).json(), "tasks")
+
+    async def task(self, run_id: str) -> TaskRun:
+        return parse(TaskRun, (await self._admin("GET", f"/v1/tasks/{run_id}")).json())
+
+    async def cancel_task(self, run_id: str) -> TaskRun:
+        return parse(TaskRun, (await self._admin("POST", f"/v1/tasks/{run_id}/cancel")).json())
+
+    async def wait_task(self, run_id: str, timeout: float | None = None) -> TaskRun:
+        """Poll until the run has ended; CirrusTimeoutError when `timeout` runs out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = await self.task(run_id)
+            if run.status.finished:
+                return run
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CirrusTimeoutError(f"task run {run_id} is still {run.status.value} after {timeout:g}s")
+            await asyncio.sleep(POLL_INTERVAL_S)
 
     # Plumbing.
 

@@ -43,8 +43,10 @@ from cirrus.cli_common import (
     is_terminal,
 )
 from cirrus.cli_dashboard import dashboard
+from cirrus.cli_envs import env_lines, envs_app
 from cirrus.cli_jobs import jobs_app
 from cirrus.cli_queue import dead_letters, requests_app
+from cirrus.cli_tasks import tasks_app
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -252,7 +254,7 @@ def _wait_live(client: Client, results: list[DeployResult], timeout: float) -> N
         printed: dict[str, str] = {}
 
         def note(statuses: list[ApiStatus]) -> None:
-            lines = {"": f"waiting: {views.progress(statuses)}", **views.model_lines(statuses)}
+            lines = {"": f"waiting: {views.progress(statuses)}", **views.model_lines(statuses), **env_lines(statuses)}
             for key, line in lines.items():
                 if printed.get(key) != line:
                     printed[key] = line
@@ -345,11 +347,17 @@ def logs(
     api: ApiArgument,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", help="how many recent lines to show")] = 100,
+    task: Annotated[str | None, typer.Option("--task", help="only this task run's log (all its attempts)")] = None,
     home: HomeOption = None,
 ) -> None:
     """Print the logs of an API's replicas, each line prefixed with its replica id."""
     with _errors():
         client = _client(home)
+        if task is not None:
+            from cirrus.cli_tasks import print_task_logs
+
+            print_task_logs(client, api, task, lines, follow)
+            return
         if not follow:
             text = client.logs(api, lines=lines)
             if text:
@@ -488,6 +496,8 @@ def _admin_token(token: str | None, token_file: Path | None) -> str:
 keys_app = typer.Typer(help="API keys: who may call the APIs, and how often.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(envs_app, name="envs")
 app.add_typer(requests_app, name="requests")
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -76,9 +76,15 @@ def waiting_view(spinner: RenderableType, statuses: list[ApiStatus]) -> Renderab
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
+    from cirrus.cli_envs import env_rows
+
     models = [(s.name, m) for s in statuses for m in s.models if "://" in m.source]
-    if not models:
+    envs = env_rows(statuses)  # APIs' own Python environments being built
+    if not models and not envs:
         return spinner
+    env_table = Table.grid(padding=(0, 1))
+    for label, text in envs:
+        env_table.add_row(label, text)
     table = Table.grid(padding=(0, 1))
     for api, model in models:
         done = model.total_bytes if model.state == "ready" else model.done_bytes
@@ -90,7 +96,7 @@ def waiting_view(spinner: RenderableType, statuses: list[ApiStatus]) -> Renderab
             f"{decimal(done)}/{decimal(model.total_bytes)}",
             styled(model.state),
         )
-    return Group(spinner, table)
+    return Group(spinner, env_table, table)
 
 
 def model_lines(statuses: list[ApiStatus]) -> dict[str, str]:
@@ -214,6 +220,10 @@ def api_view(s: ApiStatus, gateway_url: str) -> RenderableType:
             progress = f" {100 * model.done_bytes / model.total_bytes:.0f}% of {model.total_bytes / 2**30:.2f} GiB"
         where = model.error if model.state == "failed" else (model.path or model.source)
         rows.append((f"model {model.name}", f"{model.state}{progress}: {where}"))
+    if s.environment is not None:
+        from cirrus.cli_envs import env_line
+
+        rows.append(("environment", env_line(s.environment)))
     if s.batch_size_mean is not None:
         rows.append(
             (

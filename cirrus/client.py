@@ -55,7 +55,8 @@ from cirrus.client_common import (
 from cirrus.jobs import DEFAULT_BATCH_SIZE, Job, JobError, JobRequest, parse_request
 from cirrus.settings import Settings
 from cirrus.spec import SpecError, find_spec_file, load_deployments
-from cirrus.types import ApiKey, ApiStatus, ApiStatusName, DaemonInfo, DeployResult, RevisionInfo
+from cirrus.tasks import TaskRun
+from cirrus.types import ApiKey, ApiStatus, ApiStatusName, DaemonInfo, DeployResult, EnvEntry, RevisionInfo
 
 __all__ = [
     "NOT_RUNNING",
@@ -312,8 +313,11 @@ class Client:
 
     def follow_logs(self, name: str, lines: int = 10) -> Iterator[str]:
         """The last `lines` log lines, then new ones as they come, until the daemon ends the stream."""
+        return self._follow(f"/v1/apis/{name}/logs", lines)
+
+    def _follow(self, path: str, lines: int) -> Iterator[str]:
         info = self.daemon_info()
-        url = join(info.admin_url, f"/v1/apis/{name}/logs")
+        url = join(info.admin_url, path)
         params: dict[str, str | int] = {"lines": lines, "follow": "true"}
         with (
             translate_errors(info.admin_url),
@@ -493,6 +497,15 @@ class Client:
     def revoke_key(self, key_id: str) -> ApiKey:
         return parse(ApiKey, self._admin("DELETE", f"/v1/keys/{key_id}").json())
 
+    def envs(self) -> list[EnvEntry]:
+        """The cached Python environments of APIs (`python:` in a spec): size, last use, users."""
+        return parse_list(EnvEntry, self._admin("GET", "/v1/envs").json(), "envs")
+
+    def prune_envs(self, dry_run: bool = False) -> list[EnvEntry]:
+        """Remove every cached environment no revision uses (`dry_run`: only list them); those removed."""
+        answer = self._admin("POST", "/v1/envs/prune", json={"dry_run": dry_run}).json()
+        return parse_list(EnvEntry, answer, "removed")
+
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a job: `stopping` until its batches in flight end (`wait_job` for its final counts)."""
         return parse(Job, self._admin("POST", f"/v1/jobs/{job_id}/cancel").json())
@@ -513,6 +526,56 @@ class Client:
             if deadline is not None and time.monotonic() >= deadline:
                 raise CirrusTimeoutError(f"job {job_id} is still {job.status.value} after {timeout:g}s")
             time.sleep(POLL_INTERVAL_S)
+
+    # Task runs (`kind: task` APIs).
+
+    def submit_task(
+        self,
+        api: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> TaskRun:
+        """One run of a task API (`run(config)` or its command); returns the run (pending). `timeout_s`
+        and `retries` default to the spec's `task:` section."""
+        body: dict[str, Any] = {"config": dict(config or {})}
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
+        if retries is not None:
+            body["retries"] = retries
+        return parse(TaskRun, self._admin("POST", f"/v1/apis/{api}/tasks", json=body).json())
+
+    def tasks(self, api: str | None = None) -> list[TaskRun]:
+        """Task runs, newest first (of one API, or all)."""
+        params = {"api": api} if api else None
+        return parse_list(TaskRun, self._admin("GET", "/v1/tasks", params=params).json(), "tasks")
+
+    def task(self, run_id: str) -> TaskRun:
+        return parse(TaskRun, self._admin("GET", f"/v1/tasks/{run_id}").json())
+
+    def cancel_task(self, run_id: str) -> TaskRun:
+        """Cancel a run (a running one is `cancelled` once its process is gone: `wait_task`)."""
+        return parse(TaskRun, self._admin("POST", f"/v1/tasks/{run_id}/cancel").json())
+
+    def wait_task(self, run_id: str, timeout: float | None = None) -> TaskRun:
+        """Poll until the run has ended (any final status); CirrusTimeoutError when `timeout` runs out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = self.task(run_id)
+            if run.status.finished:
+                return run
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CirrusTimeoutError(f"task run {run_id} is still {run.status.value} after {timeout:g}s")
+            time.sleep(POLL_INTERVAL_S)
+
+    def task_logs(self, run_id: str, lines: int = 100) -> str:
+        """The last `lines` log lines of a run (all its attempts, oldest first)."""
+        return self._admin("GET", f"/v1/tasks/{run_id}/logs", params={"lines": lines, "follow": "false"}).text
+
+    def follow_task_logs(self, run_id: str, lines: int = 10) -> Iterator[str]:
+        """A run's last `lines` log lines, then new ones as they come, until the stream is closed."""
+        return self._follow(f"/v1/tasks/{run_id}/logs", lines)
 
     # Plumbing.
 

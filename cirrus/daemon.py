@@ -218,12 +218,14 @@ class _Parts:
 def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo], stop: Callable[[], None]) -> _Parts:
     from cirrus.admin import build_admin_app
     from cirrus.control.controller import Controller
+    from cirrus.control.envs import EnvBuilder
     from cirrus.control.gateways import Gateways
     from cirrus.control.jobs import JobManager, JobStore
     from cirrus.control.keys import KeyStore
     from cirrus.control.models import ModelFetcher
     from cirrus.control.statedb import StateDB
     from cirrus.control.store import Store
+    from cirrus.control.tasks import TaskRunner, TaskStore
     from cirrus.control.telemetry import ControlPlaneCollector
     from cirrus.gateway.app import Gateway
     from cirrus.gateway.async_api import AsyncFront
@@ -266,8 +268,10 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
         snapshots=snapshots,
         keys=KeyStore(state_db),
         debug_errors=settings.debug_errors,
+        envs=EnvBuilder(settings.envs_dir, time.monotonic, settings.envs_max_bytes),
     )
     _check_keys(settings, controller.keys.list())
+    controller.tasks = TaskRunner(controller, TaskStore(state_db), settings.home / "tasks")  # task APIs' runs
     telemetry = (ControlPlaneCollector(controller), GpuCollector())
     gateway.metrics_app = lambda: render(gateway, extra=telemetry)
     gateway.record_requests(settings.access_log, settings.log_max_bytes, settings.otel_endpoint)
@@ -349,11 +353,14 @@ async def run(
     ]
     tasks = [loop.create_task(s.serve(sockets=[k])) for s, k in zip(servers, (gateway_sock, admin_sock), strict=True)]
     parts.controller.restore()
+    if parts.controller.tasks is not None:
+        parts.controller.tasks.restore()  # runs a stopped or crashed daemon left: re-attached or run again
     if deployments:
         spec_file = find_spec_file(deploy_path or ".").resolve().name
         parts.controller.deploy([parts.controller.snapshot(d, spec_file) for d in deployments])
     background = [
         loop.create_task(parts.controller.run()),
+        *([loop.create_task(parts.controller.tasks.run())] if parts.controller.tasks is not None else []),
         loop.create_task(_sample_history(parts)),
         loop.create_task(_purge_results(parts.queue_store, settings.result_ttl_s)),
         loop.create_task(_rotate_logs(parts.runtime, settings.daemon_log, settings.log_max_bytes)),
@@ -418,6 +425,8 @@ async def _stop(
     await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S + 1)
     if parts.gateway.async_front is not None:
         await parts.gateway.async_front.close()
+    if parts.controller.tasks is not None:
+        await parts.controller.tasks.shutdown()  # task runs stop before the runtime closes (they run again at start)
     await parts.controller.shutdown()
     for task in background:
         task.cancel()

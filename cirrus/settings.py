@@ -24,6 +24,7 @@ DEFAULT_BODY_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024  # a log file past this is rotated (one previous file kept)
+DEFAULT_ENVS_MAX_BYTES = 20 * 2**30  # APIs' cached Python environments past this: least recently used go
 
 
 def _int_env(env: dict[str, str], name: str, default: int) -> int:
@@ -121,6 +122,7 @@ class Settings:
     ray_address: str = ""  # the Ray cluster's HOST:PORT (runtime "ray"; "": Ray's own RAY_ADDRESS, else a local one)
     ray_agent_idle_s: float = 60.0  # a Ray node without replicas keeps its Cirrus agent (warm templates) this long
     otel_endpoint: str = ""  # OTLP/HTTP base URL the gateway exports spans to ("": none; needs the otel extra)
+    envs_max_bytes: int = DEFAULT_ENVS_MAX_BYTES  # disk for APIs' own Python environments (unused ones evicted)
 
     @property
     def keys_required(self) -> bool:
@@ -163,6 +165,7 @@ class Settings:
             ray_address=env.get("CIRRUS_RAY_ADDRESS") or env.get("RAY_ADDRESS") or "",
             ray_agent_idle_s=_positive_float_env(env, "CIRRUS_RAY_AGENT_IDLE_S", 60.0),
             otel_endpoint=env.get("CIRRUS_OTEL_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "",
+            envs_max_bytes=_positive_int_env(env, "CIRRUS_ENVS_MAX_BYTES", DEFAULT_ENVS_MAX_BYTES),
         )
 
     def daemon_env(self) -> dict[str, str]:
@@ -181,6 +184,7 @@ class Settings:
             "CIRRUS_KEEP_ALIVE_S": repr(self.keep_alive_s),
             "CIRRUS_MAX_CONNECTIONS": str(self.max_connections),
             "CIRRUS_LOG_MAX_BYTES": str(self.log_max_bytes),
+            "CIRRUS_ENVS_MAX_BYTES": str(self.envs_max_bytes),
         }
         if self.require_keys is not None:
             env["CIRRUS_REQUIRE_KEYS"] = "1" if self.require_keys else "0"
@@ -234,6 +238,10 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def envs_dir(self) -> Path:
+        return self.home / "envs"
 
     @property
     def access_log(self) -> Path:

@@ -725,6 +725,7 @@ def load_deployments(path: str | Path) -> list[Deployment]:
         deployment = Deployment(spec=spec, project_dir=str(project_dir))
         check_predictor_path(deployment, str(spec_file))
         check_model_paths(deployment, str(spec_file))
+        check_requirements_path(deployment, str(spec_file))
         deployments.append(deployment)
     return deployments
 
@@ -742,6 +743,17 @@ def check_model_paths(deployment: Deployment, source: str) -> None:
                 f"{source}: API {deployment.spec.name!r}: models.{index}.path: {path} does not exist "
                 "(a local file or directory, relative to the spec, or a URL such as s3://bucket/prefix/)"
             )
+
+
+def check_requirements_path(deployment: Deployment, source: str) -> None:
+    """`python.requirements` must be a file inside the project directory (it travels in the snapshot)."""
+    python, project = deployment.spec.python, Path(deployment.project_dir).resolve()
+    if python is None or python.requirements is None:
+        return
+    target = (project / python.requirements).resolve()
+    if not target.is_relative_to(project) or not target.is_file():
+        where = "points outside the project directory" if not target.is_relative_to(project) else "is no file"
+        raise SpecError(f"{source}: API {deployment.spec.name!r}: python.requirements: {target} {where}")
 
 
 def check_predictor_path(deployment: Deployment, source: str) -> None:

@@ -35,7 +35,8 @@ class PythonEnvSpec(Strict):
     version: str | None = Field(
         None,
         pattern=r"^3\.\d{1,2}(\.\d{1,3})?$",
-        description="the Python version of the environment, e.g. 3.11 (default: the daemon's)",
+        description="the Python version of the environment, e.g. 3.11: it must be the daemon's (the default), "
+        "whose compiled packages the environment reuses",
     )
 
     @field_validator("packages")

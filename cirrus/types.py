@@ -57,6 +57,32 @@ class ModelStatus(_Record):
     error: str | None = None
 
 
+class EnvStatus(_Record):
+    """An API's own Python environment (`python:` in its spec), as `cirrus get` shows it."""
+
+    state: str  # pending | resolving | building | ready | failed
+    key: str | None = None  # the cached environment ($CIRRUS_HOME/envs/<key>)
+    python: str | None = None  # its interpreter, once ready
+    error: str | None = None  # the installer's message, when failed
+    log: str | None = None  # the build log
+    reused: bool = False  # a complete environment with the same pins was there: nothing was built
+    build_s: float | None = None
+
+
+class EnvEntry(_Record):
+    """One cached environment, as `cirrus envs list` shows it."""
+
+    key: str
+    path: str
+    state: str  # ready | building | incomplete
+    size_bytes: int
+    last_used: float
+    created_at: float | None = None
+    build_s: float | None = None
+    requirements: list[str] = Field(default_factory=list)
+    used_by: list[str] = Field(default_factory=list)  # "api/revision"
+
+
 class TrafficShare(_Record):
     """Where an API's requests went over the last minute: a revision of a canary rollout, or one of a
     splitter's APIs, with how it answered."""
@@ -104,6 +130,7 @@ class ApiStatus(_Record):
     last_cold_start_s: float | None = None  # first queued request -> first replica serving, from zero
     replicas: list[ReplicaStatus] = Field(default_factory=list)
     models: list[ModelStatus] = Field(default_factory=list)
+    environment: EnvStatus | None = None  # the API's own Python environment (`python:`), if it has one
     canary_percent: float | None = None  # a canary rollout runs: its revision's share of requests
     traffic: list[TrafficShare] = Field(default_factory=list)  # a canary's revisions, or a splitter's APIs
 

@@ -128,6 +128,7 @@ class ReplicaReady(msgspec.Struct, tag="ready", frozen=True):
 
 class ReplicaFailed(msgspec.Struct, tag="failed", frozen=True):
     error: str
+    stage: str = "load the predictor"  # what failed: "failed to <stage>: <error>" (a web app: "start the app")
 
 
 StartupReport = ReplicaReady | ReplicaFailed

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cirrus.control.envs import EnvBuilder
 from cirrus.control.keys import KeyStore
 from cirrus.control.launches import build_launch
 from cirrus.control.models import ModelFetcher
@@ -30,11 +31,12 @@ from cirrus.kinds import Kind, kind_of
 from cirrus.runtimes.base import ReplicaExit, Reservation, Runtime, Unplaceable
 from cirrus.spec import SPEC_FILENAMES, ConcurrencySpec, CorsSpec, Deployment, ProtocolSpec, QueueSpec, SplitTarget
 from cirrus.store.base import API_DELETED, QueueStore
-from cirrus.types import ApiKey, ApiStatus, DeployResult, ReplicaState, TrafficShare
+from cirrus.types import ApiKey, ApiStatus, ApiStatusName, DeployResult, ReplicaState, TrafficShare
 from cirrus.wire import QueueConfig, ReplicaLaunch, ReplicaReady
 
 if TYPE_CHECKING:
     from cirrus.control.jobs import JobManager
+    from cirrus.control.tasks import TaskRunner
     from cirrus.snapshots import SnapshotStore
 
 log = logging.getLogger("cirrus.controller")
@@ -203,6 +205,7 @@ class Controller:
         snapshots: SnapshotStore | None = None,
         debug_errors: bool = False,
         keys: KeyStore | None = None,
+        envs: EnvBuilder | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -220,6 +223,9 @@ class Controller:
         self.snapshots = snapshots  # where revisions' code lives (None: run from project_dir, as tests may)
         self.debug_errors = debug_errors  # for specs that do not say: 500s show the exception (cirrus serve)
         self.keys = keys or KeyStore(":memory:")  # API keys; the gateway checks requests against them
+        self.tasks: TaskRunner | None = None  # task APIs' runs; their replicas' events go to it
+        self.envs = envs or EnvBuilder()  # APIs' own Python environments (`python:`; the daemon's: $CIRRUS_HOME/envs)
+        self.envs.on_change = self.wake
         self.apis: dict[str, ApiState] = {}
         self._by_replica: dict[str, Replica] = {}
         self._wake = asyncio.Event()
@@ -333,7 +339,10 @@ class Controller:
     def _status(self, state: ApiState) -> ApiStatus:
         placements = {r.id: self.runtime.placement(r.id) for r in state.replicas.values()}
         models = self.models.status((state.name, state.revision))
-        status = api_status(state, self.gateway, self.endpoint(state.name), models, placements)
+        env = self.envs.status((state.name, state.revision))
+        status = api_status(state, self.gateway, self.endpoint(state.name), models, placements, env)
+        if self.tasks is not None and state.kind.name == "task" and status.status is ApiStatusName.LIVE:
+            status = status.model_copy(update={"message": self.tasks.summary(state.name)})  # its runs
         if not state.kind.queued or self.queue_store is None:
             return status
         return status.model_copy(update=backlog_fields(self.queue_store, state.name, time.time()))
@@ -440,6 +449,8 @@ class Controller:
     # --- runtime events -----------------------------------------------------------------
     def replica_ready(self, replica_id: str, report: ReplicaReady) -> None:
         replica = self._by_replica.get(replica_id)
+        if replica is None and self.tasks is not None:
+            self.tasks.replica_ready(replica_id, report)  # a task run's replica
         if replica is None or replica.state is not ReplicaState.STARTING:
             return
         replica.pid = report.pid
@@ -494,6 +505,8 @@ class Controller:
 
     def replica_exited(self, replica_id: str, exit: ReplicaExit) -> None:
         replica = self._by_replica.get(replica_id)
+        if replica is None and self.tasks is not None:
+            self.tasks.replica_exited(replica_id, exit)  # a task run's replica
         if replica is None:
             return
         self.gateway.drain_replica(replica.api, replica.id)
@@ -538,7 +551,10 @@ class Controller:
         self.set_route(stored)
 
     def _prepare(self, state: ApiState, stored: StoredApi) -> None:
-        if stored.revision not in state.prepared and state.kind.runs_replicas and state.kind.forks:
+        if stored.revision in state.prepared or not (state.kind.runs_replicas and state.kind.forks):
+            return
+        code_dir = partial(self.code_dir, stored)
+        if self.envs.ready((stored.name, stored.revision), stored.deployment, code_dir):  # templates run its Python
             # A template process imports the predictor's module now, so replicas (even the first,
             # from zero) start by forking instead of importing everything again.
             state.prepared.add(stored.revision)
@@ -567,7 +583,11 @@ class Controller:
                 self._retire(replica)
             if not state.replicas and self.apis.get(state.name) is state:
                 del self.apis[state.name]
+                self.envs.forget(state.name)  # its environments may be evicted once its replicas are gone
             return
+        for revision in (state.stored, state.serving):  # (once its environment is ready)
+            if revision is not None:
+                self._prepare(state, revision)
         job = self._wanted(state)
         canary = state.canary
         wanted = state.desired if canary is None else canary_replicas(state.desired, canary)
@@ -639,7 +659,7 @@ class Controller:
         live = [r for r in state.replicas.values() if r.state is not ReplicaState.DRAINING]
         if not any(r.state in (ReplicaState.READY, ReplicaState.STARTING) for r in live):
             failing = [r for r in live if r.consecutive_failures > 0 and r.last_error]
-            fetch = self.models.failure((state.name, state.revision))
+            fetch = self.models.failure((state.name, state.revision)) or self.envs.failure((state.name, state.revision))
             # (a revision that has loaded can serve again: requests wait for its restarted replicas)
             if state.serving is None and state.revision not in state.loaded and (failing or fetch):
                 error = fetch or failing[0].last_error
@@ -647,7 +667,7 @@ class Controller:
         if reason != state.unavailable:
             state.unavailable = reason
             self.gateway.set_unavailable(state.name, reason)
-        if state.kind.runs_replicas and state.kind.takes_predictions:
+        if state.kind.runs_replicas and (state.kind.takes_predictions or state.kind.proxied):
             serving = state.serving.revision if state.serving is not None else state.revision
             canary = state.revision if state.canary is not None else None
             self.gateway.set_canary(state.name, serving, canary, state.canary or 0.0)
@@ -673,10 +693,12 @@ class Controller:
 
     def start_gate(self, stored: StoredApi) -> tuple[dict[str, str] | None, str | None]:
         """(the revision's fetched models, None) when its replicas may start now; else (None, why they
-        wait): its models are being fetched, or failed and will be retried."""
-        paths = self.models.paths((stored.name, stored.revision), stored.deployment)
-        if paths is None:
-            return None, self.models.waiting_reason((stored.name, stored.revision))
+        wait): its models are being fetched, or its Python environment built, or either failed and will be retried."""
+        key = (stored.name, stored.revision)
+        paths = self.models.paths(key, stored.deployment)
+        env_ready = self.envs.ready(key, stored.deployment, partial(self.code_dir, stored))
+        if paths is None or not env_ready:
+            return None, self.models.waiting_reason(key) or self.envs.waiting_reason(key)
         return paths, None
 
     def _release_templates(self, state: ApiState) -> None:
@@ -689,6 +711,7 @@ class Controller:
                 continue  # an old revision may still need a restart while the new one comes up
             state.prepared.discard(revision)
             self.models.release((state.name, revision))
+            self.envs.release((state.name, revision))
             self._run_in_background(self.runtime.release(state.name, revision))
 
     def _launch_for(
@@ -701,7 +724,8 @@ class Controller:
             queue, config = self.jobs.launch(job, spec, self.queue_url)
         else:
             queue = kind_of(spec.kind).queue(spec, self.queue_url)
-        return build_launch(stored, replica_id, self.code_dir(stored), self.debug_errors, queue, config, models)
+        python = self.envs.interpreter((stored.name, stored.revision))
+        return build_launch(stored, replica_id, self.code_dir(stored), self.debug_errors, queue, config, models, python)
 
     def snapshot(self, deployment: Deployment, spec_file: str | None = None) -> Deployment:
         """The deployment with a snapshot of its project directory (packed here, on this node), which
@@ -731,7 +755,7 @@ class Controller:
             replica.pid = await self.runtime.start(launch, env)
         except Exception as exc:
             log.exception("cannot start replica %s", replica.id)
-            self.replica_exited(replica.id, ReplicaExit(error=f"the runtime could not start it: {exc}"))
+            self.replica_exited(replica.id, ReplicaExit(error=f"the runtime could not start it: {exc}", stage="start"))
 
     def _retire(self, replica: Replica) -> None:
         """Drain a replica (no new requests, finish those in flight), then stop it."""

@@ -68,7 +68,7 @@ class Rollouts:
         if state is None or state.deleted:
             raise DeployRefused(f"API {name!r} is not deployed: a canary starts beside a serving revision")
         kind = kind_of(deployment.spec.kind)
-        if kind.queued or not kind.takes_predictions or not kind.runs_replicas:
+        if kind.queued or not (kind.takes_predictions or kind.proxied) or not kind.runs_replicas:
             raise DeployRefused(f"API {name!r}: canaries are for realtime APIs, not {deployment.spec.kind} ones", 400)
         if deployment.spec.kind != state.stored.deployment.spec.kind:
             raise DeployRefused(f"API {name!r}: a canary cannot change the API's kind", 400)

@@ -6,12 +6,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from cirrus.types import ApiStatus, ApiStatusName, ModelStatus, ReplicaState, ReplicaStatus
+from cirrus.types import ApiStatus, ApiStatusName, EnvStatus, ModelStatus, ReplicaState, ReplicaStatus
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from cirrus.control.controller import ApiState, GatewayControl, Replica
+    from cirrus.control.envs import EnvBuild
     from cirrus.control.models import ModelFetch
     from cirrus.runtimes.base import Placement
     from cirrus.store.base import QueueStore
@@ -32,9 +33,13 @@ def _reason(replica: Replica, placement: Placement | None) -> str | None:
     return None
 
 
-def _health(state: ApiState, models: list[ModelFetch]) -> tuple[ApiStatusName, str | None, int]:
+def _health(
+    state: ApiState, models: list[ModelFetch], env: EnvBuild | None = None
+) -> tuple[ApiStatusName, str | None, int]:
     """(status, message, pending replicas) of the revision the API rolls to."""
     model_failure = next((m.describe() for m in models if m.state == "failed"), None)
+    if model_failure is None and env is not None and env.state == "failed":
+        model_failure = env.describe()  # like a model that cannot be fetched: nothing of it can start
     current = [r for r in state.replicas.values() if r.revision == state.revision]
     ready = sum(1 for r in current if r.state is ReplicaState.READY)
     pending = [r for r in current if r.state is ReplicaState.PENDING]
@@ -77,11 +82,13 @@ def api_status(
     endpoint: str,
     models: list[ModelFetch] | None = None,
     placements: Mapping[str, Placement | None] | None = None,
+    env: EnvBuild | None = None,
 ) -> ApiStatus:
-    """`placements`: where the runtime put each started replica (or why it waits), by replica id."""
+    """`placements`: where the runtime put each started replica (or why it waits), by replica id;
+    `env`: the build of the revision's own Python environment, if it has one."""
     models = models or []
     placements = placements or {}
-    status, message, pending = _health(state, models)
+    status, message, pending = _health(state, models, env)
     ready = sum(1 for r in state.replicas.values() if r.revision == state.revision and r.state is ReplicaState.READY)
     requests, p50, p99, in_flight, queued, replica_load = gateway.api_metrics(state.name, time.time())
     cold_starts, last_cold_start = gateway.cold_starts(state.name)
@@ -99,6 +106,17 @@ def api_status(
             )
             for m in models
         ],
+        environment=None
+        if env is None
+        else EnvStatus(
+            state=env.state,
+            key=env.key,
+            python=env.python,
+            error=env.error,
+            log=env.log,
+            reused=env.reused,
+            build_s=env.build_s,
+        ),
         name=state.name,
         kind=state.stored.deployment.spec.kind,
         status=status,

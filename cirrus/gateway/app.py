@@ -210,6 +210,11 @@ class Gateway:
                 send = marked
             if (route.auth_required or self.require_keys) and await self._refused(route, scope, send):
                 return
+            if route.behaviour.proxied:  # kind server: every method and path goes to the API's own app
+                from cirrus.gateway.proxy import proxy
+
+                await proxy(self, route, rest, scope, receive, send)
+                return
             if not rest:
                 if method == "POST" and route.split is not None:
                     await self._split(route, route.split, scope, receive, send)

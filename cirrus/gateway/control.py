@@ -14,6 +14,7 @@ from cirrus.gateway.metrics import ApiMetrics, last_minute_of
 from cirrus.gateway.routing import ReplicaSlot, Unavailable
 from cirrus.gateway.split import Split
 from cirrus.gateway.transport import ReplicaConnection
+from cirrus.gateway.upstream import HttpUpstream
 from cirrus.spec import ConcurrencySpec, CorsSpec, ProtocolSpec, SplitTarget
 from cirrus.types import ApiKey, TrafficShare
 from cirrus.wire import ReplicaReady
@@ -112,7 +113,12 @@ class GatewayController:
     ) -> None:
         """Connect to a ready replica (proving we know its `secret`) and route to it. Should the
         connection be lost, the replica leaves routing at once and `on_lost(reason)` is called."""
-        conn = await ReplicaConnection.open(report.address, secret, self.gateway.max_body_bytes)
+        conn: ReplicaConnection | HttpUpstream
+        if report.address.startswith("http://"):  # kind server: the replica's own web app (cirrus/gateway/proxy.py)
+            route = self.gateway.routes.get(api)
+            conn = HttpUpstream(report.address, secret, route.max_concurrency if route is not None else 1)
+        else:
+            conn = await ReplicaConnection.open(report.address, secret, self.gateway.max_body_bytes)
         route = self.gateway.routes.get(api)
         if route is None:
             conn.close()

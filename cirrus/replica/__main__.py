@@ -19,24 +19,15 @@ import traceback
 
 from cirrus.loop import run_loop
 from cirrus.predictor import load_predictor, openapi_document
+from cirrus.replica import report_startup
 from cirrus.replica.server import ReplicaProtocol, RequestHandler
-from cirrus.wire import ReplicaFailed, ReplicaLaunch, ReplicaReady, decode_launch, encode_startup
+from cirrus.wire import ReplicaFailed, ReplicaLaunch, ReplicaReady, decode_launch
 
 log = logging.getLogger("cirrus.replica")
 DRAIN_GRACE_S = 30.0
 STUCK_EXIT_S = 10.0  # every slot stuck in a timed-out predict this long: exit so the replica is restarted
 EXIT_STUCK = 3
 MIN_SECRET_BYTES = 16
-
-
-def _report(fd: int, message: ReplicaReady | ReplicaFailed) -> None:
-    if fd < 0:
-        return
-    try:
-        os.write(fd, encode_startup(message))
-        os.close(fd)
-    except OSError:
-        pass
 
 
 async def _listen(
@@ -61,7 +52,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
     parent = os.getppid()
     started = time.perf_counter()
     if len(launch.secret) < MIN_SECRET_BYTES:  # anyone could then use the replica's socket
-        _report(status_fd, ReplicaFailed(error=f"launched without a secret of {MIN_SECRET_BYTES} bytes or more"))
+        report_startup(status_fd, ReplicaFailed(error=f"launched without a secret of {MIN_SECRET_BYTES} bytes or more"))
         return 1
     try:
         predictor = load_predictor(
@@ -82,7 +73,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
             launch, openapi = declare(launch, predictor, openapi)
     except BaseException as exc:
         log.error("the predictor failed to load:\n%s", traceback.format_exc())
-        _report(status_fd, ReplicaFailed(error=f"{type(exc).__name__}: {exc}"))
+        report_startup(status_fd, ReplicaFailed(error=f"{type(exc).__name__}: {exc}"))
         return 1
     load_s = time.perf_counter() - started
     models = None
@@ -111,7 +102,7 @@ async def serve(launch: ReplicaLaunch, status_fd: int) -> int:
         worker = QueueWorker(handler, store, launch.api, launch.replica_id, launch.queue)
         worker_task = loop.create_task(worker.run(stop))
     log.info("replica %s of %s ready at %s (loaded in %.2fs)", launch.replica_id, launch.api, address, load_s)
-    _report(status_fd, ReplicaReady(address=address, pid=os.getpid(), load_s=load_s, openapi=openapi))
+    report_startup(status_fd, ReplicaReady(address=address, pid=os.getpid(), load_s=load_s, openapi=openapi))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -153,7 +144,16 @@ def run_replica(launch: ReplicaLaunch, status_fd: int) -> int:
     """Serve until told to stop; the exit code. The one serve path of a fresh replica process and
     of one forked from a template (`cirrus.replica.template`)."""
     configure_logging()
-    code = run_loop(serve(launch, status_fd))
+    if launch.task is not None:  # kind task: one run, then exit (0: succeeded)
+        from cirrus.replica.task_run import run_task
+
+        return run_task(launch, status_fd)
+    if launch.server is not None:  # kind server: the API's own web app instead of a predictor
+        from cirrus.replica.app_server import serve_app
+
+        code = run_loop(serve_app(launch, status_fd, report_startup))
+    else:
+        code = run_loop(serve(launch, status_fd))
     sys.stdout.flush()
     sys.stderr.flush()
     return code

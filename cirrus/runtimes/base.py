@@ -44,6 +44,7 @@ class ReplicaExit:
     code: int | None = None  # exit status, when it exited
     signal: int | None = None  # the signal that killed it
     error: str | None = None  # the replica's own ReplicaFailed message (load failures)
+    stage: str = "load the predictor"  # what failed, with `error` (ReplicaFailed.stage)
     log_tail: list[str] = field(default_factory=list)
     lost: str | None = None  # it went with its node, or the runtime lost track of it: why
 
@@ -51,7 +52,7 @@ class ReplicaExit:
         if self.lost:
             return f"lost: {self.lost}"
         if self.error:
-            head = f"failed to load the predictor: {self.error}"
+            head = f"failed to {self.stage}: {self.error}"
         elif self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name

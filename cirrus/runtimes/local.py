@@ -202,7 +202,7 @@ class LocalRuntime:
             self._templates[key] = _Template(
                 launch,
                 template_env,
-                self.python,
+                launch.python or self.python,  # the API's own environment's, where it has one
                 self.template_log_path(launch.api, launch.revision),
                 self._template_died,
             )
@@ -299,7 +299,7 @@ class LocalRuntime:
         with path.open("ab") as log_file:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    self.python,
+                    launch.python or self.python,
                     "-m",
                     "cirrus.replica",
                     "--launch-fd",
@@ -330,7 +330,7 @@ class LocalRuntime:
         """Report readiness, then the exit. `exited` gives the exit code as `subprocess` does
         (negative: the signal), or None when it is unknown."""
         report = await _read_report(read_fd)
-        error = None
+        error, stage = None, "load the predictor"
         if isinstance(report, ReplicaReady):
             running = self._processes.get(launch.replica_id)
             if running is not None:
@@ -338,7 +338,7 @@ class LocalRuntime:
             if self._events is not None:
                 self._events.replica_ready(launch.replica_id, report)
         elif isinstance(report, ReplicaFailed):
-            error = report.error
+            error, stage = report.error, report.stage
         code = await exited
         entry = self._processes.pop(launch.replica_id, None)
         self._reservations.pop(launch.replica_id, None)  # freed before anyone hears of the exit
@@ -346,11 +346,19 @@ class LocalRuntime:
             code=code if code is not None and code >= 0 else None,
             signal=-code if code is not None and code < 0 else None,
             error=error,
+            stage=stage,
             log_tail=await asyncio.to_thread(tail_lines, self.log_path(launch.api, launch.replica_id), LOG_TAIL_LINES),
         )
         self._exited_logs.add(self.log_path(launch.api, launch.replica_id))
         if entry is not None and not entry.stopping:
-            log.warning("replica %s of %s %s", launch.replica_id, launch.api, exit.describe().splitlines()[0])
+            ended = launch.task is not None and exit.code == 0  # a task run that succeeded: no warning
+            log.log(
+                logging.INFO if ended else logging.WARNING,
+                "replica %s of %s %s",
+                launch.replica_id,
+                launch.api,
+                exit.describe().splitlines()[0],
+            )
         if self._events is not None:
             self._events.replica_exited(launch.replica_id, exit)
 

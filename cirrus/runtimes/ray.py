@@ -69,6 +69,21 @@ def ray_options(compute: ComputeSpec) -> dict[str, Any]:
     return options
 
 
+def runtime_env(pins: list[str]) -> dict[str, Any]:
+    """The Ray `runtime_env` that builds an API's own environment (its resolved pins) on each node, with
+    Ray's uv support; the actor's interpreter there is the replica's."""
+    return {"uv": {"packages": list(pins)}}
+
+
+def env_pins(python: str | None) -> list[str] | None:
+    """The resolved pins of the environment whose interpreter is `python` (None: the API has none).
+    The daemon resolved and built it (cirrus/envs.py): `requirements.txt` lies beside `bin/`."""
+    if python is None:
+        return None
+    text = (Path(python).parent.parent / "requirements.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def bundle(options: dict[str, Any]) -> dict[str, float]:
     """The resource shape of a replica's Ray options, as Ray's autoscaler takes it (zeros left out)."""
     shape = {"CPU": options.get("num_cpus", 0.0), "GPU": options.get("num_gpus", 0.0), **options["resources"]}
@@ -193,7 +208,9 @@ class RayRuntime:
     # --- replicas -------------------------------------------------------------------------------
     async def start(self, launch: ReplicaLaunch, env: dict[str, str]) -> int | None:
         options = self._reserved.pop(launch.replica_id, None) or {"num_cpus": 1.0, "resources": {}}
-        holder: Any = self._holder.options(**options).remote()
+        pins = env_pins(launch.python)
+        extra = {} if pins is None else {"runtime_env": runtime_env(pins)}
+        holder: Any = self._holder.options(**options, **extra).remote()
         too_big = infeasible(options, self._cluster_nodes())
         waiting = (
             "waiting for a node with room"
@@ -210,8 +227,9 @@ class RayRuntime:
             replica.devices = {k.lower(): v for k, v in where["accelerators"].items()}
             replica.agent = agent = await self._agent(where["node_id"])
             project_dir = await self._ship(agent, launch)
-            await self._prepare_on(where["node_id"], agent, launch, project_dir)
-            placed = _on_node(launch, project_dir, where["node_ip"])
+            node_python = where.get("python") if pins is not None else None  # the runtime_env's, there
+            await self._prepare_on(where["node_id"], agent, launch, project_dir, node_python)
+            placed = _on_node(launch, project_dir, where["node_ip"], node_python)
             env = {**self.replica_env, **env, **where["device_env"]}
             pid: int | None = await agent.start.remote(encode_launch(placed), env)
         except BaseException:
@@ -234,14 +252,16 @@ class RayRuntime:
         assert path is not None
         return path
 
-    async def _prepare_on(self, node_id: str, agent: Any, launch: ReplicaLaunch, project_dir: str) -> None:
+    async def _prepare_on(
+        self, node_id: str, agent: Any, launch: ReplicaLaunch, project_dir: str, python: str | None = None
+    ) -> None:
         key = (node_id, launch.api, launch.revision)
         prepared = self._prepared.get((launch.api, launch.revision))
         if prepared is None or key in self._node_prepared:
             return
         self._node_prepared.add(key)
         template, env = prepared
-        on_node = _on_node(decode_launch(template), project_dir, None)
+        on_node = _on_node(decode_launch(template), project_dir, None, python)
         with contextlib.suppress(Exception):  # a node without a template still starts replicas, slower
             await agent.prepare.remote(encode_launch(on_node), env)
 
@@ -406,12 +426,13 @@ class RayRuntime:
             ray.shutdown()
 
 
-def _on_node(launch: ReplicaLaunch, project_dir: str, node_ip: str | None) -> ReplicaLaunch:
+def _on_node(launch: ReplicaLaunch, project_dir: str, node_ip: str | None, python: str | None = None) -> ReplicaLaunch:
     """The launch as it runs on a node: its code where the node unpacked it, listening on the node's
-    address (which the gateway reaches) instead of loopback."""
+    address (which the gateway reaches) instead of loopback, with the node's interpreter of its
+    environment (`python`: the runtime_env's; the daemon's path means nothing there)."""
     import msgspec
 
-    changes: dict[str, Any] = {"project_dir": project_dir}
+    changes: dict[str, Any] = {"project_dir": project_dir, "python": python}
     if node_ip is not None:
         changes["listen"] = f"tcp:{node_ip}:0"
     return msgspec.structs.replace(launch, **changes)

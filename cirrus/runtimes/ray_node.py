@@ -58,6 +58,7 @@ class Holder:
             # No GPU held: none visible (Ray leaves the variable unset then, which would show them all).
             "device_env": {"CUDA_VISIBLE_DEVICES": "", **{n: os.environ[n] for n in DEVICE_ENV if n in os.environ}},
             "accelerators": {kind: ",".join(ids) for kind, ids in context.get_accelerator_ids().items() if ids},
+            "python": sys.executable,  # its runtime_env's interpreter, where the API has its own environment
         }
 
 
