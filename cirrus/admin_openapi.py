@@ -337,7 +337,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/apis/{name}/tasks"): Operation(
         "submit a run of a `kind: task` API (pending until it starts)",
         TaskRun,
-        {400: "not a task API, or a malformed or invalid request", **NO_API, 503: "this daemon runs no task runs"},
+        {
+            400: "not a task API, or a malformed or invalid request",
+            **NO_API,
+            429: "the API has CIRRUS_TASK_RUNS_WAITING runs pending or running already",
+            503: "this daemon runs no task runs",
+        },
         status=201,
         body=TaskRequest,
         body_required=False,

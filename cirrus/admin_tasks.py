@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from cirrus.admin_openapi import MAX_LOG_LINES, BodyError, parse_body
 from cirrus.control.controller import Controller
-from cirrus.control.tasks import TaskConflict, TaskNotFound, TaskRunner
+from cirrus.control.tasks import TaskConflict, TaskNotFound, TaskRunner, TooManyRuns
 from cirrus.tasks import TaskError, TaskRequest
 
 MAX_LISTED_TASKS = 1000
@@ -45,6 +45,8 @@ class TaskRoutes:
             return _error(404, str(exc))
         except (BodyError, TaskError) as exc:
             return _error(400, str(exc))
+        except TooManyRuns as exc:
+            return _error(429, str(exc))
         except TaskConflict as exc:
             return _error(503, str(exc))
         return JSONResponse(run.model_dump(mode="json"), status_code=201)

@@ -271,7 +271,9 @@ def _build(settings: Settings, gateway_url: str, info: Callable[[], DaemonInfo],
         envs=EnvBuilder(settings.envs_dir, time.monotonic, settings.envs_max_bytes),
     )
     _check_keys(settings, controller.keys.list())
-    controller.tasks = TaskRunner(controller, TaskStore(state_db), settings.home / "tasks")  # task APIs' runs
+    controller.tasks = TaskRunner(  # task APIs' runs
+        controller, TaskStore(state_db), settings.home / "tasks", settings.task_runs_waiting, settings.task_runs_kept
+    )
     telemetry = (ControlPlaneCollector(controller), GpuCollector())
     gateway.metrics_app = lambda: render(gateway, extra=telemetry)
     gateway.record_requests(settings.access_log, settings.log_max_bytes, settings.otel_endpoint)

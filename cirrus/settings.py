@@ -24,6 +24,8 @@ DEFAULT_BODY_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024  # a log file past this is rotated (one previous file kept)
+DEFAULT_TASK_RUNS_WAITING = 1000  # runs of one task API pending or running at most (more: 429)
+DEFAULT_TASK_RUNS_KEPT = 1000  # ended runs of one task API kept with their logs (older ones removed)
 DEFAULT_ENVS_MAX_BYTES = 20 * 2**30  # APIs' cached Python environments past this: least recently used go
 
 
@@ -123,6 +125,8 @@ class Settings:
     ray_agent_idle_s: float = 60.0  # a Ray node without replicas keeps its Cirrus agent (warm templates) this long
     otel_endpoint: str = ""  # OTLP/HTTP base URL the gateway exports spans to ("": none; needs the otel extra)
     envs_max_bytes: int = DEFAULT_ENVS_MAX_BYTES  # disk for APIs' own Python environments (unused ones evicted)
+    task_runs_waiting: int = DEFAULT_TASK_RUNS_WAITING  # runs of one task API pending or running at most
+    task_runs_kept: int = DEFAULT_TASK_RUNS_KEPT  # ended runs of one task API kept, with their logs
 
     @property
     def keys_required(self) -> bool:
@@ -166,6 +170,8 @@ class Settings:
             ray_agent_idle_s=_positive_float_env(env, "CIRRUS_RAY_AGENT_IDLE_S", 60.0),
             otel_endpoint=env.get("CIRRUS_OTEL_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "",
             envs_max_bytes=_positive_int_env(env, "CIRRUS_ENVS_MAX_BYTES", DEFAULT_ENVS_MAX_BYTES),
+            task_runs_waiting=_positive_int_env(env, "CIRRUS_TASK_RUNS_WAITING", DEFAULT_TASK_RUNS_WAITING),
+            task_runs_kept=_positive_int_env(env, "CIRRUS_TASK_RUNS_KEPT", DEFAULT_TASK_RUNS_KEPT),
         )
 
     def daemon_env(self) -> dict[str, str]:
@@ -185,6 +191,8 @@ class Settings:
             "CIRRUS_MAX_CONNECTIONS": str(self.max_connections),
             "CIRRUS_LOG_MAX_BYTES": str(self.log_max_bytes),
             "CIRRUS_ENVS_MAX_BYTES": str(self.envs_max_bytes),
+            "CIRRUS_TASK_RUNS_WAITING": str(self.task_runs_waiting),
+            "CIRRUS_TASK_RUNS_KEPT": str(self.task_runs_kept),
         }
         if self.require_keys is not None:
             env["CIRRUS_REQUIRE_KEYS"] = "1" if self.require_keys else "0"

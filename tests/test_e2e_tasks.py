@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import Cirrus, pid_alive
+from conftest import Cirrus, module_daemon, pid_alive
 
 from cirrus.async_client import AsyncClient
 from cirrus.client import CirrusError
@@ -266,3 +266,24 @@ def test_bad_input_gets_clear_errors(daemon: Cirrus, tmp_path: Path) -> None:
     run = client.wait_task(client.submit_task("train").id, timeout=60)
     code, _, stderr = daemon.cli("logs", "cmd", "--task", run.id)
     assert code == 1 and f"a run of train, not cmd: cirrus logs train --task {run.id}" in stderr
+
+
+def test_runs_waiting_and_runs_kept_are_bounded(tmp_path: Path) -> None:
+    with module_daemon(tmp_path / "home", CIRRUS_TASK_RUNS_WAITING="2", CIRRUS_TASK_RUNS_KEPT="2") as daemon:
+        client = _deployed(daemon, tmp_path)
+        slow = [client.submit_task("train", {"sleep": 30}) for _ in range(2)]
+        with pytest.raises(CirrusError, match="train has 2 runs pending or running, the most it may have") as info:
+            client.submit_task("train")
+        assert info.value.status == 429
+        for run in slow:
+            client.cancel_task(run.id)
+        ended = [client.wait_task(run.id, timeout=30) for run in slow]  # (cancelled while starting, too)
+        assert [r.status for r in ended] == [TaskStatus.CANCELLED] * 2
+        quick = [client.wait_task(client.submit_task("train").id, timeout=30) for _ in range(2)]
+        assert [r.status for r in quick] == [TaskStatus.SUCCEEDED] * 2
+        # The two newest ended runs are kept; the older ones and their logs are gone.
+        assert [r.id for r in client.tasks("train")] == [quick[1].id, quick[0].id]
+        logs = daemon.home / "logs" / "train"
+        assert {p.name for p in logs.glob("*.log")} == {f"{r.replica_id}.log" for r in quick}
+        with pytest.raises(CirrusError, match="no task run with id"):
+            client.task(ended[0].id)

@@ -136,6 +136,30 @@ def test_the_store_keeps_runs_and_finds_the_unfinished(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_the_store_keeps_the_newest_ended_runs_of_an_api(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "state.db")
+    ended = [
+        settle(
+            new_run("a", 1, TaskRequest(), None, 0, NOW + i).model_copy(update={"status": TaskStatus.RUNNING}),
+            Outcome(code=0),
+            NOW + i,
+        )
+        for i in range(5)
+    ]
+    waiting = new_run("a", 1, TaskRequest(), None, 0, NOW - 10)  # the oldest, but not ended: kept
+    other = settle(
+        new_run("b", 1, TaskRequest(), None, 0, NOW - 20).model_copy(update={"status": TaskStatus.RUNNING}),
+        Outcome(code=1),
+        NOW,
+    )
+    for run in [*ended, waiting, other]:
+        store.save(run)
+    assert [r.id for r in store.prune("a", 2)] == [r.id for r in reversed(ended[:3])]
+    assert [r.id for r in store.recent("a")] == [ended[4].id, ended[3].id, waiting.id]
+    assert [r.id for r in store.recent("b")] == [other.id] and store.prune("a", 2) == []
+    store.close()
+
+
 def test_a_process_is_known_by_pid_start_time_and_boot(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:

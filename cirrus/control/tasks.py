@@ -18,6 +18,7 @@ is left of the last one is killed (by pid, identity checked) before the next one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -40,6 +41,7 @@ from cirrus.control.task_procs import (
     signal_attempt,
 )
 from cirrus.runtimes.base import ReplicaExit, Unplaceable
+from cirrus.settings import DEFAULT_TASK_RUNS_KEPT, DEFAULT_TASK_RUNS_WAITING
 from cirrus.tasks import (
     Outcome,
     TaskError,
@@ -86,6 +88,10 @@ class TaskConflict(Exception):
     """The run cannot do that now (e.g. cancel a run that has ended)."""
 
 
+class TooManyRuns(Exception):
+    """An API has as many runs pending or running as it may (`TaskRunner.max_waiting`)."""
+
+
 class TaskStore(StateTables):
     """Task runs in the control plane's state database (beside the APIs, revisions and jobs)."""
 
@@ -112,6 +118,18 @@ class TaskStore(StateTables):
             )
         return [TaskRun.model_validate_json(str(data)) for (data,) in rows]
 
+    def prune(self, api: str, keep: int) -> list[TaskRun]:
+        """Remove the API's ended runs but the newest `keep`; the runs removed."""
+        rows = self._db.fetchall(
+            "SELECT data FROM task_runs WHERE api = ? AND status NOT IN ('pending', 'running') "
+            "ORDER BY created_at DESC LIMIT -1 OFFSET ?",
+            (api, keep),
+        )
+        runs = [TaskRun.model_validate_json(str(data)) for (data,) in rows]
+        for run in runs:
+            self._db.execute("DELETE FROM task_runs WHERE id = ?", (run.id,))
+        return runs
+
     def unfinished(self) -> list[TaskRun]:
         rows = self._db.fetchall(
             "SELECT data FROM task_runs WHERE status IN ('pending', 'running') ORDER BY created_at"
@@ -123,10 +141,19 @@ class TaskRunner:
     """Starts, watches, stops and retries task runs; hears their replicas' runtime events through the
     controller (`Controller.tasks`). `results_dir` is where attempts record themselves."""
 
-    def __init__(self, controller: Controller, store: TaskStore, results_dir: Path) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        store: TaskStore,
+        results_dir: Path,
+        max_waiting: int = DEFAULT_TASK_RUNS_WAITING,
+        keep_ended: int = DEFAULT_TASK_RUNS_KEPT,
+    ) -> None:
         self.controller = controller
         self.store = store
         self.results_dir = results_dir
+        self.max_waiting = max_waiting  # runs of one API pending or running at most (more: TooManyRuns)
+        self.keep_ended = keep_ended  # ended runs of one API kept, with their logs
         self.active: dict[str, TaskRun] = {}  # unfinished runs, by id
         self._by_replica: dict[str, str] = {}  # replica id -> run id, while an attempt runs
         self._reattached: set[str] = set()  # runs whose process an earlier daemon started (watched by pid)
@@ -145,6 +172,12 @@ class TaskRunner:
         spec = state.stored.deployment.spec
         if spec.kind != "task":
             raise TaskError(f"{api} is a {spec.kind} API, not a task API: only `kind: task` APIs take task runs")
+        waiting = sum(1 for r in self.active.values() if r.api == api)
+        if waiting >= self.max_waiting:
+            raise TooManyRuns(
+                f"{api} has {waiting} runs pending or running, the most it may have; "
+                "wait for some to end, or cancel some (cirrus tasks list / cancel)"
+            )
         task = spec.task
         run = new_run(
             api,
@@ -272,6 +305,14 @@ class TaskRunner:
         self._by_replica[run.replica_id] = run.id
         self._spawn(self._start(started, stored, paths))
 
+    def _forget_old_runs(self, api: str) -> None:
+        """Keep the newest `keep_ended` ended runs of an API, and their logs."""
+        for old in self.store.prune(api, self.keep_ended):
+            log_path = self.controller.runtime.log_path(api, old.replica_id)
+            for path in (log_path, log_path.with_name(log_path.name + ".1")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
     def _wait(self, run: TaskRun, reason: str) -> None:
         if run.reason != reason:
             self._save(run.model_copy(update={"reason": reason}))
@@ -300,6 +341,8 @@ class TaskRunner:
         current = self.active.get(run.id)
         if current is None or current.status is not TaskStatus.RUNNING or pid is None:
             return
+        if current.stopping is not None:  # cancelled (or timed out) while it started: the stop found no process
+            self._spawn(self.controller.runtime.stop(run.replica_id, STOP_GRACE_S))
         stat = proc_stat(pid)
         self._save(
             current.model_copy(update={"pid": pid, "pid_start": stat.start if stat else None, "boot_id": boot_id()})
@@ -336,6 +379,8 @@ class TaskRunner:
         settled = settle(run, outcome, time.time())
         self._save(settled)
         remove_state(state)
+        if settled.status.finished:
+            self._forget_old_runs(run.api)
         log.info(
             "%s: task run %s attempt %d: %s -> %s",
             run.api,
