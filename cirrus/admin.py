@@ -11,23 +11,24 @@ import asyncio
 import hmac
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cirrus import __version__
+from cirrus.admin_common import error, log_response
 from cirrus.admin_dashboard import Dashboard, DashboardRoutes, Sessions, is_dashboard_path, refusal, session_allows
 from cirrus.admin_envs import env_routes
 from cirrus.admin_openapi import (
     MAX_DEAD_LETTERS,
     MAX_LISTED_REQUESTS,
-    MAX_LOG_LINES,
     REPLICA_ID_RE,
     REQUEST_ID_RE,
     BodyError,
@@ -65,10 +66,6 @@ if TYPE_CHECKING:
 
 LONG_POLL_S = 20.0  # GET /v1/gateways/routes?version=V waits this long at most for a change
 NO_GATEWAYS = "this daemon takes no joined gateways"
-
-
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 class TokenAuth:
@@ -267,18 +264,10 @@ class AdminApi:
         runtime = self.controller.runtime
         if self.controller.status(name) is None and not (API_NAME_RE.fullmatch(name) and runtime.has_logs(name)):
             return error(404, f"no API named {name!r}")
-        try:
-            lines = int(request.query_params.get("lines", "100"))
-        except ValueError:
-            return error(400, "lines must be an integer")
-        lines = max(0, min(lines, MAX_LOG_LINES))
         replica = request.query_params.get("replica") or None
         if replica is not None and not REPLICA_ID_RE.fullmatch(replica):
             return error(400, f"replica must be a replica id, such as {name}-0a1b2c (see cirrus get {name})")
-        if request.query_params.get("follow", "false").lower() in ("1", "true", "yes"):
-            return StreamingResponse(runtime.logs(name, replica, lines, True), media_type="text/plain; charset=utf-8")
-        text = b"".join([chunk async for chunk in runtime.logs(name, replica, lines, False)])
-        return Response(text, media_type="text/plain; charset=utf-8")
+        return await log_response(request, partial(runtime.logs, name, replica))
 
     async def dead_letters(self, request: Request) -> Response:
         name = request.path_params["name"]

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cirrus.admin_common import error
 from cirrus.types import EnvEntry
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ def entry(info: envs.EnvInfo, used_by: list[str] | None = None, building: bool =
     )
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
 class EnvsAdmin:
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
@@ -73,14 +70,14 @@ class EnvsAdmin:
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_PRUNE_BODY_BYTES:
-                return _error(413, f"the prune request is over {MAX_PRUNE_BODY_BYTES} bytes")
+                return error(413, f"the prune request is over {MAX_PRUNE_BODY_BYTES} bytes")
         try:
             data = json.loads(body) if body.strip() else {}
             if not isinstance(data, dict):
                 raise ValueError("not an object")
             asked = PruneRequest.model_validate(data)
         except ValueError as exc:
-            return _error(400, f'invalid prune request ({{"dry_run": true}} or empty): {exc}')
+            return error(400, f'invalid prune request ({{"dry_run": true}} or empty): {exc}')
         removed = await asyncio.to_thread(self.controller.envs.prune, asked.dry_run)
         answer = PruneAnswer(
             removed=[entry(info) for info in removed],

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import JsonSchemaMode
 from starlette.routing import BaseRoute, Route
 
+from cirrus.admin_common import MAX_LOG_LINES
 from cirrus.admin_envs import EnvList, PruneAnswer, PruneRequest
 from cirrus.jobs import Job, JobRequest
 from cirrus.routes import GatewayList, LoadAccepted, LoadReport, RouteTable
@@ -26,7 +27,6 @@ from cirrus.store.base import CANCELLED, REQUEUE_LIMIT
 from cirrus.tasks import TaskRequest, TaskRun
 from cirrus.types import ApiKey, ApiStatus, DaemonInfo, DeployResult, RevisionInfo
 
-MAX_LOG_LINES = 100_000
 MAX_DEAD_LETTERS = 10_000
 MAX_LISTED_REQUESTS = 10_000
 REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # an async request's id, as the gateway makes them

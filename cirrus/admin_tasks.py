@@ -3,23 +3,21 @@ run's log (every attempt, in order). Registered by `cirrus/admin.py`; described 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cirrus.admin_openapi import MAX_LOG_LINES, BodyError, parse_body
+from cirrus.admin_common import error, log_response
+from cirrus.admin_openapi import BodyError, parse_body
 from cirrus.control.controller import Controller
 from cirrus.control.tasks import TaskConflict, TaskNotFound, TaskRunner, TooManyRuns
 from cirrus.tasks import TaskError, TaskRequest
 
 MAX_LISTED_TASKS = 1000
 NO_TASKS = "this daemon runs no task runs"
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 class TaskRoutes:
@@ -37,18 +35,18 @@ class TaskRoutes:
         try:
             body: Any = await request.json() if await request.body() else {}
         except ValueError:
-            return _error(400, "the body must be a JSON object: {config, timeout_s, retries} (each optional)")
+            return error(400, "the body must be a JSON object: {config, timeout_s, retries} (each optional)")
         try:
             task_request = parse_body(TaskRequest, body, "task request")
             run = self.runner.submit(name, task_request)
         except TaskNotFound as exc:
-            return _error(404, str(exc))
+            return error(404, str(exc))
         except (BodyError, TaskError) as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except TooManyRuns as exc:
-            return _error(429, str(exc))
+            return error(429, str(exc))
         except TaskConflict as exc:
-            return _error(503, str(exc))
+            return error(503, str(exc))
         return JSONResponse(run.model_dump(mode="json"), status_code=201)
 
     async def list_runs(self, request: Request) -> Response:
@@ -60,34 +58,24 @@ class TaskRoutes:
         try:
             run = self.runner.get(request.path_params["id"])
         except (TaskNotFound, TaskConflict) as exc:
-            return _error(404, str(exc))
+            return error(404, str(exc))
         return JSONResponse(run.model_dump(mode="json"))
 
     async def cancel(self, request: Request) -> Response:
         try:
             run = self.runner.cancel(request.path_params["id"])
         except TaskNotFound as exc:
-            return _error(404, str(exc))
+            return error(404, str(exc))
         except TaskConflict as exc:
-            return _error(409, str(exc))
+            return error(409, str(exc))
         return JSONResponse(run.model_dump(mode="json"))
 
     async def logs(self, request: Request) -> Response:
         try:
             run = self.runner.get(request.path_params["id"])
         except (TaskNotFound, TaskConflict) as exc:
-            return _error(404, str(exc))
-        try:
-            lines = int(request.query_params.get("lines", "100"))
-        except ValueError:
-            return _error(400, "lines must be an integer")
-        lines = max(0, min(lines, MAX_LOG_LINES))
-        runtime = self.controller.runtime
-        if request.query_params.get("follow", "false").lower() in ("1", "true", "yes"):
-            stream = runtime.logs(run.api, run.replica_id, lines, True)
-            return StreamingResponse(stream, media_type="text/plain; charset=utf-8")
-        text = b"".join([chunk async for chunk in runtime.logs(run.api, run.replica_id, lines, False)])
-        return Response(text, media_type="text/plain; charset=utf-8")
+            return error(404, str(exc))
+        return await log_response(request, partial(self.controller.runtime.logs, run.api, run.replica_id))
 
 
 def task_routes(controller: Controller) -> list[Route]:

@@ -41,6 +41,7 @@ from cirrus.client_common import (
     request_parts,
     stream_headers,
     submitted_id,
+    task_body,
     tls_verify,
     translate_errors,
 )
@@ -246,11 +247,7 @@ class AsyncClient:
         retries: int | None = None,
     ) -> TaskRun:
         """One run of a task API; returns the run (pending). `timeout_s`, `retries`: default the spec's."""
-        body: dict[str, Any] = {"config": dict(config or {})}
-        if timeout_s is not None:
-            body["timeout_s"] = timeout_s
-        if retries is not None:
-            body["retries"] = retries
+        body = task_body(config, timeout_s, retries)
         return parse(TaskRun, (await self._admin("POST", f"/v1/apis/{api}/tasks", json=body)).json())
 
     async def tasks(self, api: str | None = None) -> list[TaskRun]:

@@ -49,6 +49,7 @@ from cirrus.client_common import (
     request_parts,
     stream_headers,
     submitted_id,
+    task_body,
     tls_verify,
     translate_errors,
 )
@@ -539,11 +540,7 @@ class Client:
     ) -> TaskRun:
         """One run of a task API (`run(config)` or its command); returns the run (pending). `timeout_s`
         and `retries` default to the spec's `task:` section."""
-        body: dict[str, Any] = {"config": dict(config or {})}
-        if timeout_s is not None:
-            body["timeout_s"] = timeout_s
-        if retries is not None:
-            body["retries"] = retries
+        body = task_body(config, timeout_s, retries)
         return parse(TaskRun, self._admin("POST", f"/v1/apis/{api}/tasks", json=body).json())
 
     def tasks(self, api: str | None = None) -> list[TaskRun]:

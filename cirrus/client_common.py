@@ -266,5 +266,15 @@ def parse_list(model: type[M], data: Any, key: str) -> list[M]:
     return [parse(model, item) for item in data[key]]
 
 
+def task_body(config: Mapping[str, Any] | None, timeout_s: float | None, retries: int | None) -> dict[str, Any]:
+    """The body of `POST /v1/apis/{name}/tasks`: what the caller gave (the rest defaults to the spec's)."""
+    body: dict[str, Any] = {"config": dict(config or {})}
+    if timeout_s is not None:
+        body["timeout_s"] = timeout_s
+    if retries is not None:
+        body["retries"] = retries
+    return body
+
+
 def join(base: str, path: str) -> str:
     return base.rstrip("/") + path

@@ -115,11 +115,11 @@ class GatewayController:
         connection be lost, the replica leaves routing at once and `on_lost(reason)` is called."""
         conn: ReplicaConnection | HttpUpstream
         if report.address.startswith("http://"):  # kind server: the replica's own web app (cirrus/gateway/proxy.py)
-            route = self.gateway.routes.get(api)
-            conn = HttpUpstream(report.address, secret, route.max_concurrency if route is not None else 1)
+            known = self.gateway.routes.get(api)
+            conn = HttpUpstream(report.address, secret, known.max_concurrency if known is not None else 1)
         else:
             conn = await ReplicaConnection.open(report.address, secret, self.gateway.max_body_bytes)
-        route = self.gateway.routes.get(api)
+        route = self.gateway.routes.get(api)  # (again: the API may have gone while connecting)
         if route is None:
             conn.close()
             raise LookupError(f"the API {api!r} is gone")

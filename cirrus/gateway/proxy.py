@@ -72,6 +72,13 @@ _REPLACED = frozenset(
 )
 
 
+CLOSE = [(b"connection", b"close")]  # an answer before the whole body was read: the connection cannot go on
+
+
+def late_body(timeout_s: float) -> str:
+    return f"the request body did not arrive within {timeout_s:g}s (the API's timeout_s)"
+
+
 class _BodyError(Exception):
     """The client's body broke a limit (status 413 or 408), or the client went (499)."""
 
@@ -83,8 +90,16 @@ class _BodyError(Exception):
 class _Body:
     """The request body, read from the client as the replica takes it, within the limits."""
 
-    def __init__(self, receive: Receive, first: MutableMapping[str, Any], limit: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        first: MutableMapping[str, Any],
+        limit: int,
+        timeout_s: float,
+        declared: bytes | None = None,
+    ) -> None:
         self.receive, self.first, self.limit, self.timeout_s = receive, first, limit, timeout_s
+        self.declared = declared  # the client's Content-Length, checked (None: chunked, or none)
         self.finished = asyncio.Event()  # all of it came: `receive` now only says when the client goes
         self.error: _BodyError | None = None
         if not first.get("more_body", False):
@@ -110,7 +125,7 @@ class _Body:
                 async with asyncio.timeout_at(deadline):
                     message = await self.receive()
             except TimeoutError:
-                self._fail(408, f"the request body did not arrive within {self.timeout_s:g}s (the API's timeout_s)")
+                self._fail(408, late_body(self.timeout_s))
             if message["type"] == "http.disconnect":
                 self._fail(CLIENT_GONE, "the client went away before its body was complete")
 
@@ -164,13 +179,12 @@ async def _proxy(
         async with asyncio.timeout(route.timeout_s):
             first = await receive()
     except TimeoutError:
-        why = f"the request body did not arrive within {route.timeout_s:g}s (the API's timeout_s)"
-        await gateway._reply_error(send, route, started, 408, why, request_id, [(b"connection", b"close")])
+        await gateway._reply_error(send, route, started, 408, late_body(route.timeout_s), request_id, CLOSE)
         return
     if first["type"] == "http.disconnect":
         route.metrics.observe(CLIENT_GONE, time.perf_counter() - started, time.time())
         return
-    body = _Body(receive, first, limit, route.timeout_s)
+    body = _Body(receive, first, limit, route.timeout_s, declared)
     target = route.pick()  # a canary revision gets its share
     target.metrics.in_flight += 1
     try:
@@ -268,13 +282,12 @@ async def _exchange(
     """Send the request, relay the answer; the status it counts as."""
     started, request_id = request.started, request.request_id
     upstream: HttpUpstream = slot.conn
-    declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
     target = _upstream_path(route.name, rest, scope)
     headers = upstream_headers(route.name, scope, request_id, upstream.secret, request.traceparent)
     remaining = max(0.001, route.timeout_s - queue_s)
     try:
         async with asyncio.timeout(remaining):
-            response = await upstream.request(scope["method"], target, headers, body.content(), declared)
+            response = await upstream.request(scope["method"], target, headers, body.content(), body.declared)
     except (_BodyError, TimeoutError, UpstreamError) as exc:
         return await _failed(gateway, route, slot, send, body, body.error or exc, request_id, started)
     try:
@@ -318,12 +331,11 @@ async def _failed(
     if isinstance(exc, _BodyError):
         if exc.status == CLIENT_GONE:
             return CLIENT_GONE
-        extra = [(b"connection", b"close")]  # what is left of the body is not read
-        await gateway._reply_error(send, route, started, exc.status, str(exc), request_id, extra)
+        # (what is left of the body is not read)
+        await gateway._reply_error(send, route, started, exc.status, str(exc), request_id, CLOSE)
         return -exc.status
     if isinstance(exc, TimeoutError) and not body.finished.is_set():  # the client's body is the late part
-        why = f"the request body did not arrive within {route.timeout_s:g}s (the API's timeout_s)"
-        await gateway._reply_error(send, route, started, 408, why, request_id, [(b"connection", b"close")])
+        await gateway._reply_error(send, route, started, 408, late_body(route.timeout_s), request_id, CLOSE)
         return -408
     if isinstance(exc, TimeoutError):
         why = f"no answer within {route.timeout_s:g}s"
